@@ -1,0 +1,1 @@
+"""Compute kernels (Triton on CUDA, PyTorch references elsewhere); imported as `vimpac.kernels`."""

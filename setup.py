@@ -1,0 +1,37 @@
+"""vimpac: VIMPAC video pre-training (masked token prediction + contrastive) on DeepSpeed with Triton kernels.
+
+`kernels/` and `tokenization/` install as `vimpac.kernels` and `vimpac.tokenization`: top-level names like
+`kernels` clash with existing PyPI packages (DESIGN §2).
+"""
+
+from setuptools import setup
+
+setup(
+    name="vimpac",
+    version="0.1.0",
+    description="VIMPAC video pre-training with DeepSpeed and Triton kernels",
+    python_requires=">=3.10",
+    packages=["vimpac", "vimpac.kernels", "vimpac.tokenization"],
+    package_dir={
+        "vimpac": "vimpac",
+        "vimpac.kernels": "kernels",
+        "vimpac.tokenization": "tokenization",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        # triton 3.6.0's interpreter breaks on numpy 2.4 (platform-notes §2, gotcha 7)
+        "numpy>=1.24,<2.4",
+        "einops>=0.7",
+        "lmdb>=1.4",
+        "av>=12",
+        "tensorboard>=2.14",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["vimpac=vimpac.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Video files → VQ codes: decoding, views, tokenizers, extraction; imported as `vimpac.tokenization`."""
