@@ -58,6 +58,8 @@ def write_video(
         stream.codec_context.time_base = time_base
         if codec == "libx264":
             stream.options = {"crf": "10", "preset": "ultrafast"}
+        elif codec == "mpeg4":
+            stream.options = {"qscale": "2"}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             seconds = pts_seconds[i] if pts_seconds is not None else i / fps

@@ -1,0 +1,391 @@
+"""Streaming video decoding with PyAV: probe, constant-rate resampling by timestamps, shorter-side resize, views.
+
+The original decoded whole videos into memory through an ffmpeg `fps` filter (vimpac-facts §1.2). Here frames are
+decoded one at a time and resampled by presentation timestamps, so a 10-minute video never sits in memory: at most
+two full-resolution frames are held (the frame being shown and the one that ends it), plus the decoder's own
+reference frames.
+
+Resampling rule (same as the fps filter's "shown frame" semantics): with t_0 the first frame's time, target k is at
+t_k = t_0 + k/fps for k = 0 .. floor((end - t_0)·fps + 1e-6) - 1, and shows the last source frame whose time is
+<= t_k + 1e-6. `end` is when the last source frame stops being shown.
+
+Every bad input raises `DecodeError(stage, reason)`; extraction records it and moves on to the next video.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vimpac.tokenization.views import View, apply_view, resized_size, shorter_sides
+
+STAGES = ("open", "probe", "decode", "resample")
+# Tolerance for comparing float times: timestamps are rationals turned into floats, k/fps is inexact.
+TIME_EPS = 1e-6
+# A decode that ends this much before the declared duration is a truncated file, not a rounding difference.
+TRUNCATION_SECONDS = 1.0
+TRUNCATION_FRACTION = 0.1
+# Use a declared stream end for the last frame's display time only if it is at most this far after that frame.
+MAX_LAST_FRAME_SECONDS = 1.0
+# swscale's area averaging: proper anti-aliasing when shrinking (the usual case here), bilinear-like when enlarging.
+INTERPOLATION = "AREA"
+# Demuxers that accept almost any bytes without being video: ffmpeg renders text files as ANSI art ("tty").
+_TEXT_FORMATS = frozenset({"tty"})
+_MATROSKA_DURATION = re.compile(r"(\d+):(\d+):(\d+(?:\.\d*)?)")
+
+
+class DecodeError(Exception):
+    """A video that cannot be used: `stage` is one of STAGES, `reason` a readable one-line explanation."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+        self.reason = reason
+
+    def __reduce__(self):
+        # Default exception pickling would call __init__ with the formatted message only; workers pickle errors.
+        return type(self), (self.stage, self.reason)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container declares about the first video stream.
+
+    duration: seconds (0.0 when the container does not say); fps: average frame rate (0.0 when unknown);
+    num_frames: frame count from the header, None when the container does not store one.
+    """
+
+    width: int
+    height: int
+    duration: float
+    fps: float
+    codec: str
+    num_frames: int | None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timestamp arithmetic (pure functions)
+
+
+def target_count(start: float, end: float, fps: float) -> int:
+    """Number of target frames in [start, end) at `fps`: floor((end - start)·fps + 1e-6), never negative."""
+    return max(0, math.floor((end - start) * fps + TIME_EPS))
+
+
+def shown_until(next_time: float, start: float, fps: float, k: int, limit: int | None = None) -> int:
+    """First target index >= k that is no longer shown by a frame the next source frame (at `next_time`) replaces.
+
+    Targets k .. result-1 show the current frame. `limit` caps the result (the total target count, when known).
+    Stepping k one at a time keeps t_k = start + k/fps computed exactly as in the rule, with no rounding surprises.
+    """
+    while (limit is None or k < limit) and start + k / fps + TIME_EPS < next_time:
+        k += 1
+    return k
+
+
+def resample_indices(times: Sequence[float], end: float, fps: float) -> list[int]:
+    """Index of the source frame shown at each target time (see the module docstring for the rule).
+
+    times: source presentation times in seconds, ascending; end: when the last frame stops being shown (s).
+    """
+    if not times:
+        return []
+    start = times[0]
+    count = target_count(start, end, fps)
+    indices: list[int] = []
+    k = 0
+    for i in range(len(times)):
+        k_next = count if i + 1 == len(times) else shown_until(times[i + 1], start, fps, k, count)
+        indices.extend([i] * (k_next - k))
+        k = k_next
+    return indices
+
+
+def frame_seconds(
+    stamp: int | None,
+    time_base: Fraction | None,
+    previous_time: float | None,
+    previous_duration: float,
+    rate: float | None,
+) -> float:
+    """Presentation time (s) of a decoded frame.
+
+    stamp: the frame's pts, or its dts when pts is missing (None when both are). Without a stamp the frame follows
+    the previous one by that frame's duration, or by 1/rate; the first frame of such a stream is at 0.
+    """
+    if stamp is not None and time_base:
+        return float(stamp * time_base)
+    if previous_time is None:
+        return 0.0
+    if previous_duration > 0:
+        return previous_time + previous_duration
+    return previous_time + (1.0 / rate if rate else 0.0)
+
+
+def stream_end(last_time: float, last_duration: float, declared_end: float | None, previous_gap: float | None) -> float:
+    """When the last frame (at `last_time`, s) stops being shown.
+
+    Prefer the frame's own duration; else the container's declared stream end if it is just after the frame (AVI
+    stores no per-frame durations); else repeat the previous inter-frame gap; else the frame takes no time.
+    """
+    if last_duration > 0:
+        return last_time + last_duration
+    if declared_end is not None and last_time < declared_end <= last_time + MAX_LAST_FRAME_SECONDS:
+        return declared_end
+    return last_time + (previous_gap or 0.0)
+
+
+def is_truncated(decoded: float, declared: float | None, frame_gap: float) -> bool:
+    """Whether decoding `decoded` seconds of a stream that declares `declared` seconds means the file is cut short.
+
+    Short by more than 1 s, or by more than 10% of the declared length; the 10% rule needs more than one frame gap
+    too, because the last frame's display time is itself an estimate.
+    """
+    if declared is None:
+        return False
+    shortfall = declared - decoded
+    return shortfall > TRUNCATION_SECONDS or (shortfall > TRUNCATION_FRACTION * declared and shortfall > frame_gap)
+
+
+def parse_clock(text: str) -> float | None:
+    """Seconds of a Matroska "HH:MM:SS.fffffffff" duration tag; None when it does not parse."""
+    match = _MATROSKA_DURATION.fullmatch(text.strip())
+    if match is None:
+        return None
+    return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Container access
+
+
+def _ffmpeg_message(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    """Open `path` for reading or raise DecodeError("open", ...) saying why it is not a readable video file."""
+    path = Path(path)
+    if not path.exists():
+        raise DecodeError("open", f"file not found: {path}")
+    if not path.is_file():
+        raise DecodeError("open", f"not a regular file: {path}")
+    if path.stat().st_size == 0:
+        raise DecodeError("open", "file is empty (0 bytes)")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.PermissionError as error:
+        raise DecodeError("open", f"cannot read file: {_ffmpeg_message(error)}") from error
+    except av.FFmpegError as error:
+        raise DecodeError("open", f"not a video file (or a damaged one): {_ffmpeg_message(error)}") from error
+    if container.format.name in _TEXT_FORMATS:
+        container.close()
+        raise DecodeError("open", f"not a video file: ffmpeg reads it as text (format {container.format.name})")
+    return container
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = sorted({stream.type for stream in container.streams}) or ["none"]
+        raise DecodeError("probe", f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    if not stream.codec_context.width or not stream.codec_context.height:
+        raise DecodeError("probe", f"video stream has no frame size (codec {stream.codec_context.name})")
+    return stream
+
+
+def _nominal_rate(stream: av.video.stream.VideoStream) -> float | None:
+    """Frames per second the container claims: average rate, else FFmpeg's guess (IVF stores no average)."""
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate:
+            return float(rate)
+    return None
+
+
+def _stream_start(stream: av.video.stream.VideoStream) -> float:
+    """Declared time (s) of the stream's first frame; 0 when the container has no clock (raw elementary streams)."""
+    if stream.start_time is not None and stream.time_base:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
+
+
+def _declared_end(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Time (s, on the stream's clock) at which the file says the video ends; None when it does not say.
+
+    Sources, best first: the stream header's duration (counted from the stream start); Matroska's per-stream
+    DURATION tag (WebM/MKV store no stream duration, platform-notes §5), which like Matroska's segment duration is
+    counted from time 0; the container's duration, which also covers audio.
+    """
+    if stream.duration and stream.time_base:
+        return _stream_start(stream) + float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    seconds = parse_clock(tag) if tag else None
+    if seconds:
+        return seconds
+    if container.duration:
+        length = container.duration / av.time_base
+        if "matroska" in container.format.name or container.start_time is None:
+            return length
+        return container.start_time / av.time_base + length
+    return None
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Read the header of `path` (no decoding). Raises DecodeError for unreadable files or files without video."""
+    with _open(path) as container:
+        stream = _video_stream(container)
+        return VideoInfo(
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            duration=max(0.0, (_declared_end(container, stream) or 0.0) - _stream_start(stream)),
+            fps=_nominal_rate(stream) or 0.0,
+            codec=stream.codec_context.name,
+            num_frames=stream.frames or None,
+        )
+
+
+def _set_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
+    """threads=1: decode on the calling thread (extraction runs one process per core); >1 or 0 (= FFmpeg picks):
+    frame- and slice-threaded decoding, which helps a single process on a big video."""
+    stream.thread_count = threads
+    if threads != 1:
+        stream.thread_type = "AUTO"
+
+
+@dataclass
+class _Timed:
+    """A decoded frame with its time and display duration in seconds."""
+
+    frame: av.VideoFrame
+    time: float
+    duration: float
+
+
+def _timed_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, declared_end: float | None
+) -> Iterator[_Timed]:
+    """Decoded frames in presentation order with times; a decoder or demuxer failure becomes DecodeError."""
+    rate = _nominal_rate(stream)
+    decoder = container.decode(stream)
+    previous: _Timed | None = None
+    first_time: float | None = None
+    while True:
+        try:
+            frame = next(decoder)
+        except StopIteration:
+            return
+        except (av.FFmpegError, OSError) as error:
+            done = 0.0 if previous is None or first_time is None else previous.time - first_time
+            total = "unknown length" if declared_end is None else f"{declared_end - (first_time or 0.0):.1f} s"
+            raise DecodeError(
+                "decode", f"decoding failed after {done:.1f} s of {total}: {_ffmpeg_message(error)}"
+            ) from error
+        stamp = frame.pts if frame.pts is not None else frame.dts
+        time_base = frame.time_base or stream.time_base
+        duration = float(frame.duration * time_base) if frame.duration and time_base else 0.0
+        time = frame_seconds(
+            stamp,
+            time_base,
+            None if previous is None else previous.time,
+            0.0 if previous is None else previous.duration,
+            rate,
+        )
+        if first_time is None:
+            first_time = time
+        previous = _Timed(frame, time, duration)
+        yield previous
+
+
+def _resize(frame: av.VideoFrame, sides: Sequence[int]) -> dict[int, np.ndarray]:
+    """{shorter: uint8 [h, w, 3] RGB} with the shorter side scaled to each of `sides` (resized_size rule)."""
+    out = {}
+    for shorter in sides:
+        h, w = resized_size(frame.height, frame.width, shorter)
+        out[shorter] = frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
+    return out
+
+
+def iter_frames(
+    path: str | Path, fps: float, shorter_sides: Sequence[int], threads: int = 1
+) -> Iterator[dict[int, np.ndarray]]:
+    """Stream `path` resampled to `fps`: one {shorter: uint8 [h, w, 3]} per target time, in time order.
+
+    Each frame is resized so its shorter side equals `shorter` (long side truncated, `resized_size`), with swscale
+    area interpolation straight from the decoder's pixel format. A source frame shown at several target times is
+    resized once and its arrays are yielded again (do not modify them). Dropped frames are never converted.
+    `threads`: decoder threads (see `_set_threads`); 1 suits one process per core.
+
+    Raises DecodeError: "open"/"probe" before the first item; "decode" when the decoder fails mid-stream or the
+    stream ends well before its declared duration (truncated file) — the error can come after some items were
+    yielded, so callers must drop partial results; "resample" when the video is too short for one target frame.
+    """
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    sides = list(dict.fromkeys(shorter_sides))
+    with _open(path) as container:
+        stream = _video_stream(container)
+        _set_threads(stream, threads)
+        declared_end = _declared_end(container, stream)
+        held: _Timed | None = None
+        start = 0.0
+        k = 0
+        gap: float | None = None
+        for timed in _timed_frames(container, stream, declared_end):
+            if held is None:
+                start = timed.time
+            else:
+                k_next = shown_until(timed.time, start, fps, k)
+                if k_next > k:
+                    resized = _resize(held.frame, sides)
+                    for _ in range(k_next - k):
+                        yield dict(resized)
+                k = k_next
+                gap = timed.time - held.time
+            held = timed
+        if held is None:
+            total = "unknown length" if declared_end is None else f"{declared_end - _stream_start(stream):.1f} s"
+            raise DecodeError("decode", f"truncated or damaged: no frame could be decoded (declared {total})")
+        end = stream_end(held.time, held.duration, declared_end, gap)
+        declared = None if declared_end is None else declared_end - start
+        if is_truncated(end - start, declared, gap or held.duration):
+            raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
+        count = target_count(start, end, fps)
+        if count == 0:
+            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
+        if count > k:
+            resized = _resize(held.frame, sides)
+            for _ in range(count - k):
+                yield dict(resized)
+
+
+def iter_view_frames(
+    path: str | Path, fps: float, views: Sequence[View], out: int, chunk: int = 64, threads: int = 1
+) -> Iterator[np.ndarray]:
+    """Chunks uint8 [V, n, out, out, 3] (n <= chunk; V = len(views), in `views` order) of every view, in time order.
+
+    Each chunk is a fresh array. Raises DecodeError like `iter_frames`, possibly after some chunks were yielded.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    too_small = [view.name for view in views if view.shorter < out]
+    if too_small:
+        raise ValueError(f"views {too_small} resize the shorter side below the crop size {out}")
+    buffer = np.empty((len(views), chunk, out, out, 3), dtype=np.uint8)
+    n = 0
+    for resized in iter_frames(path, fps, shorter_sides(views), threads=threads):
+        for v, view in enumerate(views):
+            buffer[v, n] = apply_view(resized[view.shorter], view, out)
+        n += 1
+        if n == chunk:
+            yield buffer
+            buffer = np.empty_like(buffer)
+            n = 0
+    if n:
+        yield buffer[:, :n]
