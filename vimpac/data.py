@@ -1,0 +1,293 @@
+"""Clips of codes from a code database (vimpac-facts §2), pre-training samples, and a resumable sampler.
+
+Window arithmetic (all in database frames). A video has n frames at the database's fps; a clip takes T frames,
+one every r = db_fps / frame_rate frames. The clip starting at `start` reads frames start, start + r, ...,
+start + (T - 1)·r. Valid starts are 0..delta with delta = max(n + r - 1 - T·r, 0) (the "+ r - 1" lets the last
+frame be reached); a video shorter than the window gets delta = 0 and its clip is right-padded with PAD.
+
+Randomness is a pure function of (seed, epoch, index): every sample draws from its own numpy Generator, so the
+result does not depend on the worker that computes it, on prefetching, or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+from vimpac.code_db import CodeDatabase
+from vimpac.errors import UsageError
+from vimpac.masking import check_mask_config, mask_blocks
+
+# Stream tags of the generators, so the clip/view draw, the two masks and the epoch order are independent.
+SAMPLING_STREAM = 0
+MASKING_STREAM = 1
+ORDER_STREAM = 2
+
+
+# ------------------------------------------------------------------------------------------ window arithmetic
+
+
+def frame_stride(db_fps: float, frame_rate: float | None) -> int:
+    """Frames of the database between two clip frames: db_fps / frame_rate, which must be a whole number >= 1.
+    frame_rate None means the database's own rate (stride 1)."""
+    if frame_rate is None:
+        return 1
+    if frame_rate <= 0:
+        raise UsageError(f"--frame-rate must be positive, got {frame_rate}")
+    ratio = db_fps / frame_rate
+    stride = round(ratio)
+    if stride < 1 or not math.isclose(ratio, stride, rel_tol=0, abs_tol=1e-6):
+        divisors = [db_fps / k for k in range(1, int(db_fps) + 1) if float(db_fps / k).is_integer()]
+        raise UsageError(
+            f"--frame-rate {frame_rate} does not divide the database's {db_fps} fps (ratio {ratio:.4g}); clips take "
+            f"every r-th stored frame, so use a rate with a whole ratio, e.g. one of {divisors}, or tokenize the "
+            "videos at a multiple of the wanted rate"
+        )
+    return stride
+
+
+def window_span(clip_len: int, stride: int) -> int:
+    """Database frames spanned by a clip window: T·r."""
+    return clip_len * stride
+
+
+def clip_slack(num_frames: int, clip_len: int, stride: int) -> int:
+    """delta = max(n + r - 1 - T·r, 0): the largest valid start (0 for a video shorter than the window)."""
+    return max(num_frames + stride - 1 - window_span(clip_len, stride), 0)
+
+
+def clip_frame_indices(start: int, clip_len: int, stride: int, num_frames: int) -> np.ndarray:
+    """Database frames read by the clip at `start`: start + r·k for k < T, keeping those < n (the rest is PAD)."""
+    idx = start + stride * np.arange(clip_len)
+    return idx[idx < num_frames]
+
+
+def take_clip(codes: np.ndarray, start: int, clip_len: int, stride: int, pad_id: int) -> np.ndarray:
+    """Clip of codes [n, h, w] -> int64 [T, h, w], right-padded along time with pad_id."""
+    idx = clip_frame_indices(start, clip_len, stride, codes.shape[0])
+    clip = np.full((clip_len, *codes.shape[1:]), pad_id, dtype=np.int64)
+    clip[: len(idx)] = codes[idx]
+    return clip
+
+
+def random_start(delta: int, rng: np.random.Generator) -> int:
+    """Uniform start in [0, delta]."""
+    return int(rng.integers(0, delta + 1))
+
+
+def pair_starts(delta: int, rng: np.random.Generator, relevance_range: int | None = None) -> tuple[int, int]:
+    """Starts of the two positive clips: s1 uniform on [0, delta]; s2 uniform on the whole video (None, the
+    paper's d_max = ∞) or on [clamp(s1 - R), clamp(s1 + R)] with clamp to [0, delta] (R in database frames)."""
+    s1 = random_start(delta, rng)
+    if relevance_range is None:
+        return s1, random_start(delta, rng)
+    lo, hi = max(s1 - relevance_range, 0), min(s1 + relevance_range, delta)
+    return s1, int(rng.integers(lo, hi + 1))
+
+
+def evaluation_starts(delta: int, num_clips: int) -> list[int]:
+    """K uniformly spread test starts: int(delta·k / (K - 1)), k = 0..K-1, so the first and last clips touch the
+    video's ends. For K = 1 the clip is centred (delta // 2); the original put it at the start (facts §8.9)."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if num_clips == 1:
+        return [delta // 2]
+    return [int(delta * k / (num_clips - 1)) for k in range(num_clips)]
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int, clip: int = 0) -> np.random.Generator:
+    """The generator of one sample: a function of (seed, epoch, index, stream, clip) only. The entropy list has
+    a fixed length on purpose: SeedSequence ignores trailing zeros, so [s, e, i] and [s, e, i, 0] would collide."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, stream, clip])))
+
+
+# --------------------------------------------------------------------------------------------- pre-training
+
+
+class PretrainClips(Dataset):
+    """Two masked clips of the same video and view per sample (vimpac-facts §2, §4.1–§4.2).
+
+    Item key: an index, or an (epoch, index) pair as yielded by `ResumableDistributedSampler` (so the masks follow
+    the epoch even in persistent workers, which never see `set_epoch` on the parent's copy). An item is
+      inputs  int64 [2, T, h, w]  codes with MASK (or noise) at masked positions and PAD after short videos,
+      labels  int64 [2, T, h, w]  original codes at masked non-PAD positions, IGNORE_INDEX (-100) elsewhere,
+      label   int                 the video's class (-1 unlabeled),
+      index   int                 the dataset index.
+    `views` are the database views to draw from (one per sample, uniformly; default all). `frame_rate` None
+    keeps the database's fps. `relevance_range` bounds the start distance of the two clips in database frames.
+    pad_id / mask_id come from the model config and must lie outside the codes [0, vocab_size).
+    """
+
+    def __init__(
+        self,
+        db: str | Path | CodeDatabase,
+        split: str | None,
+        clip_len: int,
+        *,
+        pad_id: int,
+        mask_id: int,
+        mask_blocks: int,
+        frame_rate: float | None = None,
+        views: Sequence[str] | None = None,
+        rand_replace: bool = False,
+        relevance_range: int | None = None,
+        seed: int = 0,
+        mlm_weight: float = 1.0,
+    ):
+        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
+        manifest = self.db.manifest
+        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        if clip_len < 1:
+            raise UsageError(f"--clip-len must be >= 1, got {clip_len}")
+        for name, value in (("pad_id", pad_id), ("mask_id", mask_id)):
+            if 0 <= value < self.vocab_size:
+                raise UsageError(
+                    f"{name} {value} collides with the database's codes [0, {self.vocab_size}); the model config's "
+                    f"vocab_size must equal the tokenizer's ({self.vocab_size})"
+                )
+        if relevance_range is not None and relevance_range < 0:
+            raise UsageError(f"--nce-relevance-range must be >= 0 frames, got {relevance_range}")
+        if seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {seed}")
+        check_mask_config(mask_blocks, mlm_weight)
+        self.views = list(views) if views is not None else list(self.db.views)
+        unknown = [v for v in self.views if v not in self.db.views]
+        if unknown or not self.views:
+            raise UsageError(
+                f"views {unknown or '[]'} are not in {self.db.path}; valid views: {', '.join(self.db.views)}"
+            )
+        self.ids = self.db.ids(split)
+        if not self.ids:
+            raise UsageError(f"split {split!r} of {self.db.path} has no videos")
+        self.clip_len = clip_len
+        self.stride = frame_stride(float(manifest["fps"]), frame_rate)
+        self.pad_id, self.mask_id = pad_id, mask_id
+        self.mask_blocks, self.rand_replace = mask_blocks, rand_replace
+        self.relevance_range = relevance_range
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer keys (the sampler's (epoch, index) keys override it)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        index = int(index)
+        rng = sample_rng(self.seed, epoch, index, SAMPLING_STREAM)
+        view = self.views[int(rng.integers(len(self.views)))]
+        codes, label = self.db.read(self.ids[index], view)
+        delta = clip_slack(codes.shape[0], self.clip_len, self.stride)
+        starts = pair_starts(delta, rng, self.relevance_range)
+        inputs, labels = [], []
+        for clip, start in enumerate(starts):
+            tokens = take_clip(codes, start, self.clip_len, self.stride, self.pad_id)
+            masked, target = mask_blocks(
+                tokens,
+                self.mask_blocks,
+                sample_rng(self.seed, epoch, index, MASKING_STREAM, clip),
+                pad_id=self.pad_id,
+                mask_id=self.mask_id,
+                vocab_size=self.vocab_size,
+                rand_replace=self.rand_replace,
+            )
+            inputs.append(masked)
+            labels.append(target)
+        return {
+            "inputs": torch.from_numpy(np.stack(inputs)),
+            "labels": torch.from_numpy(np.stack(labels)),
+            "label": int(label),
+            "index": index,
+        }
+
+
+# ------------------------------------------------------------------------------------------------- sampler
+
+
+class ResumableDistributedSampler(Sampler):
+    """Shards a dataset over ranks with a seeded per-epoch shuffle, and resumes mid-epoch with the same order.
+
+    Epoch e's global order is a permutation seeded by (seed, e) (identity without shuffle). After `consumed`
+    samples of the epoch (counted over all ranks) the remaining order is dealt round-robin: rank r takes
+    positions consumed + r, consumed + r + world, ... With drop_last (default) every rank gets the same count
+    and the tail that does not fill a round is dropped; without it the tail wraps around to the epoch's start.
+    Resuming with the same world size reproduces exactly the samples the interrupted run would have seen.
+
+    Yields (epoch, index) keys for `PretrainClips`. rank / world_size default to torch.distributed's when it is
+    initialised, else 0 / 1. The trainer tracks `consumed` (micro-steps × micro-batch × world): the DataLoader
+    prefetches, so what this sampler has yielded is not what was trained on.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if rank is None or world_size is None:
+            initialised = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if initialised else 0) if rank is None else rank
+            world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if num_samples < world_size and drop_last:
+            raise UsageError(f"{num_samples} samples cannot feed {world_size} ranks with drop_last; use fewer ranks")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.consumed = 0, 0
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Start epoch `epoch`, skipping the first `consumed` samples of its global order (all ranks)."""
+        if not 0 <= consumed <= self.num_samples:
+            raise ValueError(f"consumed must be in [0, {self.num_samples}], got {consumed}")
+        self.epoch, self.consumed = epoch, consumed
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The global order of epoch `epoch`: int64 [num_samples]."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return sample_rng(self.seed, epoch, 0, ORDER_STREAM).permutation(self.num_samples)
+
+    def _indices(self) -> np.ndarray:
+        remaining = self.epoch_order(self.epoch)[self.consumed :]
+        if self.drop_last:
+            remaining = remaining[: len(remaining) // self.world_size * self.world_size]
+        else:
+            short = -len(remaining) % self.world_size
+            remaining = np.concatenate([remaining, np.resize(self.epoch_order(self.epoch), short)])
+        return remaining[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        remaining = self.num_samples - self.consumed
+        return remaining // self.world_size if self.drop_last else -(-remaining // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, int(i)) for i in self._indices()])
+
+    def state_dict(self, consumed: int) -> dict[str, int]:
+        """What to checkpoint: the epoch, the samples of it already trained on (all ranks), and the data identity."""
+        return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume at state's epoch and position; refuses a different dataset size or seed (the order would differ)."""
+        for key in ("seed", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise UsageError(
+                    f"cannot resume the data order: the checkpoint has {key}={state[key]}, this run "
+                    f"{getattr(self, key)}; resume with the same data and seed"
+                )
+        self.set_epoch(int(state["epoch"]), int(state["consumed"]))
