@@ -1,0 +1,274 @@
+"""VimpacConfig: everything needed to build the model, saved as `config.json` beside the weights (DESIGN §6).
+
+Special ids. Codes are 0..V-1. The "compact" layout (ours) puts PAD = V and MASK = V+1 (V+2 embedding rows).
+The "original" layout reproduces the released VIMPAC table: PAD = V+1, MASK = V+4, V+5 rows (8197 for V=8192;
+V, V+2 and V+3 are unused rows), so paper Table 3's parameter counts and the original checkpoints line up.
+CLS is not an id: it is a separate learned vector (facts §3.1).
+
+Layout strings (the paper's and the seed's `--model "efflayoutT,H|W"`; the bare "T,H|W" is accepted too):
+`,` separates attention blocks that run one after the other, each with its own residual and LayerNorm; `|`
+separates patterns that run in parallel inside one block, splitting the heads and the attention width evenly
+and concatenating their outputs. A pattern names the axes attended jointly: "T", "H", "W" are axial (one line
+per position of the other two axes), "HW" (also written "HxW") is one sequence per frame, "THW" (also "TxHxW")
+is the whole clip. CLS joins every sequence of every pattern and its outputs are averaged over the sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vimpac.errors import UsageError
+
+SPECIAL_ID_LAYOUTS = ("compact", "original")
+POS_EMB_KINDS = ("hw_separation", "temporal_separation", "full")
+LAYOUT_PREFIX = "efflayout"
+AXES = "THW"
+
+
+def parse_layout(layout: str) -> tuple[tuple[str, ...], ...]:
+    """Layout string → blocks of patterns, each pattern its axes in T, H, W order.
+
+    "efflayoutT,H|W" → (("T",), ("H", "W")); "T,HxW" → (("T",), ("HW",)). Raises UsageError naming the problem.
+    """
+    text = layout.strip()
+    if text.startswith(LAYOUT_PREFIX):
+        text = text[len(LAYOUT_PREFIX) :]
+    text = text.replace(" ", "").replace("x", "").replace("×", "").upper()
+    hint = "e.g. 'T,H|W' (default), 'T,H,W', 'T|H|W', 'H|W,T', 'T', 'T,H', 'THW' (joint) or 'T,HW' (divided)"
+    if not text:
+        raise UsageError(f"empty attention layout {layout!r}; use {hint}")
+    blocks = []
+    for block in text.split(","):
+        patterns = []
+        for pattern in block.split("|"):
+            if not pattern:
+                raise UsageError(f"attention layout {layout!r} has an empty block or pattern; use {hint}")
+            unknown = sorted(set(pattern) - set(AXES))
+            if unknown:
+                raise UsageError(
+                    f"attention layout {layout!r}: unknown axis {', '.join(unknown)} (axes are T, H, W); use {hint}"
+                )
+            if len(set(pattern)) != len(pattern):
+                raise UsageError(f"attention layout {layout!r}: pattern {pattern!r} repeats an axis; use {hint}")
+            patterns.append("".join(a for a in AXES if a in pattern))
+        if len(set(patterns)) != len(patterns):
+            raise UsageError(f"attention layout {layout!r}: block {block!r} repeats a pattern; use {hint}")
+        blocks.append(tuple(patterns))
+    return tuple(blocks)
+
+
+def format_layout(blocks: tuple[tuple[str, ...], ...]) -> str:
+    """Inverse of parse_layout in canonical form: (("T",), ("H", "W")) → "T,H|W"."""
+    return ",".join("|".join(patterns) for patterns in blocks)
+
+
+def grid_from_frame_size(frame_size: int, downsample: int = 8) -> tuple[int, int]:
+    """Square frames of `frame_size` px → code grid (h, w) for a tokenizer that downsamples by `downsample`."""
+    if frame_size <= 0 or frame_size % downsample:
+        raise UsageError(
+            f"frame size {frame_size} is not a positive multiple of {downsample} (the tokenizer downsamples by "
+            f"{downsample}); use e.g. 128 or 256"
+        )
+    return (frame_size // downsample, frame_size // downsample)
+
+
+@dataclass
+class VimpacConfig:
+    """Model hyper-parameters. Defaults are the paper's small analysis model (6 × 512, T=5, 128 px frames).
+
+    heads None → hidden_size // 64 (the original's rule). halve_att: attention width hidden/2 (Q/K/V and the
+    output projection's input); halve_mlp: MLP width 2·hidden instead of 4·hidden. pre_ln: a correct pre-LN block
+    (the original's pre-LN attention residual is buggy, facts §3.5). grid: code grid (h, w) per frame.
+    nce_*: contrastive projection head (nce_proj_layers − 1 hidden Linear-BN-ReLU layers of nce_proj_hid_dim, then
+    Linear → nce_dim without bias). Invalid values raise UsageError at construction.
+    """
+
+    vocab_size: int = 8192
+    special_ids: str = "compact"
+    hidden_size: int = 512
+    layers: int = 6
+    heads: int | None = None
+    layout: str = "T,H|W"
+    pos_emb: str = "hw_separation"
+    halve_att: bool = False
+    halve_mlp: bool = False
+    pre_ln: bool = False
+    dropout: float = 0.1
+    clip_len: int = 5
+    grid: tuple[int, int] = (16, 16)
+    nce_proj_layers: int = 2
+    nce_proj_hid_dim: int = 2048
+    nce_dim: int = 256
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(self.grid)
+        self.validate()
+        self.layout = format_layout(parse_layout(self.layout))
+
+    @classmethod
+    def from_frame_size(cls, frame_size: int, downsample: int = 8, **fields: Any) -> VimpacConfig:
+        """Config whose grid matches square frames of `frame_size` px (must be a multiple of `downsample`)."""
+        return cls(grid=grid_from_frame_size(frame_size, downsample), **fields)
+
+    # Special ids -------------------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size if self.special_ids == "compact" else self.vocab_size + 1
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size + 1 if self.special_ids == "compact" else self.vocab_size + 4
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size + 2 if self.special_ids == "compact" else self.vocab_size + 5
+
+    # Derived shapes ----------------------------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads is not None else self.hidden_size // 64
+
+    @property
+    def attention_width(self) -> int:
+        return self.hidden_size // 2 if self.halve_att else self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_width // self.num_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return 2 * self.hidden_size if self.halve_mlp else 4 * self.hidden_size
+
+    @property
+    def blocks(self) -> tuple[tuple[str, ...], ...]:
+        """Parsed layout: one tuple of patterns (e.g. "H", "W", "HW") per sequential attention block."""
+        return parse_layout(self.layout)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Token clip shape (T, h, w)."""
+        return (self.clip_len, self.grid[0], self.grid[1])
+
+    # Validation --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise UsageError with what is wrong and how to fix it."""
+        if self.special_ids not in SPECIAL_ID_LAYOUTS:
+            raise UsageError(f"special_ids must be one of {', '.join(SPECIAL_ID_LAYOUTS)}; got {self.special_ids!r}")
+        if self.pos_emb not in POS_EMB_KINDS:
+            hint = " (the original's 'default' is 'full')" if self.pos_emb == "default" else ""
+            raise UsageError(f"pos_emb must be one of {', '.join(POS_EMB_KINDS)}{hint}; got {self.pos_emb!r}")
+        for name in ("vocab_size", "hidden_size", "layers", "clip_len", "nce_proj_layers", "nce_proj_hid_dim"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise UsageError(f"grid must be two positive sizes (h, w); got {self.grid}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.heads is not None and self.heads < 1:
+            raise UsageError(f"heads must be at least 1 (or None for hidden_size // 64); got {self.heads}")
+        if self.hidden_size % 2 and self.halve_att:
+            raise UsageError(f"--halve-att needs an even hidden size; got {self.hidden_size}")
+        heads, width = self.num_heads, self.attention_width
+        width_note = f"attention width {width}" + (" (hidden/2, --halve-att)" if self.halve_att else "")
+        if heads < 1:
+            raise UsageError(f"hidden size {self.hidden_size} gives 0 heads (hidden // 64); set heads explicitly")
+        if width % heads:
+            raise UsageError(f"{width_note} is not divisible by {heads} heads; choose heads dividing {width}")
+        for patterns in parse_layout(self.layout):
+            if heads % len(patterns):
+                raise UsageError(
+                    f"layout {self.layout!r}: block {'|'.join(patterns)!r} splits the {heads} heads and {width_note} "
+                    f"over {len(patterns)} parallel patterns, but {heads} heads is not divisible by "
+                    f"{len(patterns)}; set heads to a multiple of {len(patterns)} that divides {width} "
+                    f"(the hidden size may need to change too)"
+                )
+
+    # Serialisation -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["grid"] = list(self.grid)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VimpacConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown model config keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VimpacConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VimpacConfig:
+        return cls.from_json(Path(path).read_text())
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed's model flags (`--model "efflayoutT,H|W" --layers --hid-dim ...`), shared by every command."""
+    d = VimpacConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=d.layout,
+        help="attention layout, with or without the seed's 'efflayout' prefix: ',' = blocks in sequence, "
+        "'|' = parallel patterns splitting heads; T/H/W axial, HW or THW joint (default %(default)s)",
+    )
+    g.add_argument("--layers", type=int, default=d.layers, help="transformer layers (default %(default)s)")
+    g.add_argument("--hid-dim", type=int, default=d.hidden_size, help="hidden size D (default %(default)s)")
+    g.add_argument("--heads", type=int, default=None, help="attention heads (default: hid-dim // 64)")
+    g.add_argument("--halve-att", action="store_true", help="attention width D/2 (large-half model)")
+    g.add_argument("--halve-mlp", action="store_true", help="MLP width 2·D instead of 4·D (large-half model)")
+    g.add_argument("--pre-ln", "--pre-activation", action="store_true", help="pre-LN blocks (default post-LN)")
+    g.add_argument("--pos-emb", default=d.pos_emb, choices=POS_EMB_KINDS, help="positions (default %(default)s)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="backbone dropout (default %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer codes (default %(default)s)")
+    g.add_argument(
+        "--special-ids",
+        default=d.special_ids,
+        choices=SPECIAL_ID_LAYOUTS,
+        help="PAD/MASK ids: compact (PAD=V, MASK=V+1) or original (PAD=V+1, MASK=V+4, V+5 rows; default %(default)s)",
+    )
+    g.add_argument("--clip-len", type=int, default=d.clip_len, help="frames per clip T (default %(default)s)")
+    g.add_argument("--frame-size", type=int, default=128, help="frame side in px, multiple of 8 (default 128)")
+    g.add_argument("--nce-proj-layers", type=int, default=d.nce_proj_layers, help="projection depth (default 2)")
+    g.add_argument("--nce-proj-hid-dim", type=int, default=d.nce_proj_hid_dim, help="projection width (default 2048)")
+    g.add_argument("--nce-dim", type=int, default=d.nce_dim, help="contrastive embedding size (default 256)")
+
+
+def config_from_args(args: argparse.Namespace) -> VimpacConfig:
+    """VimpacConfig from the flags of add_model_arguments (UsageError on invalid combinations)."""
+    return VimpacConfig.from_frame_size(
+        args.frame_size,
+        vocab_size=args.vocab_size,
+        special_ids=args.special_ids,
+        hidden_size=args.hid_dim,
+        layers=args.layers,
+        heads=args.heads,
+        layout=args.model,
+        pos_emb=args.pos_emb,
+        halve_att=args.halve_att,
+        halve_mlp=args.halve_mlp,
+        pre_ln=args.pre_ln,
+        dropout=args.dropout,
+        clip_len=args.clip_len,
+        nce_proj_layers=args.nce_proj_layers,
+        nce_proj_hid_dim=args.nce_proj_hid_dim,
+        nce_dim=args.nce_dim,
+    )

@@ -1,0 +1,73 @@
+"""BatchNorm1d whose batch statistics span every rank, on any backend (gloo on CPU included).
+
+torch.nn.SyncBatchNorm only runs on CUDA, and the original code therefore could not run on CPU at all (facts §8.6).
+Here the per-channel sum, sum of squares and count are all-reduced in one call; the all-reduce is differentiable
+(its backward all-reduces the gradient), so every rank gets the gradient of the global-batch normalisation, as
+SyncBatchNorm does. Without an initialised process group, with one rank, or in eval mode it is plain BatchNorm1d.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x. Every rank's loss depends on y, so dL/dx on each rank = Σ_ranks dL_r/dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class DistributedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over [N, C] with statistics of the batch concatenated across the ranks of `process_group`.
+
+    Every rank must call forward in the same order (it is a collective in training mode). Running statistics
+    are updated from the global mean and the unbiased global variance, as BatchNorm does.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, process_group=None) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world_size(self.process_group) == 1:
+            return super().forward(x)
+        if x.dim() != 2:
+            raise ValueError(f"DistributedBatchNorm1d expects [N, C]; got {tuple(x.shape)}")
+        # Statistics in fp32 whatever the activation dtype: sums of squares overflow fp16 quickly.
+        xf = x.float()
+        count = torch.full((1,), float(x.shape[0]), device=x.device)
+        local = torch.cat([xf.sum(0), (xf * xf).sum(0), count])
+        total = _AllReduceSum.apply(local, self.process_group)
+        channels = self.num_features
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                unbiased = var * n / (n - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
