@@ -1,1 +1,13 @@
-"""Video files → VQ codes: decoding, views, tokenizers, extraction; imported as `vimpac.tokenization`."""
+"""Video files → VQ codes: decoding, views, tokenizers, extraction; imported as `vimpac.tokenization`.
+
+`load_tokenizer` is importable from here (DESIGN §4) but resolved lazily, so that decode workers, which import
+`vimpac.tokenization.decode`, do not pay for importing torch.
+"""
+
+
+def __getattr__(name: str):
+    if name == "load_tokenizer":
+        from vimpac.tokenization.tokenizer import load_tokenizer
+
+        return load_tokenizer
+    raise AttributeError(f"module 'vimpac.tokenization' has no attribute {name!r}")
