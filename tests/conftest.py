@@ -2,14 +2,16 @@
 
 import os
 
-# The Triton interpreter reads this when @triton.jit runs, so it must be set before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run in its interpreter and DeepSpeed on its CPU accelerator. The interpreter
+# flag is read when @triton.jit runs, so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.videos import write_video  # noqa: E402
+from tests.videos import write_video
 
 
 def pytest_collection_modifyitems(config, items):

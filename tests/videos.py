@@ -8,8 +8,12 @@ from pathlib import Path
 import av
 import numpy as np
 
-CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".avi": ("mpeg4", "yuv420p"),
-          ".mkv": ("ffv1", "yuv444p")}
+CODECS = {
+    ".mp4": ("libx264", "yuv420p"),
+    ".webm": ("libvpx-vp9", "yuv420p"),
+    ".avi": ("mpeg4", "yuv420p"),
+    ".mkv": ("ffv1", "yuv444p"),
+}
 
 
 def gradient_frames(num: int, height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
@@ -30,7 +34,7 @@ def gradient_frames(num: int, height: int = 64, width: int = 80, seed: int = 0) 
 def frame_index(frame: np.ndarray) -> int:
     """Inverse of `gradient_frames`' brightness code (frame indices < 30), read from the top half's centre."""
     h, w = frame.shape[:2]
-    return int(round((float(frame[h // 8 : h // 2 - h // 8, w // 4 : w - w // 4].mean()) - 10) / 8))
+    return round((float(frame[h // 8 : h // 2 - h // 8, w // 4 : w - w // 4].mean()) - 10) / 8)
 
 
 def write_video(

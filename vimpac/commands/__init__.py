@@ -1,5 +1,13 @@
 """Subcommands of the `vimpac` program; each module exposes `register(subparsers)`."""
 
-from vimpac.commands import db, synth, tokenize, train_tokenizer, convert_dalle
+from vimpac.commands import convert_dalle, db, demo, model_info, synth, tokenize, train_tokenizer
 
-COMMANDS = [synth.register, train_tokenizer.register, convert_dalle.register, tokenize.register, db.register]
+COMMANDS = [
+    demo.register,
+    synth.register,
+    train_tokenizer.register,
+    convert_dalle.register,
+    tokenize.register,
+    db.register,
+    model_info.register,
+]

@@ -1,0 +1,388 @@
+"""Extraction: video files + annotations → code database (DESIGN §3), in parallel, resumable, soft on bad input.
+
+Decoding is the slow part, so it runs in `workers` processes that each take one video at a time from a task
+queue and stream chunks of view frames `[V, n, S, S, 3]` back through a bounded queue (back-pressure keeps memory
+flat however long a video is). The main process encodes frames in fixed-size batches on the chosen device,
+collects each video's codes per view and hands finished videos to the database writer, which commits in
+batches. Killed at any point, a rerun skips every video already complete in the database (or already recorded
+as a failure) and produces the same database as an uninterrupted run: the tokenizers' codes do not depend on how
+frames are batched.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vimpac.code_db import CodeDatabaseWriter
+from vimpac.errors import UsageError
+from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations
+from vimpac.tokenization.decode import DecodeError, iter_view_frames, probe
+from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
+from vimpac.tokenization.views import View, views_for
+
+VIEW_KINDS = ("center", "test", "train")
+# Datasets where left/right carries the label: no flipped training views (facts §5.3).
+NO_FLIP_DATASETS = ("ssv2",)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `vimpac tokenize` needs; recorded in the manifest as the creation arguments."""
+
+    videos: Path
+    annotations: list[Path]
+    format: str
+    tokenizer: str
+    out: Path
+    fps: float
+    frame_size: int
+    views: str = "center"
+    workers: int = 2
+    device: str = "cpu"
+    encode_batch: int = 64
+    fp16: bool = False
+    chunk_frames: int = 32
+    commit_every: int = 32
+    strict: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    tokenized: int  # videos written in this run
+    skipped: int  # already complete (resume)
+    failed: int  # new failures in this run
+    frames: int  # frames encoded in this run (all views)
+    seconds: float
+    failures_by_reason: dict[str, int]  # every failure in the database, grouped by "stage: reason"
+    total_videos: int  # videos in the database after this run
+    total_failures: int
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.tokenized / max(self.seconds, 1e-9)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / max(self.seconds, 1e-9)
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Reject bad command-line input before any work starts (UsageError says what and how to fix)."""
+    if cfg.format not in FORMATS:
+        raise UsageError(f"unknown --format {cfg.format!r}; choose one of: {', '.join(FORMATS)}")
+    if cfg.frame_size <= 0 or cfg.frame_size % 8:
+        raise UsageError(
+            f"--frame-size {cfg.frame_size} is not a positive multiple of 8: the tokenizers downsample by 8 "
+            "(use 128 or 256 as the paper)"
+        )
+    if not cfg.fps > 0:
+        raise UsageError(f"--fps must be positive, got {cfg.fps}")
+    if cfg.views not in VIEW_KINDS:
+        raise UsageError(f"unknown --views {cfg.views!r}; choose one of: {', '.join(VIEW_KINDS)}")
+    if not cfg.videos.is_dir():
+        raise UsageError(f"--videos {cfg.videos} is not a directory")
+    if not cfg.annotations:
+        raise UsageError("give at least one annotation file with --annotations")
+    for path in cfg.annotations:
+        if not path.is_file():
+            raise UsageError(f"annotation file {path} does not exist")
+    if cfg.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {cfg.workers}")
+    if cfg.encode_batch < 1 or cfg.chunk_frames < 1 or cfg.commit_every < 1:
+        raise UsageError("--encode-batch, --chunk-frames and --commit-every must be at least 1")
+
+
+def extraction_views(cfg: ExtractConfig) -> list[View]:
+    return views_for(cfg.views, cfg.frame_size, hflip=cfg.format not in NO_FLIP_DATASETS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode workers
+
+
+def _decode_worker(tasks, results, fps: float, views: Sequence[View], out: int, chunk: int, worker: int) -> None:
+    """Worker process: for each (video_id, path) task, stream ("chunk", id, frames [V, n, S, S, 3]) messages,
+    then ("done", id, duration, fps) or ("fail", id, stage, reason). A None task ends the worker."""
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        video_id, path = task
+        results.put(("start", video_id, worker))
+        try:
+            info = probe(path)
+            frames = 0
+            for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk):
+                frames += frames_chunk.shape[1]
+                results.put(("chunk", video_id, frames_chunk))
+            if frames == 0:
+                raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
+            results.put(("done", video_id, float(info.duration), float(info.fps)))
+        except DecodeError as err:
+            results.put(("fail", video_id, err.stage, err.reason))
+        except Exception as err:  # a decoder bug must cost one video, not the run
+            results.put(("fail", video_id, "decode", f"unexpected {type(err).__name__}: {err}"))
+
+
+class _WorkerPool:
+    """Decode processes fed from a task queue; restarts a worker that dies and reports the video it held."""
+
+    def __init__(self, cfg: ExtractConfig, views: Sequence[View]):
+        ctx = mp.get_context("spawn")  # no fork: the main process holds torch threads and LMDB handles
+        self._ctx = ctx
+        self.tasks = ctx.Queue()
+        self.results = ctx.Queue(maxsize=4 * cfg.workers + 4)
+        self._args = (cfg.fps, list(views), cfg.frame_size, cfg.chunk_frames)
+        self.procs: list = [None] * cfg.workers
+        self.current: dict[int, str] = {}
+        for i in range(cfg.workers):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        proc = self._ctx.Process(
+            target=_decode_worker, args=(self.tasks, self.results, *self._args, i), daemon=True, name=f"decode-{i}"
+        )
+        proc.start()
+        self.procs[i] = proc
+
+    def submit(self, video_id: str, path: Path) -> None:
+        self.tasks.put((video_id, str(path)))
+
+    def crashed(self) -> list[tuple[str, str]]:
+        """Restart dead workers; return (video_id, reason) for the videos they were decoding."""
+        lost = []
+        for i, proc in enumerate(self.procs):
+            if proc.is_alive():
+                continue
+            video_id = self.current.pop(i, None)
+            if video_id is not None:
+                lost.append((video_id, f"decoder process died (exit code {proc.exitcode}) on this file"))
+            self._start(i)
+        return lost
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding and assembly
+
+
+class _Assembler:
+    """Collects frames per video and view, encodes them in batches, and yields finished videos.
+
+    Frames wait in a queue of (video_id, view index, frames [n, S, S, 3]); `encode_ready` encodes whole batches
+    of `batch` frames (and the rest when `flush`), appending codes per (video, view).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, num_views: int, batch: int):
+        self.tokenizer = tokenizer
+        self.num_views = num_views
+        self.batch = batch
+        self.pending: list[tuple[str, int, np.ndarray]] = []
+        self.pending_frames = 0
+        self.codes: dict[str, list[list[np.ndarray]]] = {}
+        self.waiting: dict[str, int] = {}  # frames not yet encoded, per video
+        self.finished: dict[str, tuple[float, float]] = {}  # decode done: duration, fps
+        self.encoded_frames = 0
+
+    def add_chunk(self, video_id: str, frames: np.ndarray) -> None:
+        """frames: uint8 [V, n, S, S, 3]."""
+        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
+        for v in range(self.num_views):
+            self.pending.append((video_id, v, frames[v]))
+        self.pending_frames += frames.shape[0] * frames.shape[1]
+        self.waiting[video_id] = self.waiting.get(video_id, 0) + frames.shape[0] * frames.shape[1]
+
+    def finish(self, video_id: str, duration: float, fps: float) -> None:
+        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
+        self.waiting.setdefault(video_id, 0)
+        self.finished[video_id] = (duration, fps)
+
+    def drop(self, video_id: str) -> None:
+        self.pending = [p for p in self.pending if p[0] != video_id]
+        self.pending_frames = sum(p[2].shape[0] for p in self.pending)
+        for table in (self.codes, self.waiting, self.finished):
+            table.pop(video_id, None)
+
+    def encode_ready(self, flush: bool = False) -> None:
+        while self.pending_frames >= self.batch or (flush and self.pending_frames):
+            take, taken = [], 0
+            while self.pending and taken < self.batch:
+                video_id, v, frames = self.pending[0]
+                room = self.batch - taken
+                if frames.shape[0] <= room:
+                    self.pending.pop(0)
+                else:
+                    self.pending[0] = (video_id, v, frames[room:])
+                    frames = frames[:room]
+                take.append((video_id, v, frames))
+                taken += frames.shape[0]
+            codes = self.tokenizer.encode(np.concatenate([f for _, _, f in take])).cpu().numpy()
+            start = 0
+            for video_id, v, frames in take:
+                n = frames.shape[0]
+                self.codes[video_id][v].append(codes[start : start + n])
+                self.waiting[video_id] -= n
+                start += n
+            self.pending_frames -= taken
+            self.encoded_frames += taken
+
+    def complete(self) -> list[tuple[str, list[np.ndarray], float, float]]:
+        """Videos whose decoding finished and whose frames are all encoded: (id, codes per view, duration, fps)."""
+        done = [vid for vid in self.finished if self.waiting.get(vid, 0) == 0]
+        out = []
+        for video_id in done:
+            duration, fps = self.finished.pop(video_id)
+            per_view = [np.concatenate(parts) for parts in self.codes.pop(video_id)]
+            self.waiting.pop(video_id, None)
+            out.append((video_id, per_view, duration, fps))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _manifest_base(cfg: ExtractConfig, annotations: AnnotationSet, tokenizer: Tokenizer, views: Sequence[View]):
+    grid = cfg.frame_size // tokenizer.downsample
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "progress"}
+    args["annotations"] = [str(p) for p in cfg.annotations]
+    return {
+        "dataset": annotations.dataset,
+        "fps": cfg.fps,
+        "frame_size": cfg.frame_size,
+        "grid": [grid, grid],
+        # precision is part of the tokenizer's identity: fp16 and fp32 codes differ at near-ties
+        "tokenizer": {
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "fingerprint": tokenizer.fingerprint,
+            "fp16": cfg.fp16,
+        },
+        "views": [v.name for v in views],
+        "classes": list(annotations.classes),
+        "args": args,
+    }
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Tokenize every video of the annotation set into `cfg.out`; resumes a killed run. See module docstring."""
+    validate(cfg)
+    views = extraction_views(cfg)
+    annotations = load_annotations(cfg.format, cfg.annotations, cfg.videos)
+    tokenizer = load_tokenizer(cfg.tokenizer, device=cfg.device, fp16=cfg.fp16)
+    tokenizer.batch_size = cfg.encode_batch  # its fixed network batch: codes never depend on batch composition
+    if cfg.frame_size % tokenizer.downsample:
+        raise UsageError(f"--frame-size {cfg.frame_size} is not a multiple of the tokenizer's {tokenizer.downsample}")
+    entries: dict[str, VideoEntry] = {e.id: e for e in annotations.entries}
+    start = time.monotonic()
+    tokenized = failed = frames = 0
+
+    manifest_base = _manifest_base(cfg, annotations, tokenizer, views)
+    with CodeDatabaseWriter(cfg.out, manifest_base, commit_every=cfg.commit_every) as writer:
+        done = writer.done_ids()
+        for problem in annotations.problems:
+            if problem.id not in done:
+                writer.add_failure(problem.id, problem.path, problem.stage, problem.reason)
+                done.add(problem.id)
+                failed += 1
+        todo = [e for e in annotations.entries if e.id not in done and e.path is not None]
+        skipped = len(annotations.entries) - len(todo)
+        if todo:
+            t, f, frames = _run_pool(cfg, views, tokenizer, todo, entries, writer)
+            tokenized += t
+            failed += f
+        manifest = writer.finalize(annotations.splits())
+
+    counts = manifest["counts"]
+    return ExtractSummary(
+        out=cfg.out,
+        tokenized=tokenized,
+        skipped=skipped,
+        failed=failed,
+        frames=frames,
+        seconds=time.monotonic() - start,
+        failures_by_reason=dict(counts["failures"]["by_reason"]),
+        total_videos=int(counts["videos"]),
+        total_failures=int(counts["failures"]["total"]),
+    )
+
+
+def _run_pool(cfg, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:
+    """Decode `todo` in worker processes, encode and write; returns (tokenized, failed, frames encoded)."""
+    assembler = _Assembler(tokenizer, len(views), cfg.encode_batch)
+    pool = _WorkerPool(cfg, views)
+    tokenized = failed = 0
+    outstanding = len(todo)
+    for entry in todo:
+        pool.submit(entry.id, entry.path)
+    bar = tqdm(total=outstanding, unit="video", disable=not cfg.progress, desc="tokenize", dynamic_ncols=True)
+    t0 = time.monotonic()
+
+    def fail(video_id: str, stage: str, reason: str) -> None:
+        nonlocal failed, outstanding
+        assembler.drop(video_id)
+        entry = entries[video_id]
+        writer.add_failure(video_id, str(entry.path), stage, reason)
+        failed += 1
+        outstanding -= 1
+        bar.update(1)
+
+    try:
+        while outstanding:
+            try:
+                msg = pool.results.get(timeout=0.5)
+            except queue.Empty:
+                assembler.encode_ready(flush=True)
+                msg = None
+                for video_id, reason in pool.crashed():
+                    fail(video_id, "decode", reason)
+            if msg is not None:
+                kind, video_id = msg[0], msg[1]
+                if kind == "start":
+                    pool.current[msg[2]] = video_id
+                elif kind == "chunk":
+                    assembler.add_chunk(video_id, msg[2])
+                elif kind == "done":
+                    pool.current = {w: v for w, v in pool.current.items() if v != video_id}
+                    assembler.finish(video_id, msg[2], msg[3])
+                else:
+                    pool.current = {w: v for w, v in pool.current.items() if v != video_id}
+                    fail(video_id, msg[2], msg[3])
+                assembler.encode_ready(flush=pool.results.empty())
+            for video_id, per_view, duration, fps in assembler.complete():
+                codes = {view.name: codes for view, codes in zip(views, per_view)}
+                writer.add(video_id, codes, entries[video_id].label, duration, fps)
+                tokenized += 1
+                outstanding -= 1
+                bar.update(1)
+            elapsed = max(time.monotonic() - t0, 1e-9)
+            bar.set_postfix(  # refresh=False: tqdm redraws at its own pace, not per message
+                videos_s=f"{tokenized / elapsed:.2f}",
+                frames_s=f"{assembler.encoded_frames / elapsed:.0f}",
+                failed=failed,
+                refresh=False,
+            )
+    finally:
+        bar.close()
+        pool.close()
+    return tokenized, failed, assembler.encoded_frames
