@@ -1,0 +1,22 @@
+# Shared by the pre-training scripts (sourced, not run): launch vimpac/pretrain.py on the GPUs listed in $1.
+# Usage inside a script: launch GPU_LIST --deepspeed_config ds_configs/x.json [flags...]
+# GPU_LIST is the seed's comma list (0,1,2,3 → --include localhost:0,1,2,3), or cpu:N for N CPU ranks (add
+# --deepspeed_config ds_configs/cpu.json after it: later flags win).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# One JIT build of DeepSpeed's ops per environment (platform-notes §3), reused by every later run.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; print(sys.prefix)')/torch_extensions}
+
+launch() {
+  local gpus=$1
+  shift
+  if [ -z "$gpus" ]; then
+    echo "usage: bash $0 GPU_LIST [extra flags]   e.g. bash $0 0,1,2,3 --epochs 5 (cpu:2 for 2 CPU ranks)" >&2
+    exit 2
+  fi
+  local where=(--include "localhost:$gpus")
+  if [[ $gpus == cpu:* ]]; then
+    where=(--num_gpus "${gpus#cpu:}")  # the CPU accelerator shows one device, so no --include list
+  fi
+  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" vimpac/pretrain.py "$@"
+}

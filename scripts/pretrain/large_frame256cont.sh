@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Large-half model, stage 2: epochs 91-100 at 256 px (32×32 codes, 6 mask blocks, 1 video per GPU), resuming
+# stage 1's run directory and continuing its learning-rate schedule (facts §4.7). The original script called a
+# non-existent entry point (facts §8.1); this one calls vimpac/pretrain.py.
+# NOTE: resuming a 128 px checkpoint at 256 px needs the positional-table (and Adam-moment) interpolation, which
+# is not implemented yet: until it is, the resume stops with a clear "different model" message.
+# Usage: bash scripts/pretrain/large_frame256cont.sh 0,1,2,3,4,5,6,7 [extra flags]
+source "$(dirname "$0")/_launch.sh"
+GPUS=${1:-}
+shift || true
+launch "$GPUS" --deepspeed_config ds_configs/large_frame256.json \
+  --data "${DATA:-data/codes/howto100m_f256}" --output "${OUTPUT:-snap/pretrain/large}" \
+  --model "efflayoutT,H|W" --pos-emb hw_separation --layers 24 --hid-dim 1024 --halve-att --halve-mlp \
+  --frame-size 256 --clip-len 5 --mask-blocks 6 \
+  --mlm-weight 1.0 --nce-weight 1.0 --nce-proj-layers 3 --nce-proj-hid-dim 4096 \
+  --lr 3e-4 --beta1 0.9 --beta2 0.98 --lr-scheduler linear --warm-up 0.05 \
+  --bs-per-gpu 1 --batch-size 1024 --epochs 100 --interval 10 --num-workers 2 --tqdm --resume \
+  "$@"

@@ -1,0 +1,161 @@
+"""Pre-training pieces in one process: activation checkpointing, batch layout, metrics, and clear refusals."""
+
+import pytest
+import torch
+
+from tests.synthetic_codes import VOCAB, write_code_database
+from vimpac.activation_checkpointing import activation_checkpointing_enabled, enable_activation_checkpointing
+from vimpac.config import VimpacConfig
+from vimpac.errors import UsageError
+from vimpac.losses import info_nce, masked_token_loss
+from vimpac.metrics import MetricsWriter, StepAccumulator, read_metrics
+from vimpac.modeling import VimpacForPretraining
+from vimpac.pretrain import main
+from vimpac.trainer import check_database_matches, epoch_steps, micro_batch_tokens
+
+TINY = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
+
+
+def pretraining_loss(model, tokens, labels):
+    out = model(tokens, labels)
+    half = tokens.shape[0] // 2
+    return (
+        masked_token_loss(out["mlm_logits"], out["mlm_labels"]).loss
+        + info_nce(out["nce"][:half], out["nce"][half:]).loss
+    )
+
+
+def test_activation_checkpointing_trains_every_parameter_exactly_as_without():
+    config = VimpacConfig(vocab_size=40, hidden_size=64, heads=2, layers=3, clip_len=3, grid=(4, 4), dropout=0.1)
+    torch.manual_seed(0)
+    plain = VimpacForPretraining(config)
+    checkpointed = VimpacForPretraining(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_activation_checkpointing(checkpointed.backbone.layers)
+    enable_activation_checkpointing(checkpointed.backbone.layers)  # idempotent
+    assert activation_checkpointing_enabled(checkpointed.backbone.layers)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict()), "names unchanged"
+    # Data straight from the loader: no input requires grad (the case where reentrant checkpointing loses grads).
+    tokens = torch.randint(0, 40, (4, *config.shape))
+    labels = torch.where(torch.rand(tokens.shape) < 0.3, tokens, -100)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # same dropout masks; the recomputation must replay them
+        model.train()
+        pretraining_loss(model, tokens, labels).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    missing = [n for n, g in grads[1].items() if g is None or not torch.any(g != 0)]
+    assert not missing, f"parameters without gradient under checkpointing: {missing}"
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_micro_batch_layout_puts_all_first_clips_first():
+    inputs = torch.arange(3 * 2 * 1 * 1 * 1).view(3, 2, 1, 1, 1)
+    tokens, labels, videos = micro_batch_tokens({"inputs": inputs, "labels": -inputs})
+    assert videos == 3
+    assert tokens.flatten().tolist() == [0, 2, 4, 1, 3, 5]
+    assert torch.equal(labels, -tokens)
+
+
+def test_epoch_steps():
+    assert epoch_steps(100, 2, 4, 3) == 4  # 50 per rank → 12 micro-batches → 4 steps
+    assert epoch_steps(100, 2, 4, 3, limit=2) == 2
+    with pytest.raises(UsageError, match="fewer than one global batch of 24"):
+        epoch_steps(20, 2, 4, 3)
+
+
+def test_database_must_match_the_model():
+    manifest = {"tokenizer": {"vocab_size": 64}, "grid": [4, 4], "frame_size": 32}
+    check_database_matches(manifest, VimpacConfig(vocab_size=64, grid=(4, 4), hidden_size=64, heads=2))
+    with pytest.raises(UsageError, match="tokenized with 64 codes but the model has --vocab-size 8192"):
+        check_database_matches(manifest, VimpacConfig(grid=(4, 4), hidden_size=64, heads=2))
+    with pytest.raises(UsageError, match=r"4x4 codes per frame \(frame size 32\).*--frame-size 32"):
+        check_database_matches(manifest, VimpacConfig(vocab_size=64, grid=(16, 16), hidden_size=64, heads=2))
+
+
+def test_step_accumulator_weights():
+    meter = StepAccumulator()
+    meter.add("loss", 2.0)
+    meter.add("loss", torch.tensor(4.0))
+    meter.add("acc", 0.5, weight=10)
+    meter.add("acc", 1.0, weight=30)
+    assert meter.reduce() == {"acc": pytest.approx(0.875), "loss": pytest.approx(3.0)}
+    assert meter.reduce() == {}
+
+
+def test_metrics_survive_a_torn_line(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, 0, {"loss/total": 3.0})
+    writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss/to')  # killed mid-write
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(2, 0, {"loss/total": 2.5})
+    writer.write(1, 0, {"loss/total": 2.9})  # a resumed run repeats step 1: the last record wins
+    writer.close()
+    records = read_metrics(tmp_path)
+    assert {s: r["loss/total"] for s, r in records.items()} == {1: 2.9, 2: 2.5}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------- command-line refusals (before any work)
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    return write_code_database(tmp_path_factory.mktemp("db") / "db", videos=8)
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """What prepare_environment would set, registered with monkeypatch so the test leaves os.environ as it was."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--frame-size", "36", "--vocab-size", str(VOCAB)], "frame size 36 is not a positive multiple of 8"),
+        (["--frame-size", "32"], f"tokenized with {VOCAB} codes but the model has --vocab-size 8192"),
+        (["--frame-size", "64", "--vocab-size", str(VOCAB)], "4x4 codes per frame"),
+        (
+            ["--frame-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "6", "--bs-per-gpu", "4"],
+            "--batch-size 6 is not divisible by --bs-per-gpu 4",
+        ),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--mask-blocks", "0"], "--mask-blocks 0 masks nothing"),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--dataset-name", "ssv2"], "holds dataset 'synthetic'"),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--precision", "fp16"], "fp16 is not supported"),
+    ],
+)
+def test_bad_configuration_is_refused_clearly(database, tmp_path, capsys, single_process_env, flags, message):
+    code = main(["--data", str(database), "--output", str(tmp_path / "run"), *TINY, *flags])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_existing_run_needs_resume(database, tmp_path, capsys, single_process_env):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step00000004").mkdir(parents=True)
+    (checkpoints / "latest").write_text("step00000004")
+    assert main(["--data", str(database), "--output", str(tmp_path / "run"), *TINY]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_help_lists_the_seed_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    seed_flags = (
+        "--mlm-weight --nce-weight --nce-proj-layers --nce-proj-hid-dim --model --dataset-name --layers --hid-dim "
+        "--frame-size --clip-len --lr --beta1 --beta2 --lr-scheduler --warm-up --mask-blocks --tqdm --debug "
+        "--bs-per-gpu --batch-size --epochs --resume --output --deepspeed_config"
+    )
+    missing = [flag for flag in seed_flags.split() if flag not in text]
+    assert not missing

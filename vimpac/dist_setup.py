@@ -1,0 +1,60 @@
+"""Process-group setup for the trainers, under a launcher (deepspeed, torchrun) or as one plain process.
+
+Without a launcher `deepspeed.init_distributed()` falls back to MPI discovery and fails without mpi4py
+(platform-notes §3), so a plain `python vimpac/pretrain.py` first fills in the environment of a one-process
+world (RANK 0, WORLD_SIZE 1, a free local MASTER_PORT). On a machine without CUDA the CPU accelerator is chosen
+explicitly (DS_ACCELERATOR=cpu; the backend is then gloo), and each rank gets its share of the cores instead of
+every rank using all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_environment(env: dict[str, str] | None = None) -> bool:
+    """Fill in a one-process world where no launcher did; choose the CPU accelerator without CUDA.
+
+    Must run before deepspeed is imported (it picks the accelerator at import). Returns True when the process
+    was started by a launcher. `env` defaults to os.environ (tests pass a dict)."""
+    env = os.environ if env is None else env
+    launched = all(name in env for name in LAUNCHER_VARIABLES)
+    if not launched:
+        env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return launched
+
+
+def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int | None:
+    """Cores per rank on a CPU-only machine, unless OMP_NUM_THREADS already decides (None: leave torch alone)."""
+    env = os.environ if env is None else env
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in env:
+        return None
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("WORLD_SIZE", "1"))))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, local_rank, world_size)."""
+    import deepspeed  # after prepare_environment, which decides the accelerator
+
+    threads = cpu_threads_per_rank()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    deepspeed.init_distributed(dist_backend=backend)
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

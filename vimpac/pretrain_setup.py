@@ -1,0 +1,174 @@
+"""Build a pre-training run from parsed flags: process group, merged engine config, data, model, DeepSpeed engine.
+
+Called by the entry script `vimpac/pretrain.py` after `vimpac.dist_setup.prepare_environment()`. Order matters
+for reproducibility: the model is initialised from `seed` on every rank (identical weights without relying on a
+broadcast), then each rank reseeds with seed + rank for dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from vimpac.activation_checkpointing import enable_activation_checkpointing
+from vimpac.checkpoint import latest_tag
+from vimpac.code_db import CodeDatabase
+from vimpac.config import VimpacConfig, config_from_args
+from vimpac.data import PretrainClips
+from vimpac.dist_setup import init_distributed
+from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
+from vimpac.errors import UsageError
+from vimpac.flops import peak_flops
+from vimpac.modeling import VimpacForPretraining
+from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
+from vimpac.trainer import PretrainTrainer, TrainSettings, check_database_matches, epoch_steps, steps_summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def merged_engine_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
+    config = merge_ds_config(
+        base,
+        world,
+        bs_per_gpu=args.bs_per_gpu,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        epsilon=args.epsilon,
+        weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision,
+        zero_stage=args.zero_stage,
+        grad_checkpoint=args.grad_checkpoint,
+    )
+    precision = precision_of(config)
+    accelerator = get_accelerator()
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        raise UsageError(
+            f"fp16 is not supported on this {accelerator.device_name()} device; use ds_configs/cpu.json or "
+            "--precision bf16 / fp32"
+        )
+    return config
+
+
+def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeDatabase:
+    db = CodeDatabase(args.data)
+    manifest = db.manifest
+    if args.dataset_name is not None and args.dataset_name != manifest.get("dataset"):
+        raise UsageError(
+            f"--dataset-name {args.dataset_name} but {args.data} holds dataset {manifest.get('dataset')!r}; "
+            "drop the flag or point --data at the right database"
+        )
+    check_database_matches(manifest, model_config)
+    return db
+
+
+def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
+    """<output>/run_config.json: the command line, the merged engine config and what was derived from them."""
+    output.mkdir(parents=True, exist_ok=True)
+    payload = {"argv": sys.argv, "args": vars(args), **sections}
+    (output / "run_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
+    """Everything after parsing; returns the exit code. Raises UsageError for bad input before training."""
+    output = Path(args.output)
+    if not args.resume and latest_tag(output) is not None:
+        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    # Validate everything before the process group exists: bad input fails fast, with one clear message.
+    model_config = config_from_args(args)
+    db = open_database(args, model_config)
+    ds_config = merged_engine_config(args, int(os.environ["WORLD_SIZE"]))
+    dataset = PretrainClips(
+        db,
+        args.split,
+        model_config.clip_len,
+        pad_id=model_config.pad_id,
+        mask_id=model_config.mask_id,
+        mask_blocks=args.mask_blocks,
+        frame_rate=args.frame_rate,
+        rand_replace=args.mask_rand_replace,
+        relevance_range=args.nce_relevance_range,
+        seed=args.seed,
+        mlm_weight=args.mlm_weight,
+    )
+    limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
+    steps = epoch_steps(
+        len(dataset),
+        int(os.environ["WORLD_SIZE"]),
+        ds_config["train_micro_batch_size_per_gpu"],
+        ds_config["gradient_accumulation_steps"],
+        limit,
+    )
+    total = steps * args.epochs
+    warmup = warmup_steps(args.warm_up, total)
+    rank, _, world = init_distributed(args.dist_backend)
+
+    seed_everything(args.seed)  # same initial weights on every rank
+    model = VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
+    if uses_activation_checkpointing(ds_config):
+        enable_activation_checkpointing(model.backbone.layers)
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
+    ]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, args.lr_scheduler, warmup, total),
+    )
+    seed_everything(args.seed + rank)  # dropout differs per rank
+
+    precision = precision_of(ds_config)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if peak is None and torch.cuda.is_available():
+        peak = peak_flops(torch.cuda.get_device_name(), precision)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        mlm_weight=args.mlm_weight,
+        nce_weight=args.nce_weight,
+        temperature=args.temperature,
+        save_steps=args.save_steps,
+        keep_checkpoints=args.keep_checkpoints,
+        steps_per_epoch_limit=limit,
+        max_epochs_this_run=args.interval,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        progress=args.tqdm,
+        peak_flops=peak,
+    )
+    trainer = PretrainTrainer(engine, model_config, dataset, settings, output, ds_config)
+    resumed = trainer.resume() if args.resume else False
+    if rank == 0:
+        record_run(
+            output,
+            args,
+            deepspeed=ds_config,
+            model=model_config.to_dict(),
+            world_size=world,
+            steps_per_epoch=trainer.steps_per_epoch,
+            total_steps=total,
+            warmup_steps=warmup,
+            peak_flops=peak,
+            resumed=resumed,
+        )
+        print(steps_summary(trainer), flush=True)
+    trainer.fit()
+    return 0

@@ -1,0 +1,313 @@
+"""The pre-training loop on a DeepSpeed engine: data, both objectives, logging, checkpoints, exact resume.
+
+One optimizer step = `gradient_accumulation_steps` micro-steps on every rank. Each micro-batch holds B videos
+× 2 clips ([B, 2, T, h, w], vimpac.data.PretrainClips); it is reordered to [2B, T, h, w] with the B first clips
+first, one forward pass over the masked clips feeds both losses (facts §4.1), and
+    loss = mlm_weight · L_mask + nce_weight · L_cl      (L_cl already carries the temperature factor, §4.5).
+
+Exact resume: the data order and masks are pure functions of (seed, epoch, sample index) (vimpac.data), so the
+position in the epoch is one number, the optimizer steps already done in it; DeepSpeed restores weights,
+optimizer, scheduler and loss scale; vimpac.checkpoint restores each rank's RNG (dropout). The DataLoader gets
+its own generator so creating an iterator never draws from the global RNG (it would, by default, and a run
+resumed mid-epoch creates its iterator at a different moment than the uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from vimpac.checkpoint import (
+    checkpoint_model_config,
+    export_weights,
+    fp32_state_dict,
+    latest_tag,
+    load_checkpoint,
+    record_model_config,
+    save_checkpoint,
+)
+from vimpac.config import VimpacConfig
+from vimpac.data import PretrainClips, ResumableDistributedSampler
+from vimpac.errors import UsageError
+from vimpac.flops import pretrain_train_flops
+from vimpac.losses import info_nce, masked_token_loss
+from vimpac.metrics import MetricsWriter, StepAccumulator
+
+
+@dataclass
+class TrainSettings:
+    """Loop settings that are not DeepSpeed's. steps_per_epoch_limit: --debug / --max-steps-per-epoch."""
+
+    epochs: int
+    mlm_weight: float = 1.0
+    nce_weight: float = 1.0
+    temperature: float = 0.2
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    steps_per_epoch_limit: int | None = None
+    max_epochs_this_run: int | None = None
+    num_workers: int = 2
+    seed: int = 9595
+    progress: bool = False
+    peak_flops: float | None = None
+    export: bool = True
+
+
+def check_database_matches(manifest: dict[str, Any], config: VimpacConfig) -> None:
+    """Refuse a database whose vocabulary or code grid does not fit the model, saying which flag to change."""
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab != config.vocab_size:
+        raise UsageError(
+            f"the database was tokenized with {vocab} codes but the model has --vocab-size {config.vocab_size}; "
+            f"pass --vocab-size {vocab}"
+        )
+    grid = tuple(int(g) for g in manifest["grid"])
+    if grid != tuple(config.grid):
+        frame = manifest.get("frame_size")
+        raise UsageError(
+            f"the database holds {grid[0]}x{grid[1]} codes per frame (frame size {frame}) but the model expects "
+            f"{config.grid[0]}x{config.grid[1]} (--frame-size {config.grid[0] * 8}); pass --frame-size {frame} "
+            "or use a database tokenized at the model's frame size"
+        )
+
+
+def epoch_steps(videos: int, world: int, micro: int, accumulation: int, limit: int | None = None) -> int:
+    """Optimizer steps per epoch: each rank gets videos // world samples (drop_last), in whole micro-batches, in
+    whole accumulation cycles; `limit` caps it (--debug, --max-steps-per-epoch)."""
+    steps = videos // world // micro // accumulation
+    if steps < 1:
+        raise UsageError(
+            f"the training split has {videos} videos, fewer than one global batch of {world * micro * accumulation} "
+            f"({world} ranks × {micro} videos × {accumulation} accumulation steps); lower --batch-size or use more data"
+        )
+    return steps if limit is None else min(steps, limit)
+
+
+def micro_batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[B, 2, T, h, w] inputs/labels → [2B, T, h, w] with clip A of every video first; returns (tokens, labels, B)."""
+    inputs, labels = batch["inputs"], batch["labels"]
+    videos = inputs.shape[0]
+    return inputs.transpose(0, 1).flatten(0, 1), labels.transpose(0, 1).flatten(0, 1), videos
+
+
+def current_loss_scale(engine) -> float | None:
+    """The dynamic loss scale of an fp16 run (None otherwise)."""
+    if not engine.fp16_enabled():
+        return None
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(engine.optimizer, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _grad_norm(parameters) -> float:
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class PretrainTrainer:
+    """Runs epochs of pre-training on `engine` (deepspeed.initialize output) over `dataset`."""
+
+    def __init__(
+        self,
+        engine,
+        config: VimpacConfig,
+        dataset: PretrainClips,
+        settings: TrainSettings,
+        output: str | Path,
+        ds_config: dict[str, Any],
+    ) -> None:
+        self.engine, self.config, self.dataset, self.settings = engine, config, dataset, settings
+        self.output = Path(output)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.micro = int(ds_config["train_micro_batch_size_per_gpu"])
+        self.accumulation = int(ds_config["gradient_accumulation_steps"])
+        self.global_batch = int(ds_config["train_batch_size"])
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        self.fp32 = not (ds_config["fp16"]["enabled"] or ds_config["bf16"]["enabled"])
+        self.sampler = ResumableDistributedSampler(len(dataset), self.rank, self.world, seed=settings.seed)
+        self.steps_per_epoch = epoch_steps(
+            len(dataset), self.world, self.micro, self.accumulation, settings.steps_per_epoch_limit
+        )
+        self.writer = MetricsWriter(self.output, enabled=self.rank == 0)
+        self.epoch, self.step_in_epoch = 0, 0
+
+    # ---------------------------------------------------------------------------------------------- sizes
+    def full_epoch_steps(self) -> int:
+        return epoch_steps(len(self.dataset), self.world, self.micro, self.accumulation)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.settings.epochs
+
+    # ------------------------------------------------------------------------------------------- resume
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of the output directory, if any; True when one was loaded."""
+        tag = latest_tag(self.output)
+        if tag is None:
+            return False
+        saved = checkpoint_model_config(self.output, tag)
+        if saved is not None and saved.to_dict() != self.config.to_dict():
+            changed = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v)
+            raise UsageError(
+                f"checkpoint {tag} in {self.output} was trained with a different model ({', '.join(changed)} "
+                "differ); resume with the same model flags (positional-table interpolation for a new frame size "
+                "is not implemented yet)"
+            )
+        state = load_checkpoint(self.engine, self.output, tag)
+        self.sampler.load_state_dict(state["sampler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.rank == 0:
+            print(f"resumed from {tag}: epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}")
+        return True
+
+    def client_state(self) -> dict[str, Any]:
+        consumed = self.step_in_epoch * self.global_batch
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "sampler": self.sampler.state_dict(consumed),
+            "world_size": self.world,
+            "global_step": int(self.engine.global_steps),
+        }
+
+    def save(self) -> str:
+        tag = save_checkpoint(
+            self.engine, self.output, int(self.engine.global_steps), self.client_state(), self.settings.keep_checkpoints
+        )
+        record_model_config(self.output, tag, self.config)
+        return tag
+
+    def export(self, tag: str) -> None:
+        state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
+        if state is not None:
+            export_weights(state, self.config, self.output)
+        if dist.is_initialized():
+            dist.barrier()
+
+    # -------------------------------------------------------------------------------------------- loop
+    def loader(self) -> DataLoader:
+        # A private generator: creating the iterator must not draw from the global RNG (see module docstring).
+        return DataLoader(
+            self.dataset,
+            batch_size=self.micro,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.settings.num_workers,
+            generator=torch.Generator().manual_seed(self.settings.seed),
+        )
+
+    def micro_step(self, batch: dict[str, torch.Tensor], meter: StepAccumulator) -> None:
+        tokens, labels, videos = micro_batch_tokens(batch)
+        device = self.engine.device
+        out = self.engine(tokens.to(device), labels.to(device))
+        loss = torch.zeros((), device=device)
+        if "mlm_logits" in out:
+            mlm = masked_token_loss(out["mlm_logits"], out["mlm_labels"])
+            loss = loss + self.settings.mlm_weight * mlm.loss
+            meter.add("loss/mlm", mlm.loss.detach())
+            meter.add("accuracy/mlm", mlm.accuracy, weight=mlm.num_masked)
+            meter.add("predicted_per_micro_step", mlm.num_masked)
+        if "nce" in out:
+            nce = info_nce(out["nce"][:videos], out["nce"][videos:], temperature=self.settings.temperature)
+            loss = loss + self.settings.nce_weight * nce.loss
+            meter.add("loss/nce", nce.loss.detach())
+            meter.add("accuracy/nce", nce.accuracy)
+        meter.add("loss/total", loss.detach())
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        grad_norm = None
+        if boundary and self.zero_stage == 0 and self.fp32:
+            # The engine reports the norm only from ZeRO/16-bit optimizers; stage-0 fp32 grads are whole here
+            # (already averaged over ranks by backward at the boundary).
+            grad_norm = _grad_norm(self.engine.module.parameters())
+        self.engine.step()
+        if boundary:
+            grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            self._last_grad_norm = None if grad_norm is None else float(grad_norm)
+
+    def optimizer_step(self, iterator, meter: StepAccumulator) -> dict[str, float]:
+        started = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances inside it)
+        self._last_grad_norm = None
+        for _ in range(self.accumulation):
+            self.micro_step(next(iterator), meter)
+        values = meter.reduce()
+        elapsed = time.perf_counter() - started
+        predicted = values.pop("predicted_per_micro_step", 0.0) * self.accumulation * self.world
+        clips = 2 * self.global_batch
+        t, h, w = self.config.shape
+        values["speed/tokens_per_s"] = clips * t * h * w / elapsed
+        values["speed/clips_per_s"] = clips / elapsed
+        flops = pretrain_train_flops(
+            self.config, clips, round(predicted), mlm=self.settings.mlm_weight > 0, nce=self.settings.nce_weight > 0
+        )
+        values["speed/tflops_per_rank"] = flops / elapsed / self.world / 1e12
+        if self.settings.peak_flops:
+            values["speed/mfu"] = flops / elapsed / self.world / self.settings.peak_flops
+        values["optim/lr"] = lr
+        values["optim/skipped_steps"] = float(self.engine.skipped_steps)
+        scale = current_loss_scale(self.engine)
+        if scale is not None:
+            values["optim/loss_scale"] = scale
+        if self._last_grad_norm is not None:
+            values["optim/grad_norm"] = self._last_grad_norm
+        return values
+
+    def fit(self) -> None:
+        """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at epoch ends."""
+        from tqdm import tqdm
+
+        last_epoch = self.settings.epochs
+        if self.settings.max_epochs_this_run is not None:
+            last_epoch = min(last_epoch, self.epoch + self.settings.max_epochs_this_run)
+        tag = None
+        while self.epoch < last_epoch:
+            self.dataset.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.global_batch)
+            iterator = iter(self.loader())
+            meter = StepAccumulator()
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {self.epoch}",
+                disable=not (self.settings.progress and self.rank == 0),
+            )
+            while self.step_in_epoch < self.steps_per_epoch:
+                values = self.optimizer_step(iterator, meter)
+                self.step_in_epoch += 1
+                step = int(self.engine.global_steps)
+                self.writer.write(step, self.epoch, values)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{values['optim/lr']:.2e}")
+                save_now = self.settings.save_steps and step % self.settings.save_steps == 0
+                if save_now and self.step_in_epoch < self.steps_per_epoch:
+                    tag = self.save()
+            bar.close()
+            del iterator
+            tag = self.save()
+            if self.settings.export:
+                self.export(tag)
+            self.writer.flush()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.writer.close()
+
+
+def steps_summary(trainer: PretrainTrainer) -> str:
+    """One line for the log: batch arithmetic and schedule length."""
+    return (
+        f"{len(trainer.dataset)} videos, {trainer.world} ranks × {trainer.micro} videos × {trainer.accumulation} "
+        f"accumulation = {trainer.global_batch} per step; {trainer.steps_per_epoch} steps/epoch × "
+        f"{trainer.settings.epochs} epochs = {trainer.total_steps} steps"
+        + ("" if trainer.steps_per_epoch == trainer.full_epoch_steps() else " (limited by --debug/--max-steps)")
+    )
