@@ -15,17 +15,17 @@ python3 -c "import torch, triton, av, lmdb, deepspeed; print('torch', torch.__ve
 workers=$(( $(nproc) - 2 ))
 
 echo "== GPU tests"
-timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -15
+timeout 80 python3 -m pytest -q -m gpu tests 2>&1 | tail -15
 
 echo "== tokenization: the project's VQ-VAE (goal: decode-bound), then the paper's DALL-E encoder (fp16)"
-timeout 150 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views train --per-class 24 \
+timeout 120 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views train --per-class 16 --seconds 6 \
   --encode-batch 512 --json "$OUT/tokenize_vqvae.json"
-timeout 100 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views test --per-class 4 \
+timeout 70 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views test --per-class 4 --seconds 6 \
   --kind dalle --fp16 --encode-batch 128 --json "$OUT/tokenize_dalle_fp16.json"
 
 echo "== fp16 pre-training (ds_configs/small.json engine: fp16 dynamic loss scale, ZeRO-2), tiny model, 1 GPU"
 python3 -c "from tests.synthetic_codes import write_code_database as w; w('/tmp/pt_db', videos=64)"
-DATA=/tmp/pt_db OUTPUT=/tmp/pt_run timeout 150 bash scripts/pretrain/small.sh 0 --layers 2 --hid-dim 64 --heads 2 \
+DATA=/tmp/pt_db OUTPUT=/tmp/pt_run timeout 110 bash scripts/pretrain/small.sh 0 --layers 2 --hid-dim 64 --heads 2 \
   --vocab-size 64 --frame-size 32 --clip-len 4 --nce-proj-hid-dim 64 --mask-blocks 2 --batch-size 32 \
   --bs-per-gpu 16 --epochs 10 --lr 1e-2 --num-workers 2 --grad-checkpoint 2>&1 | tail -20
 cp /tmp/pt_run/metrics.jsonl "$OUT/pretrain_fp16_metrics.jsonl" 2>/dev/null

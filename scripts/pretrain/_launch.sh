@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # One JIT build of DeepSpeed's ops per environment (platform-notes §3), reused by every later run.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; print(sys.prefix)')/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python3 -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 launch() {
   local gpus=$1
