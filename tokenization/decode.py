@@ -180,7 +180,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise DecodeError("open", "file is empty (0 bytes)")
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = _av_open(str(path))
     except av.error.PermissionError as error:
         raise DecodeError("open", f"cannot read file: {_ffmpeg_message(error)}") from error
     except av.FFmpegError as error:
@@ -189,6 +189,15 @@ def _open(path: str | Path) -> av.container.InputContainer:
         container.close()
         raise DecodeError("open", f"not a video file: ffmpeg reads it as text (format {container.format.name})")
     return container
+
+
+def _av_open(path: str) -> av.container.InputContainer:
+    """Undecodable metadata strings must not fail a video: PyAV < 19 needs `metadata_errors="ignore"` for that,
+    PyAV 19 dropped the option (and ignores such errors itself)."""
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError:
+        return av.open(path)
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
