@@ -1,8 +1,8 @@
 """Extraction: video files + annotations → code database (DESIGN §3), in parallel, resumable, soft on bad input.
 
-Decoding is the slow part, so it runs in `workers` processes that each take one video at a time from a task
-queue and stream chunks of view frames `[V, n, S, S, 3]` back through a bounded queue (back-pressure keeps memory
-flat however long a video is). The main process encodes frames in fixed-size batches on the chosen device,
+Decoding is the slow part, so it runs in `workers` processes (`decode_pool.DecodePool`) that each take one
+video at a time and stream chunks of view frames `[V, n, S, S, 3]` back through shared memory (back-pressure
+keeps memory flat however long a video is). The main process encodes frames in fixed-size batches on the chosen device,
 collects each video's codes per view and hands finished videos to the database writer, which commits in
 batches. Killed at any point, a rerun skips every video already complete in the database (or already recorded
 as a failure) and produces the same database as an uninterrupted run: the tokenizers' codes do not depend on how
@@ -11,7 +11,6 @@ frames are batched.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from vimpac.code_db import CodeDatabaseWriter
 from vimpac.errors import UsageError
 from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations
-from vimpac.tokenization.decode import DecodeError, iter_view_frames, probe
+from vimpac.tokenization.decode_pool import DecodePool
 from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
 from vimpac.tokenization.views import View, views_for
 
@@ -105,81 +104,6 @@ def validate(cfg: ExtractConfig) -> None:
 
 def extraction_views(cfg: ExtractConfig) -> list[View]:
     return views_for(cfg.views, cfg.frame_size, hflip=cfg.format not in NO_FLIP_DATASETS)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decode workers
-
-
-def _decode_worker(tasks, results, fps: float, views: Sequence[View], out: int, chunk: int, worker: int) -> None:
-    """Worker process: for each (video_id, path) task, stream ("chunk", id, frames [V, n, S, S, 3]) messages,
-    then ("done", id, duration, fps) or ("fail", id, stage, reason). A None task ends the worker."""
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        video_id, path = task
-        results.put(("start", video_id, worker))
-        try:
-            info = probe(path)
-            frames = 0
-            for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk):
-                frames += frames_chunk.shape[1]
-                results.put(("chunk", video_id, frames_chunk))
-            if frames == 0:
-                raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
-            results.put(("done", video_id, float(info.duration), float(info.fps)))
-        except DecodeError as err:
-            results.put(("fail", video_id, err.stage, err.reason))
-        except Exception as err:  # a decoder bug must cost one video, not the run
-            results.put(("fail", video_id, "decode", f"unexpected {type(err).__name__}: {err}"))
-
-
-class _WorkerPool:
-    """Decode processes fed from a task queue; restarts a worker that dies and reports the video it held."""
-
-    def __init__(self, cfg: ExtractConfig, views: Sequence[View]):
-        ctx = mp.get_context("spawn")  # no fork: the main process holds torch threads and LMDB handles
-        self._ctx = ctx
-        self.tasks = ctx.Queue()
-        self.results = ctx.Queue(maxsize=4 * cfg.workers + 4)
-        self._args = (cfg.fps, list(views), cfg.frame_size, cfg.chunk_frames)
-        self.procs: list = [None] * cfg.workers
-        self.current: dict[int, str] = {}
-        for i in range(cfg.workers):
-            self._start(i)
-
-    def _start(self, i: int) -> None:
-        proc = self._ctx.Process(
-            target=_decode_worker, args=(self.tasks, self.results, *self._args, i), daemon=True, name=f"decode-{i}"
-        )
-        proc.start()
-        self.procs[i] = proc
-
-    def submit(self, video_id: str, path: Path) -> None:
-        self.tasks.put((video_id, str(path)))
-
-    def crashed(self) -> list[tuple[str, str]]:
-        """Restart dead workers; return (video_id, reason) for the videos they were decoding."""
-        lost = []
-        for i, proc in enumerate(self.procs):
-            if proc.is_alive():
-                continue
-            video_id = self.current.pop(i, None)
-            if video_id is not None:
-                lost.append((video_id, f"decoder process died (exit code {proc.exitcode}) on this file"))
-            self._start(i)
-        return lost
-
-    def close(self) -> None:
-        for _ in self.procs:
-            self.tasks.put(None)
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,9 +254,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 def _run_pool(cfg, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:
     """Decode `todo` in worker processes, encode and write; returns (tokenized, failed, frames encoded)."""
     assembler = _Assembler(tokenizer, len(views), cfg.encode_batch)
-    pool = _WorkerPool(cfg, views)
+    pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames)
     tokenized = failed = 0
-    outstanding = len(todo)
+    outstanding = decoding = len(todo)  # videos not yet written / not yet fully decoded
     for entry in todo:
         pool.submit(entry.id, entry.path)
     bar = tqdm(total=outstanding, unit="video", disable=not cfg.progress, desc="tokenize", dynamic_ncols=True)
@@ -351,24 +275,30 @@ def _run_pool(cfg, views, tokenizer, todo, entries, writer) -> tuple[int, int, i
         while outstanding:
             try:
                 msg = pool.results.get(timeout=0.5)
-            except queue.Empty:
+            except queue.Empty:  # decoders are slow or stuck: encode what waits, look for crashed workers
                 assembler.encode_ready(flush=True)
                 msg = None
                 for video_id, reason in pool.crashed():
+                    decoding -= 1
                     fail(video_id, "decode", reason)
             if msg is not None:
                 kind, video_id = msg[0], msg[1]
                 if kind == "start":
                     pool.current[msg[2]] = video_id
                 elif kind == "chunk":
-                    assembler.add_chunk(video_id, msg[2])
+                    frames = pool.take(msg[2])
+                    if frames is not None:
+                        assembler.add_chunk(video_id, frames)
                 elif kind == "done":
                     pool.current = {w: v for w, v in pool.current.items() if v != video_id}
+                    decoding -= 1
                     assembler.finish(video_id, msg[2], msg[3])
                 else:
                     pool.current = {w: v for w, v in pool.current.items() if v != video_id}
+                    decoding -= 1
                     fail(video_id, msg[2], msg[3])
-                assembler.encode_ready(flush=pool.results.empty())
+                # Full batches only while decoders still produce: a padded partial batch costs a full one.
+                assembler.encode_ready(flush=decoding == 0)
             for video_id, per_view, duration, fps in assembler.complete():
                 codes = {view.name: codes for view, codes in zip(views, per_view)}
                 writer.add(video_id, codes, entries[video_id].label, duration, fps)

@@ -66,6 +66,20 @@ class Tokenizer:
         """codes int64 [B, h, w] on `device` → frames uint8 [B, h·d, w·d, 3]."""
         raise UsageError(f"tokenizer {self.name!r} has no decoder: it can only encode frames into codes")
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _exact_cuda():
+        """Full fp32 math and fixed cuDNN algorithms while encoding: TF32 (PyTorch's default for convolutions) and
+        autotuned algorithms make a frame's codes depend on its position in the batch (measured on an H100), and
+        resumed extraction must reproduce codes exactly. fp16 backends may override inside (see dalle)."""
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         enabled = self.fp16 and self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.float16) if enabled else contextlib.nullcontext()
@@ -80,7 +94,7 @@ class Tokenizer:
         if h % d or w % d:
             raise ValueError(f"frame size {h}x{w} is not a multiple of the tokenizer's downsampling {d}")
         out = torch.empty((n, h // d, w // d), dtype=torch.int64)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._exact_cuda(), self._autocast():
             for start in range(0, n, self.batch_size):
                 batch = _padded(frames[start : start + self.batch_size], self.batch_size).to(self.device)
                 codes = self._encode_batch(batch)

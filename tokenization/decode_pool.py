@@ -1,0 +1,163 @@
+"""A pool of decode processes that hand frames to the main process through shared memory.
+
+Each worker takes one video at a time from a task queue and decodes it into chunks of view frames
+`[V, n, S, S, 3]`. A chunk is written into one of the worker's few shared-memory slots and only its slot number
+travels through the result queue: no pickling and no pipe copy of pixel data, which at tens of thousands of
+frames per second would make the main process, not decoding, the limit. The main process copies a chunk out
+and hands the slot back; a worker with no free slot waits, which bounds memory however long a video is.
+
+Messages on `results`: ("start", video_id, worker), ("chunk", video_id, (worker, generation, slot, n)),
+("done", video_id, duration_s, source_fps), ("fail", video_id, stage, reason). A restarted worker gets fresh
+slots and a new generation, so a message left over from its dead predecessor can never read a reused slot.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+from vimpac.tokenization.decode import DecodeError, iter_view_frames, probe
+from vimpac.tokenization.views import View
+
+SLOTS_PER_WORKER = 3
+SLOT_BYTES = 16 * 2**20  # chunks are cut so that one fits in this
+
+
+def chunk_frames(num_views: int, size: int, wanted: int) -> int:
+    """Frames per chunk: `wanted`, fewer when a chunk of `num_views` views at `size` px would exceed a slot."""
+    per_frame = num_views * size * size * 3
+    return max(1, min(wanted, SLOT_BYTES // per_frame))
+
+
+def _decode_worker(
+    tasks, results, free, shm_name: str, slot_shape: tuple, fps: float, views, out: int, worker: int, generation: int
+):
+    shm = SharedMemory(name=shm_name)
+    slots = np.ndarray((SLOTS_PER_WORKER, *slot_shape), dtype=np.uint8, buffer=shm.buf)
+    chunk = slot_shape[1]
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            video_id, path = task
+            results.put(("start", video_id, worker))
+            try:
+                info = probe(path)
+                frames = 0
+                for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk):
+                    slot = free.get()
+                    n = frames_chunk.shape[1]
+                    slots[slot, :, :n] = frames_chunk
+                    results.put(("chunk", video_id, (worker, generation, slot, n)))
+                    frames += n
+                if frames == 0:
+                    raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
+                results.put(("done", video_id, float(info.duration), float(info.fps)))
+            except DecodeError as err:
+                results.put(("fail", video_id, err.stage, err.reason))
+            except Exception as err:  # a decoder bug must cost one video, not the run
+                results.put(("fail", video_id, "decode", f"unexpected {type(err).__name__}: {err}"))
+    finally:
+        del slots
+        shm.close()
+
+
+class DecodePool:
+    """`workers` decode processes (spawned: the main process holds torch threads and LMDB handles).
+
+    `take(ref)` copies a chunk out of shared memory and frees its slot; `crashed()` restarts dead workers and
+    reports the videos they held.
+    """
+
+    def __init__(self, workers: int, fps: float, views: Sequence[View], out: int, chunk: int):
+        self._ctx = mp.get_context("spawn")
+        self.tasks = self._ctx.Queue()
+        self.results = self._ctx.Queue()
+        self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)
+        self._args = (fps, list(views), out)
+        self.current: dict[int, str] = {}  # worker → the video it is decoding
+        self._procs: list = [None] * workers
+        self._shm: list = [None] * workers
+        self._slots: list = [None] * workers
+        self._free: list = [None] * workers
+        self._generation = [0] * workers
+        for i in range(workers):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        """Start worker i with fresh slots (a dead worker may have held one)."""
+        if self._shm[i] is not None:
+            self._release(i)
+        self._generation[i] += 1
+        shm = SharedMemory(create=True, size=SLOTS_PER_WORKER * int(np.prod(self._slot_shape)))
+        self._shm[i] = shm
+        self._slots[i] = np.ndarray((SLOTS_PER_WORKER, *self._slot_shape), dtype=np.uint8, buffer=shm.buf)
+        self._free[i] = self._ctx.Queue()
+        for slot in range(SLOTS_PER_WORKER):
+            self._free[i].put(slot)
+        proc = self._ctx.Process(
+            target=_decode_worker,
+            args=(
+                self.tasks,
+                self.results,
+                self._free[i],
+                shm.name,
+                self._slot_shape,
+                *self._args,
+                i,
+                self._generation[i],
+            ),
+            daemon=True,
+            name=f"decode-{i}",
+        )
+        proc.start()
+        self._procs[i] = proc
+
+    def _release(self, i: int) -> None:
+        self._slots[i] = None
+        self._shm[i].close()
+        self._shm[i].unlink()
+        self._shm[i] = None
+
+    def submit(self, video_id: str, path: Path) -> None:
+        self.tasks.put((video_id, str(path)))
+
+    def take(self, ref: tuple[int, int, int, int]) -> np.ndarray | None:
+        """The chunk of a ("chunk", id, ref) message: uint8 [V, n, S, S, 3] (a copy), its slot handed back to the
+        worker; None when the message came from a worker that has since died."""
+        worker, generation, slot, n = ref
+        if generation != self._generation[worker]:
+            return None
+        frames = self._slots[worker][slot, :, :n].copy()
+        self._free[worker].put(slot)
+        return frames
+
+    def crashed(self) -> list[tuple[str, str]]:
+        """Restart dead workers; return (video_id, reason) for the videos they were decoding."""
+        lost = []
+        for i, proc in enumerate(self._procs):
+            if proc.is_alive():
+                continue
+            video_id = self.current.pop(i, None)
+            if video_id is not None:
+                lost.append((video_id, f"decoder process died (exit code {proc.exitcode}) on this file"))
+            self._start(i)
+        return lost
+
+    def close(self) -> None:
+        for _ in self._procs:
+            self.tasks.put(None)
+        deadline = time.monotonic() + 5
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for i in range(len(self._procs)):
+            self._release(i)
