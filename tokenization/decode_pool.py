@@ -69,14 +69,15 @@ def _decode_worker(
 
 
 class DecodePool:
-    """`workers` decode processes (spawned: the main process holds torch threads and LMDB handles).
+    """`workers` decode processes, forked: a spawned worker would re-import the main module (torch and all, seconds
+    per worker); create the pool before opening CUDA or LMDB so that workers inherit neither.
 
     `take(ref)` copies a chunk out of shared memory and frees its slot; `crashed()` restarts dead workers and
     reports the videos they held.
     """
 
     def __init__(self, workers: int, fps: float, views: Sequence[View], out: int, chunk: int):
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context("fork")
         self.tasks = self._ctx.Queue()
         self.results = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)

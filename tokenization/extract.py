@@ -213,29 +213,35 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     validate(cfg)
     views = extraction_views(cfg)
     annotations = load_annotations(cfg.format, cfg.annotations, cfg.videos)
-    tokenizer = load_tokenizer(cfg.tokenizer, device=cfg.device, fp16=cfg.fp16)
-    tokenizer.batch_size = cfg.encode_batch  # its fixed network batch: codes never depend on batch composition
-    if cfg.frame_size % tokenizer.downsample:
-        raise UsageError(f"--frame-size {cfg.frame_size} is not a multiple of the tokenizer's {tokenizer.downsample}")
     entries: dict[str, VideoEntry] = {e.id: e for e in annotations.entries}
     start = time.monotonic()
     tokenized = failed = frames = 0
-
-    manifest_base = _manifest_base(cfg, annotations, tokenizer, views)
-    with CodeDatabaseWriter(cfg.out, manifest_base, commit_every=cfg.commit_every) as writer:
-        done = writer.done_ids()
-        for problem in annotations.problems:
-            if problem.id not in done:
-                writer.add_failure(problem.id, problem.path, problem.stage, problem.reason)
-                done.add(problem.id)
-                failed += 1
-        todo = [e for e in annotations.entries if e.id not in done and e.path is not None]
-        skipped = len(annotations.entries) - len(todo)
-        if todo:
-            t, f, frames = _run_pool(cfg, views, tokenizer, todo, entries, writer)
-            tokenized += t
-            failed += f
-        manifest = writer.finalize(annotations.splits())
+    # Forked before the tokenizer and the database are opened: workers inherit no CUDA context or LMDB handle.
+    pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer, device=cfg.device, fp16=cfg.fp16)
+        tokenizer.batch_size = cfg.encode_batch  # its fixed network batch: codes never depend on batch composition
+        if cfg.frame_size % tokenizer.downsample:
+            raise UsageError(
+                f"--frame-size {cfg.frame_size} is not a multiple of the tokenizer's {tokenizer.downsample}"
+            )
+        manifest_base = _manifest_base(cfg, annotations, tokenizer, views)
+        with CodeDatabaseWriter(cfg.out, manifest_base, commit_every=cfg.commit_every) as writer:
+            done = writer.done_ids()
+            for problem in annotations.problems:
+                if problem.id not in done:
+                    writer.add_failure(problem.id, problem.path, problem.stage, problem.reason)
+                    done.add(problem.id)
+                    failed += 1
+            todo = [e for e in annotations.entries if e.id not in done and e.path is not None]
+            skipped = len(annotations.entries) - len(todo)
+            if todo:
+                t, f, frames = _run_pool(cfg, pool, views, tokenizer, todo, entries, writer)
+                tokenized += t
+                failed += f
+            manifest = writer.finalize(annotations.splits())
+    finally:
+        pool.close()
 
     counts = manifest["counts"]
     return ExtractSummary(
@@ -251,10 +257,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     )
 
 
-def _run_pool(cfg, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:
-    """Decode `todo` in worker processes, encode and write; returns (tokenized, failed, frames encoded)."""
+def _run_pool(cfg, pool, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:
+    """Decode `todo` in the pool's workers, encode and write; returns (tokenized, failed, frames encoded)."""
     assembler = _Assembler(tokenizer, len(views), cfg.encode_batch)
-    pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames)
     tokenized = failed = 0
     outstanding = decoding = len(todo)  # videos not yet written / not yet fully decoded
     for entry in todo:
@@ -314,5 +319,4 @@ def _run_pool(cfg, views, tokenizer, todo, entries, writer) -> tuple[int, int, i
             )
     finally:
         bar.close()
-        pool.close()
     return tokenized, failed, assembler.encoded_frames
