@@ -69,15 +69,16 @@ def _decode_worker(
 
 
 class DecodePool:
-    """`workers` decode processes, forked: a spawned worker would re-import the main module (torch and all, seconds
-    per worker); create the pool before opening CUDA or LMDB so that workers inherit neither.
+    """`workers` decode processes forked from a fork server: the server imports the main module once and holds no
+    CUDA context, LMDB handle or threads, so workers start fast and inherit nothing unsafe. (Plain fork from a
+    CUDA-initialised parent hung on an H100 box; spawn re-imports the main module, torch and all, per worker.)
 
     `take(ref)` copies a chunk out of shared memory and frees its slot; `crashed()` restarts dead workers and
     reports the videos they held.
     """
 
     def __init__(self, workers: int, fps: float, views: Sequence[View], out: int, chunk: int):
-        self._ctx = mp.get_context("fork")
+        self._ctx = mp.get_context("forkserver")
         self.tasks = self._ctx.Queue()
         self.results = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)

@@ -216,7 +216,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     entries: dict[str, VideoEntry] = {e.id: e for e in annotations.entries}
     start = time.monotonic()
     tokenized = failed = frames = 0
-    # Forked before the tokenizer and the database are opened: workers inherit no CUDA context or LMDB handle.
+    # Started first, so the workers' start-up overlaps with loading the tokenizer.
     pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer, device=cfg.device, fp16=cfg.fp16)
