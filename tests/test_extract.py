@@ -71,6 +71,29 @@ def config(root: Path, files: list[Path], tok: Path, out: Path, **kw) -> Extract
     return ExtractConfig(**base)
 
 
+def cli_args(root: Path, files: list[Path], tok: Path, *extra: str) -> list[str]:
+    """`vimpac tokenize` arguments for an `ssv2_dataset` at 4 fps, 64 px, one worker (no --out)."""
+    return [
+        "tokenize",
+        "--videos",
+        str(root / "videos"),
+        "--format",
+        "ssv2",
+        "--annotations",
+        *map(str, files),
+        "--tokenizer",
+        str(tok),
+        "--fps",
+        "4",
+        "--frame-size",
+        "64",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
     return tiny_vqvae_dir(tmp_path_factory.mktemp("tok"))
@@ -146,24 +169,7 @@ def write_audio_only(path: Path) -> None:
 def test_exit_codes_and_strict(tmp_path, tok, capsys):
     files = ssv2_dataset(tmp_path, {"1": 0, "2": 1}, {"3": 2})
     (tmp_path / "videos" / "2.mp4").write_bytes(b"")
-    args = [
-        "tokenize",
-        "--videos",
-        str(tmp_path / "videos"),
-        "--format",
-        "ssv2",
-        "--annotations",
-        *map(str, files),
-        "--tokenizer",
-        str(tok),
-        "--fps",
-        "4",
-        "--frame-size",
-        "64",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
+    args = cli_args(tmp_path, files, tok)
     assert cli_main([*args, "--out", str(tmp_path / "a")]) == 0
     assert cli_main([*args, "--out", str(tmp_path / "b"), "--strict"]) == 1
     for vid in ("1", "3"):
@@ -225,26 +231,7 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tok):
         sys.executable,
         "-m",
         "vimpac.cli",
-        "tokenize",
-        "--videos",
-        str(tmp_path / "videos"),
-        "--format",
-        "ssv2",
-        "--annotations",
-        *map(str, files),
-        "--tokenizer",
-        str(tok),
-        "--fps",
-        "4",
-        "--frame-size",
-        "64",
-        "--workers",
-        "1",
-        "--commit-every",
-        "1",
-        "--encode-batch",
-        "8",
-        "--no-progress",
+        *cli_args(tmp_path, files, tok, "--commit-every", "1", "--encode-batch", "8"),
     ]
     clean = subprocess.run([*args, "--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
