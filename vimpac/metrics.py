@@ -6,7 +6,9 @@ value, ...}); it is what tests and scripts read back, TensorBoard is for people.
   accuracy/mlm, accuracy/nce          masked-token accuracy over all predicted positions of the step; fraction of
                                       anchors whose positive scores highest
   optim/lr, optim/loss_scale, optim/skipped_steps, optim/grad_norm
-  speed/tokens_per_s, speed/clips_per_s, speed/tflops, speed/mfu
+  speed/tokens_per_s, speed/clips_per_s, speed/tflops_per_rank, speed/mfu
+  knn/top1, knn/top5                  kNN monitor accuracy (vimpac.knn), only in the last record of an evaluation
+                                      epoch
 A line torn by a kill is skipped. A resumed run appends to the same file; the records of steps it repeats
 (those after the last checkpoint) follow the earlier ones, so readers keep the last record per step.
 """

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,10 +39,14 @@ from vimpac.flops import pretrain_train_flops
 from vimpac.losses import info_nce, masked_token_loss
 from vimpac.metrics import MetricsWriter, StepAccumulator
 
+if TYPE_CHECKING:
+    from vimpac.knn import KnnMonitor
+
 
 @dataclass
 class TrainSettings:
-    """Loop settings that are not DeepSpeed's. steps_per_epoch_limit: --debug / --max-steps-per-epoch."""
+    """Loop settings that are not DeepSpeed's. steps_per_epoch_limit: --debug / --max-steps-per-epoch.
+    knn: the kNN monitor (vimpac.knn), run after the last step of every `eval_every`-th epoch and of the last."""
 
     epochs: int
     mlm_weight: float = 1.0
@@ -57,6 +61,8 @@ class TrainSettings:
     progress: bool = False
     peak_flops: float | None = None
     export: bool = True
+    eval_every: int = 1
+    knn: KnnMonitor | None = None
 
 
 def check_database_matches(manifest: dict[str, Any], config: VimpacConfig) -> None:
@@ -264,6 +270,20 @@ class PretrainTrainer:
             values["optim/grad_norm"] = self._last_grad_norm
         return values
 
+    def evaluation_epoch(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) ends with an evaluation: every `eval_every` epochs and the last."""
+        return (epoch + 1) % self.settings.eval_every == 0 or epoch + 1 == self.settings.epochs
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Evaluation values to log with the last step of `epoch` ({} when there is nothing to run). A collective:
+        every rank calls it at the same step."""
+        if self.settings.knn is None or not self.evaluation_epoch(epoch):
+            return {}
+        values = self.settings.knn.evaluate(self.engine.module.backbone, self.engine.device, self.rank, self.world)
+        if self.rank == 0:
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+        return values
+
     def fit(self) -> None:
         """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at epoch ends."""
         from tqdm import tqdm
@@ -286,6 +306,9 @@ class PretrainTrainer:
             while self.step_in_epoch < self.steps_per_epoch:
                 values = self.optimizer_step(iterator, meter)
                 self.step_in_epoch += 1
+                if self.step_in_epoch == self.steps_per_epoch:
+                    # In the epoch's last record (one record per step: readers keep the last one written).
+                    values.update(self.evaluate(self.epoch))
                 step = int(self.engine.global_steps)
                 self.writer.write(step, self.epoch, values)
                 bar.update(1)
