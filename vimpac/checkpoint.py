@@ -16,10 +16,29 @@ Layout of a run directory:
                                         loaded without pickle
 
 Tags are `step<optimizer step, 8 digits>`; older complete checkpoints beyond `keep` are deleted.
+
+Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume` on a 128 px run; facts §3.10, §4.7).
+When the newest checkpoint's model differs from the requested one only in clip_len / grid (resize_source), the
+checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own loader (load_resized_checkpoint):
+  ZeRO 1-3  DeepSpeed's universal-checkpoint converter (deepspeed.checkpoint.ds_to_universal) turns the
+            partitioned, flattened optimizer state into one folder per parameter (fp32 master, exp_avg,
+            exp_avg_sq, step); the positional tables' files are interpolated (vimpac.interpolate; exp_avg_sq
+            clamped at 0) and the engine, built with `"checkpoint": {"load_universal": true}`
+            (with_universal_loading), slices them into its own partitions. Buffers (BatchNorm statistics, which
+            that loader leaves alone) are copied from the checkpoint's module state.
+  stage 0   (fp32 only) the model-states file holds the whole module and the torch AdamW state_dict: both are
+            interpolated in place, per parameter name, and loaded as a normal checkpoint.
+The rewritten checkpoint lives in checkpoints/resized-<tag>/ only while it is loaded. Everything else is restored
+as saved: optimizer step and bias-correction count, LR-scheduler position, loss scale, engine step counters, each
+rank's RNG (where the rank existed). Since the partitions are rebuilt, the world size may differ from the run that
+wrote the checkpoint (checked once by hand, 1 → 2 ranks with ZeRO 2; the tests resume 1 → 1 and 2 → 2). Rank 0
+converts while the others wait in a collective: about a minute for the large-half model on a local disk, within
+DeepSpeed's default 10-minute process-group timeout (raise it with DEEPSPEED_TIMEOUT=<minutes> on slow storage).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
@@ -33,11 +52,14 @@ from safetensors.torch import save_file
 
 from vimpac.config import VimpacConfig
 from vimpac.errors import UsageError
+from vimpac.interpolate import check_resizable, positional_leaf, resize_positional_state, resize_positional_tensor
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 EXPORT = "export"
 TAG_PREFIX = "step"
+RESIZED_PREFIX = "resized-"  # not TAG_PREFIX: never taken for (or pruned as) a complete checkpoint
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def tag_for_step(step: int) -> str:
@@ -172,3 +194,207 @@ def export_weights(state: dict[str, torch.Tensor], config: VimpacConfig, output:
     os.replace(tmp, folder / "model.safetensors")
     _write_atomic(folder / "config.json", config.to_json() + "\n")
     return folder
+
+
+# ------------------------------------------------------------------------------ resuming at another shape
+def resize_source(output: str | Path, config: VimpacConfig) -> tuple[str, VimpacConfig] | None:
+    """For --resume: (tag, saved model config) when the newest checkpoint of `output` must be resized to
+    `config` (it differs only in clip_len / grid); None when there is no checkpoint, no recorded config or the
+    same model. UsageError when the models differ otherwise, or a `full` positional table would be resized."""
+    tag = latest_tag(output)
+    if tag is None:
+        return None
+    saved = checkpoint_model_config(output, tag)
+    if saved is None or saved.to_dict() == config.to_dict():
+        return None
+    try:
+        check_resizable(saved, config)
+    except UsageError as err:
+        raise UsageError(f"cannot resume checkpoint {tag} of {output}: {err}") from None
+    return tag, saved
+
+
+def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `ds_config` whose engine loads universal checkpoints (what load_resized_checkpoint writes for
+    ZeRO stages 1-3)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def _model_states_files(folder: Path) -> list[Path]:
+    """DeepSpeed's per-(pipeline/ZeRO-3) rank model-states files of a checkpoint folder, sorted."""
+    return sorted(folder.glob("*mp_rank_*_model_states.pt"))
+
+
+def _resize_module_state(module: dict[str, torch.Tensor], old: VimpacConfig, new: VimpacConfig) -> None:
+    """Resize the positional entries of a saved module state dict in place (ZeRO-3 files hold empty
+    placeholders for partitioned weights: those are left alone)."""
+    for name, value in list(module.items()):
+        leaf = positional_leaf(name)
+        if leaf is not None and torch.is_tensor(value) and value.dim() == 2:
+            module[name] = resize_positional_tensor(leaf, value, old, new)
+
+
+def _resize_universal_folder(folder: Path, old: VimpacConfig, new: VimpacConfig) -> list[str]:
+    """Interpolate the per-parameter files of a universal checkpoint's zero/ folder in place; returns the
+    names of the parameters that changed. ZeRO-1/2 files hold {"param": tensor, ...} shaped like the parameter,
+    ZeRO-3 files a flat tensor."""
+    changed = []
+    for param_dir in sorted((folder / "zero").iterdir()):
+        leaf = positional_leaf(param_dir.name)
+        if leaf is None or not param_dir.is_dir():
+            continue
+        for key in ("fp32", *MOMENTS):
+            path = param_dir / f"{key}.pt"
+            if not path.is_file():
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            tensor = saved["param"] if isinstance(saved, dict) else saved
+            shaped = tensor if tensor.dim() == 2 else tensor.reshape(-1, old.hidden_size)
+            resized = resize_positional_tensor(leaf, shaped, old, new, nonnegative=key == "exp_avg_sq")
+            if resized is shaped:
+                continue
+            resized = resized if tensor.dim() == 2 else resized.flatten()
+            if isinstance(saved, dict):
+                saved["param"] = resized
+            else:
+                saved = resized
+            torch.save(saved, path)
+            if param_dir.name not in changed:
+                changed.append(param_dir.name)
+    return changed
+
+
+def _resize_stage0_checkpoint(source: Path, target: Path, engine, old: VimpacConfig, new: VimpacConfig) -> None:
+    """Stage 0: the model-states file holds the module and the torch optimizer's state_dict (state keyed by the
+    parameter's position in the param groups, which are the engine's groups in the same order)."""
+    (path,) = _model_states_files(source)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and "state" in optimizer and "param_groups" in optimizer):
+        raise UsageError(
+            f"checkpoint {source} is a ZeRO stage-0 run with 16-bit precision, whose optimizer state cannot be "
+            "resized; resume at another shape with --zero-stage 1 or 2 in both runs (the shipped configs use 2)"
+        )
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
+    saved_groups = [g["params"] for g in optimizer["param_groups"]]
+    if [len(g) for g in groups] != [len(g) for g in saved_groups]:
+        raise RuntimeError(f"optimizer groups of {path} do not match the model's; cannot resize its state")
+    module = state["module"]
+    for indices, group_names in zip(saved_groups, groups):
+        for index, name in zip(indices, group_names):
+            moments = optimizer["state"].get(index, {})
+            for key in MOMENTS:
+                if key not in moments:
+                    continue
+                if moments[key].shape != module[name].shape:
+                    raise RuntimeError(f"{path}: {key} of parameter {index} does not fit {name}; cannot resize")
+                leaf = positional_leaf(name)
+                if leaf is not None:
+                    resized = resize_positional_tensor(leaf, moments[key], old, new, nonnegative=key == "exp_avg_sq")
+                    moments[key] = resized
+    state["module"] = resize_positional_state(module, old, new)
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target / path.name)
+
+
+def load_resized_checkpoint(
+    engine, output: str | Path, tag: str, old: VimpacConfig, new: VimpacConfig, zero_stage: int
+) -> dict[str, Any]:
+    """Load checkpoint `tag` (model `old`) into `engine` (model `new`, same but for clip_len / grid), resizing
+    the positional tables and their Adam moments (see the module docstring). Collective; returns the
+    client_state. For ZeRO >= 1 the engine must have been built with with_universal_loading(ds_config)."""
+    check_resizable(old, new)
+    root = checkpoint_root(output)
+    scratch = root / f"{RESIZED_PREFIX}{tag}"
+    rank, _ = _rank_world()
+    universal = zero_stage >= 1
+    # Checked on every rank alike, so that all of them stop together.
+    partitioned = any((root / tag).glob("*optim_states.pt"))
+    if partitioned and not universal:
+        raise UsageError(
+            f"checkpoint {root / tag} holds ZeRO-partitioned optimizer state; resume it at the new shape with "
+            "--zero-stage 1, 2 or 3 (the stage it was written with is simplest)"
+        )
+    if universal and not partitioned:
+        raise UsageError(f"checkpoint {root / tag} was written without ZeRO; resume it with --zero-stage 0")
+    if not universal and (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        raise UsageError(
+            "resizing a checkpoint without ZeRO works for fp32 runs only (the 16-bit stage-0 optimizer keeps its "
+            "state flattened); use --zero-stage 1 or 2 for 16-bit runs, as the shipped configs do"
+        )
+    if universal and not engine.load_universal_checkpoint():
+        raise RuntimeError("resizing a ZeRO checkpoint needs an engine built with with_universal_loading(config)")
+    failure = None
+    if rank == 0:
+        try:
+            _write_resized_checkpoint(engine, root / tag, scratch / tag, old, new, universal)
+        except Exception as err:  # re-raised below, after telling the other ranks not to wait for the files
+            failure = err
+    if not _rank0_succeeded(failure is None):
+        if failure is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise failure
+        raise RuntimeError(f"rank 0 could not write the resized checkpoint {scratch / tag}; see its log")
+    try:
+        load_path, client_state = engine.load_checkpoint(str(scratch), tag=tag)
+        if load_path is None:
+            raise UsageError(f"could not load the resized checkpoint {scratch / tag}")
+        if universal:
+            _restore_buffers(engine, root / tag)
+        rng = root / tag / f"rng_rank{rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+    finally:
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return client_state
+
+
+def _rank0_succeeded(ok: bool) -> bool:
+    """Rank 0's `ok`, on every rank (collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = [ok]
+    dist.broadcast_object_list(flag, src=0)
+    return bool(flag[0])
+
+
+def _write_resized_checkpoint(
+    engine, source: Path, target: Path, old: VimpacConfig, new: VimpacConfig, universal: bool
+) -> None:
+    """Rank 0: write checkpoint `source` at the new shape into `target` (universal for ZeRO, else stage 0)."""
+    shutil.rmtree(target.parent, ignore_errors=True)
+    if universal:
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = {
+            "input_folder": str(source),
+            "output_folder": str(target),
+            "num_extract_workers": 1,  # no process pool inside a training process
+            "num_merge_workers": 1,
+            "keep_temp_folder": False,
+            "strict": True,
+            "inject_missing_state": True,  # our engines record no universal-checkpoint info
+        }
+        ds_to_universal.main(argparse.Namespace(**args))
+        _resize_universal_folder(target, old, new)
+        for path in _model_states_files(target):  # keep the copied module state consistent
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            _resize_module_state(state["module"], old, new)
+            torch.save(state, path)
+    else:
+        _resize_stage0_checkpoint(source, target, engine, old, new)
+
+
+def _restore_buffers(engine, folder: Path) -> None:
+    """Copy the module buffers (BatchNorm statistics) of checkpoint `folder` into the engine's module: the
+    universal loader restores parameters only."""
+    saved = torch.load(_model_states_files(folder)[0], map_location="cpu", weights_only=False)["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in saved:
+                if saved[name].shape != buffer.shape:
+                    raise RuntimeError(f"buffer {name} has shape {tuple(saved[name].shape)} in {folder}")
+                buffer.copy_(saved[name])

@@ -21,6 +21,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from vimpac.config import add_model_arguments
 from vimpac.errors import UsageError
+from vimpac.knn import add_knn_arguments
 from vimpac.optim import SCHEDULES
 
 DEBUG_STEPS = 5
@@ -47,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default="runs/pretrain", help="run directory: tensorboard/, metrics.jsonl, checkpoints/, export/"
     )
     run.add_argument(
-        "--resume", action="store_true", help="continue from <output>/checkpoints/latest (start fresh if there is none)"
+        "--resume",
+        action="store_true",
+        help="continue from <output>/checkpoints/latest (start fresh if there is none); with another --clip-len or "
+        "--frame-size than the checkpoint, its positional tables and their Adam moments are interpolated and the "
+        "run goes on at the next epoch boundary with the same LR schedule (stage-2 pre-training)",
     )
     run.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     run.add_argument(
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="activation checkpointing per layer (default: the json's)",
     )
+    add_knn_arguments(parser)
     return parser
 
 

@@ -3,6 +3,14 @@
 Called by the entry script `vimpac/pretrain.py` after `vimpac.dist_setup.prepare_environment()`. Order matters
 for reproducibility: the model is initialised from `seed` on every rank (identical weights without relying on a
 broadcast), then each rank reseeds with seed + rank for dropout.
+
+`--resume` with another clip length or frame size than the checkpoint (stage-2 pre-training, facts §4.7) loads it
+with the positional tables and their Adam moments interpolated (vimpac.checkpoint.load_resized_checkpoint) and
+keeps the optimizer step, LR-scheduler position and loss scale, so the schedule continues: with the same
+--epochs, batch size and number of videos (the same videos tokenized at the new frame size) the total step count,
+and so every later learning rate, is unchanged. The position inside an epoch does not carry over, since it indexes
+the old database's shuffled order: the run continues at the next epoch boundary (a checkpoint written mid-epoch,
+with --save-steps, skips the rest of that epoch, so the schedule then ends short of its last steps).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from vimpac.activation_checkpointing import enable_activation_checkpointing
-from vimpac.checkpoint import latest_tag
+from vimpac.checkpoint import latest_tag, load_resized_checkpoint, resize_source, with_universal_loading
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args
 from vimpac.data import PretrainClips
@@ -29,6 +37,7 @@ from vimpac.dist_setup import init_distributed
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
 from vimpac.errors import UsageError
 from vimpac.flops import peak_flops
+from vimpac.knn import knn_monitor_from_args
 from vimpac.modeling import VimpacForPretraining
 from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
 from vimpac.trainer import PretrainTrainer, TrainSettings, check_database_matches, epoch_steps, steps_summary
@@ -86,6 +95,40 @@ def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
     (output / "run_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def recorded_total_steps(output: Path) -> int | None:
+    """total_steps of the previous launch's run_config.json (None when there is none)."""
+    path = output / "run_config.json"
+    try:
+        return int(json.loads(path.read_text())["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_resized(trainer: PretrainTrainer, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
+    """Resume checkpoint `tag` of a model `saved` that differs from the trainer's in clip_len / grid only: load it
+    interpolated, then continue at the epoch boundary after the checkpoint (see the module docstring)."""
+    zero_stage = int(trainer.engine.zero_optimization_stage())
+    state = load_resized_checkpoint(trainer.engine, trainer.output, tag, saved, trainer.config, zero_stage)
+    trainer.epoch = int(state["epoch"]) + (1 if int(state["step_in_epoch"]) > 0 else 0)
+    trainer.step_in_epoch = 0
+    if trainer.rank == 0:
+        step = int(trainer.engine.global_steps)
+        print(
+            f"resumed {tag} at a new shape: (T, h, w) {saved.shape} -> {trainer.config.shape}, positional tables "
+            f"and their Adam moments interpolated ({saved.pos_emb}); continuing at epoch {trainer.epoch}, optimizer "
+            f"step {step} of {trainer.total_steps}",
+            flush=True,
+        )
+        if previous_total is not None and previous_total != trainer.total_steps:
+            print(
+                f"note: the previous launch planned {previous_total} steps and this one {trainer.total_steps} "
+                "(a different number of videos, batch size or --epochs): the learning-rate schedule continues "
+                f"from step {step} with the new total",
+                flush=True,
+            )
+    return True
+
+
 def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. Raises UsageError for bad input before training."""
     output = Path(args.output)
@@ -93,8 +136,11 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
     # Validate everything before the process group exists: bad input fails fast, with one clear message.
     model_config = config_from_args(args)
+    resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
     db = open_database(args, model_config)
     ds_config = merged_engine_config(args, int(os.environ["WORLD_SIZE"]))
+    if resize is not None and ds_config["zero_optimization"]["stage"] >= 1:
+        ds_config = with_universal_loading(ds_config)  # the resized checkpoint is a universal one
     dataset = PretrainClips(
         db,
         args.split,
@@ -108,6 +154,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         seed=args.seed,
         mlm_weight=args.mlm_weight,
     )
+    knn = knn_monitor_from_args(args, model_config)  # checks its database before any process group exists
     limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
     steps = epoch_steps(
         len(dataset),
@@ -153,9 +200,15 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         seed=args.seed,
         progress=args.tqdm,
         peak_flops=peak,
+        eval_every=args.eval_per_epochs,
+        knn=knn,
     )
     trainer = PretrainTrainer(engine, model_config, dataset, settings, output, ds_config)
-    resumed = trainer.resume() if args.resume else False
+    previous_total = recorded_total_steps(output)
+    if resize is not None:
+        resumed = resume_resized(trainer, *resize, previous_total)
+    else:
+        resumed = trainer.resume() if args.resume else False
     if rank == 0:
         record_run(
             output,
@@ -170,5 +223,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
             resumed=resumed,
         )
         print(steps_summary(trainer), flush=True)
+        if knn is not None:
+            print(knn.describe(), flush=True)
     trainer.fit()
     return 0

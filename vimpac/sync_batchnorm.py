@@ -3,7 +3,7 @@
 torch.nn.SyncBatchNorm only runs on CUDA, and the original code therefore could not run on CPU at all (facts §8.6).
 Here the per-channel sum, sum of squares and count are all-reduced in one call; the all-reduce is differentiable
 (its backward all-reduces the gradient), so every rank gets the gradient of the global-batch normalisation, as
-SyncBatchNorm does. Without an initialised process group, with one rank, or in eval mode it is plain BatchNorm1d.
+SyncBatchNorm does. Without an initialised process group or with one rank it computes what BatchNorm1d does.
 """
 
 from __future__ import annotations
@@ -48,26 +48,28 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
         self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or _world_size(self.process_group) == 1:
-            return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"DistributedBatchNorm1d expects [N, C]; got {tuple(x.shape)}")
-        # Statistics in fp32 whatever the activation dtype: sums of squares overflow fp16 quickly.
+        # fp32 math whatever the activation dtype: sums of squares overflow fp16, and DeepSpeed's bf16/fp16 engines
+        # cast the affine parameters but keep the running statistics in fp32.
         xf = x.float()
-        count = torch.full((1,), float(x.shape[0]), device=x.device)
-        local = torch.cat([xf.sum(0), (xf * xf).sum(0), count])
-        total = _AllReduceSum.apply(local, self.process_group)
-        channels = self.num_features
-        n = total[-1]
-        mean = total[:channels] / n
-        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                unbiased = var * n / (n - 1).clamp_min(1.0)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        if self.training:
+            count = torch.full((1,), float(x.shape[0]), device=x.device)
+            local = torch.cat([xf.sum(0), (xf * xf).sum(0), count])
+            total = _AllReduceSum.apply(local, self.process_group) if _world_size(self.process_group) > 1 else local
+            channels = self.num_features
+            n = total[-1]
+            mean = total[:channels] / n
+            var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
+            if self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    unbiased = var * n / (n - 1).clamp_min(1.0)
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * self.weight.float() + self.bias.float()
         return y.to(x.dtype)

@@ -165,8 +165,8 @@ class PretrainTrainer:
             changed = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v)
             raise UsageError(
                 f"checkpoint {tag} in {self.output} was trained with a different model ({', '.join(changed)} "
-                "differ); resume with the same model flags (positional-table interpolation for a new frame size "
-                "is not implemented yet)"
+                "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
+                "positional tables are interpolated)"
             )
         state = load_checkpoint(self.engine, self.output, tag)
         self.sampler.load_state_dict(state["sampler"])

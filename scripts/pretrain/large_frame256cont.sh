@@ -2,8 +2,11 @@
 # Large-half model, stage 2: epochs 91-100 at 256 px (32×32 codes, 6 mask blocks, 1 video per GPU), resuming
 # stage 1's run directory and continuing its learning-rate schedule (facts §4.7). The original script called a
 # non-existent entry point (facts §8.1); this one calls vimpac/pretrain.py.
-# NOTE: resuming a 128 px checkpoint at 256 px needs the positional-table (and Adam-moment) interpolation, which
-# is not implemented yet: until it is, the resume stops with a clear "different model" message.
+# The first launch finds stage 1's 128 px checkpoint (16×16 codes) in $OUTPUT: --resume then interpolates the height
+# and width positional tables 16 → 32 and their Adam moments, keeps the optimizer step, LR-scheduler position and
+# loss scale, and starts at the next epoch boundary (epoch 91) on the 256 px database. With the same videos and
+# --epochs 100 the schedule's total step count is unchanged, so the learning rate continues where stage 1 left it.
+# Later launches (after an interruption) resume the 256 px checkpoints as usual.
 # Usage: bash scripts/pretrain/large_frame256cont.sh 0,1,2,3,4,5,6,7 [extra flags]
 source "$(dirname "$0")/_launch.sh"
 GPUS=${1:-}
