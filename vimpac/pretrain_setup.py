@@ -49,8 +49,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def merged_engine_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
+def merged_engine_config(
+    args: argparse.Namespace, world: int, optimizer_defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The json of --deepspeed_config merged with the command line (vimpac.ds_config). optimizer_defaults: AdamW
+    params (lr, betas, eps, weight_decay) used where neither the json nor the command line names them, instead
+    of the pre-training defaults (fine-tuning passes its own)."""
     base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
+    if optimizer_defaults:
+        params = base.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+        for key, value in optimizer_defaults.items():
+            params.setdefault(key, value)
     config = merge_ds_config(
         base,
         world,
@@ -74,6 +83,25 @@ def merged_engine_config(args: argparse.Namespace, world: int) -> dict[str, Any]
             "--precision bf16 / fp32"
         )
     return config
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], scheduler: str, warmup: int, total: int):
+    """deepspeed.initialize on `model` (which has a `backbone`): AdamW groups with and without decay
+    (vimpac.optim), the warm-up + decay schedule stepped per optimizer step, per-layer activation checkpointing
+    when the config asks for it. Returns the engine."""
+    if uses_activation_checkpointing(ds_config):
+        enable_activation_checkpointing(model.backbone.layers)
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
+    ]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, scheduler, warmup, total),
+    )
+    return engine
 
 
 def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeDatabase:
@@ -169,18 +197,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
 
     seed_everything(args.seed)  # same initial weights on every rank
     model = VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
-    if uses_activation_checkpointing(ds_config):
-        enable_activation_checkpointing(model.backbone.layers)
-    groups = [
-        {"params": g["params"], "weight_decay": g["weight_decay"]}
-        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
-    ]
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        config=ds_config,
-        lr_scheduler=lambda optimizer: build_scheduler(optimizer, args.lr_scheduler, warmup, total),
-    )
+    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total)
     seed_everything(args.seed + rank)  # dropout differs per rank
 
     precision = precision_of(ds_config)

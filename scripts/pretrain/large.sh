@@ -2,10 +2,10 @@
 # Large-half model, stage 1 (paper: 24 layers × 1024, halved attention and MLP, T=5, 128 px, lr 3e-4, 5% warm-up,
 # batch 1024, 3-layer 4096 projection head): epochs 1-90 of a 100-epoch schedule; stage 2 is
 # large_frame256cont.sh. Usage: bash scripts/pretrain/large.sh 0,1,2,3,4,5,6,7 [extra flags]
-source "$(dirname "$0")/_launch.sh"
+source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch "$GPUS" --deepspeed_config ds_configs/large.json \
+launch vimpac/pretrain.py "$GPUS" --deepspeed_config ds_configs/large.json \
   --data "${DATA:-data/codes/howto100m_f128}" --output "${OUTPUT:-snap/pretrain/large}" \
   --model "efflayoutT,H|W" --pos-emb hw_separation --layers 24 --hid-dim 1024 --halve-att --halve-mlp \
   --frame-size 128 --clip-len 5 --mask-blocks 5 \

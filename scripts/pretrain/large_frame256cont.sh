@@ -8,10 +8,10 @@
 # --epochs 100 the schedule's total step count is unchanged, so the learning rate continues where stage 1 left it.
 # Later launches (after an interruption) resume the 256 px checkpoints as usual.
 # Usage: bash scripts/pretrain/large_frame256cont.sh 0,1,2,3,4,5,6,7 [extra flags]
-source "$(dirname "$0")/_launch.sh"
+source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch "$GPUS" --deepspeed_config ds_configs/large_frame256.json \
+launch vimpac/pretrain.py "$GPUS" --deepspeed_config ds_configs/large_frame256.json \
   --data "${DATA:-data/codes/howto100m_f256}" --output "${OUTPUT:-snap/pretrain/large}" \
   --model "efflayoutT,H|W" --pos-emb hw_separation --layers 24 --hid-dim 1024 --halve-att --halve-mlp \
   --frame-size 256 --clip-len 5 --mask-blocks 6 \

@@ -2,10 +2,10 @@
 # Small analysis model (paper Table 3/6: 6 layers × 512, T=5, 128 px, 10 epochs, lr 1e-3, 10% warm-up,
 # batch 1024 videos, 2-layer 2048 projection head). Usage: bash scripts/pretrain/small.sh 0,1,2,3 [extra flags]
 # DATA: a 2-fps, 128 px code database (vimpac tokenize); OUTPUT: the run directory.
-source "$(dirname "$0")/_launch.sh"
+source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch "$GPUS" --deepspeed_config ds_configs/small.json \
+launch vimpac/pretrain.py "$GPUS" --deepspeed_config ds_configs/small.json \
   --data "${DATA:-data/codes/howto100m_f128}" --output "${OUTPUT:-snap/pretrain/small}" \
   --model "efflayoutT,H|W" --pos-emb hw_separation --layers 6 --hid-dim 512 \
   --frame-size 128 --clip-len 5 --mask-blocks 5 \

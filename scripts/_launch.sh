@@ -1,15 +1,15 @@
-# Shared by the pre-training scripts (sourced, not run): launch vimpac/pretrain.py on the GPUs listed in $1.
-# Usage inside a script: launch GPU_LIST --deepspeed_config ds_configs/x.json [flags...]
+# Shared by the pre-training and fine-tuning scripts (sourced, not run): launch an entry script on the GPUs listed.
+# Usage inside a script: launch vimpac/pretrain.py GPU_LIST --deepspeed_config ds_configs/x.json [flags...]
 # GPU_LIST is the seed's comma list (0,1,2,3 → --include localhost:0,1,2,3), or cpu:N for N CPU ranks (add
 # --deepspeed_config ds_configs/cpu.json after it: later flags win).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # One JIT build of DeepSpeed's ops per environment (platform-notes §3), reused by every later run.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python3 -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 launch() {
-  local gpus=$1
-  shift
+  local entry=$1 gpus=$2
+  shift 2
   if [ -z "$gpus" ]; then
     echo "usage: bash $0 GPU_LIST [extra flags]   e.g. bash $0 0,1,2,3 --epochs 5 (cpu:2 for 2 CPU ranks)" >&2
     exit 2
@@ -18,5 +18,5 @@ launch() {
   if [[ $gpus == cpu:* ]]; then
     where=(--num_gpus "${gpus#cpu:}")  # the CPU accelerator shows one device, so no --include list
   fi
-  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" vimpac/pretrain.py "$@"
+  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" "$entry" "$@"
 }

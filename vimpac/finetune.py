@@ -1,0 +1,126 @@
+"""VIMPAC fine-tuning: a classifier on the backbone's CLS output over a labeled code database, on DeepSpeed.
+
+    deepspeed --num_gpus 8 vimpac/finetune.py --deepspeed_config ds_configs/finetune_small.json --data DB \\
+        --dataset-name ucf101 --split-id 1 --load runs/pretrain/small/export ...
+    python vimpac/finetune.py --deepspeed_config ds_configs/cpu.json --data DB ...      (one process)
+
+Without --load the model is trained from scratch (the paper's baseline). The json holds the engine settings, the
+command line the experiment (the command line wins; the merged result is <output>/run_config.json). This file
+only parses; the work is vimpac.finetune_setup, the data vimpac.finetune_data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts vimpac/ itself first on sys.path (see vimpac/pretrain.py).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+from vimpac.config import add_model_arguments
+from vimpac.errors import UsageError
+from vimpac.optim import SCHEDULES
+
+DEBUG_STEPS = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vimpac/finetune.py",
+        description="Fine-tune VIMPAC (CLS → dropout → zero-initialised linear classifier, cross-entropy) on a "
+        "labeled code database, from exported pre-training weights (--load) or from scratch; evaluate with K "
+        "temporal clips × the test views, probabilities averaged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="engine json (default: fp32)")
+    run.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's conventions; no effect")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--output", default="runs/finetune", help="run directory: eval/, tensorboard/, checkpoints/")
+    run.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/latest")
+    run.add_argument("--epochs", type=int, default=50, help="training epochs")
+    run.add_argument("--keep-checkpoints", type=int, default=1, help="newest checkpoints kept")
+    run.add_argument("--seed", type=int, default=9595, help="data order, views, clips, init; dropout seed + rank")
+    run.add_argument("--debug", action="store_true", help=f"run only {DEBUG_STEPS} steps per epoch")
+    run.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on optimizer steps per epoch")
+    run.add_argument("--tqdm", action="store_true", help="progress bars")
+    run.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: the accelerator's)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="labeled code database with the training views")
+    data.add_argument("--eval-data", default=None, help="code database with the test views (default: --data)")
+    data.add_argument(
+        "--dataset-name",
+        default=None,
+        help="ssv2, diving48, ucf101, hmdb51, kinetics400 or any labeled database's name; checked against the "
+        "manifests (default: --data's)",
+    )
+    data.add_argument("--split-id", type=int, default=None, help="UCF101/HMDB51 split 1-3 (train_k/test_k)")
+    data.add_argument("--train-split", default=None, help="override the training split name")
+    data.add_argument("--eval-split", default=None, help="override the evaluation split name")
+    data.add_argument("--train-views", default=None, help="comma list of training views (default: all; SSV2 no flip)")
+    data.add_argument(
+        "--test-views", default=None, help="test views (default: r<S>_{top,center,bottom}_f0, SSV2 centre)"
+    )
+    data.add_argument("--frame-rate", type=float, default=None, help="clip fps, must divide the database's")
+    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+
+    model = parser.add_argument_group("weights")
+    model.add_argument("--load", default=None, help="exported weights (config.json + model.safetensors, or a run dir)")
+    model.add_argument(
+        "--different-shape",
+        action="store_true",
+        help="allow --clip-len / --frame-size to differ from the checkpoint's: positional tables are interpolated",
+    )
+    add_model_arguments(parser)
+    # The input shape comes from the checkpoint unless named (None); without --load: 5 frames of 128 px.
+    parser.set_defaults(clip_len=None, frame_size=None)
+    model.add_argument("--last-dropout", type=float, default=0.0, help="dropout before the classifier")
+    model.add_argument("--label-smoothing", type=float, default=0.0, help="ε: (1 − ε)·NLL + ε·mean(−log p)")
+
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--num-test-clips", type=int, default=1, help="K clips per video in evaluations during training")
+    ev.add_argument("--last-test-clips", default=None, help="comma list of K for the final evaluation, e.g. 2,5,10")
+    ev.add_argument("--eval-per-epochs", type=int, default=5, help="evaluate every N epochs (and after the last)")
+    ev.add_argument("--eval-only", action="store_true", help="evaluate --load (a fine-tuned export) and exit")
+    ev.add_argument("--eval-batch-size", type=int, default=None, help="clips per forward pass (default 4 × micro)")
+
+    opt = parser.add_argument_group("optimisation (None: from the json, else the paper's fine-tuning values)")
+    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    opt.add_argument("--beta1", type=float, default=None, help="AdamW β1 (default 0.9)")
+    opt.add_argument("--beta2", type=float, default=None, help="AdamW β2 (default 0.999)")
+    opt.add_argument("--epsilon", type=float, default=None, help="AdamW eps (default 1e-8)")
+    opt.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0.01)")
+    opt.add_argument("--clip-grad-norm", type=float, default=None, help="gradient-norm clip, 0 off (default 1.0)")
+    opt.add_argument("--lr-scheduler", default="linear", choices=SCHEDULES, help="decay after warm-up")
+    opt.add_argument("--warm-up", type=float, default=0.1, help="ratio of all steps if < 1, else a step count")
+    opt.add_argument("--bs-per-gpu", type=int, default=None, help="videos per rank per micro-step")
+    opt.add_argument("--batch-size", type=int, default=None, help="videos per optimizer step (default 128)")
+    opt.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="override the json's")
+    opt.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3), help="override the json's")
+    opt.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per layer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.eval_per_epochs < 1 or args.num_test_clips < 1 or args.epochs < 1:
+            raise UsageError("--epochs, --eval-per-epochs and --num-test-clips must be >= 1")
+        if not 0 <= args.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
+        from vimpac.dist_setup import prepare_environment
+
+        prepare_environment()  # before deepspeed is imported
+        from vimpac.finetune_setup import build_and_finetune
+
+        return build_and_finetune(args, debug_steps=DEBUG_STEPS)
+    except UsageError as err:
+        print(f"vimpac/finetune.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Build and run a fine-tuning job (vimpac/finetune.py): model from exported weights, data, engine, loop, evaluation.
+
+Called by the entry script after `vimpac.dist_setup.prepare_environment()`. Reuses the pre-training pieces: the
+merged engine config and engine builder (vimpac.pretrain_setup), the loop with checkpoints, exact resume, export
+and metrics (vimpac.trainer.PretrainTrainer, subclassed here for the classification loss and the evaluation), and
+the exact-once sharding of the kNN monitor (vimpac.knn.shard_positions / assemble_shards).
+
+Weights (`--load DIR`): DIR (or DIR/export) holds `config.json` + `model.safetensors` written by pre-training or a
+fine-tuning run; they are read without pickle. The architecture comes from that config; the clip length and frame
+size too, unless --clip-len / --frame-size name another shape, which needs --different-shape (the positional
+tables are then interpolated per axis, vimpac.interpolate) and is otherwise an error naming both shapes. The
+backbone's dropout is --dropout. Pre-training heads are dropped; a classifier of the same number of classes is
+loaded too (how --eval-only evaluates a fine-tuned export). Without --load the model is trained from scratch.
+
+Evaluation (facts §5.6): every test view × K clips per video, softmax per view, probabilities averaged; each rank
+takes its `shard_positions` share and the results are all-gathered and de-duplicated (`assemble_shards`), so
+every video counts exactly once whatever the world size. Results go to <output>/eval/<name>.json, TensorBoard
+and metrics.jsonl (eval/top1_clips<K>, eval/top5_clips<K>, eval/loss_clips<K>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
+
+from vimpac.code_db import CodeDatabase
+from vimpac.config import VimpacConfig, config_from_args, grid_from_frame_size
+from vimpac.dist_setup import init_distributed
+from vimpac.ds_config import load_json, precision_of
+from vimpac.errors import UsageError
+from vimpac.finetune_data import (
+    FinetuneTestClips,
+    FinetuneTrainClips,
+    average_view_probabilities,
+    classification_metrics,
+    evaluation_views,
+    split_names,
+    training_views,
+)
+from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
+from vimpac.knn import _all_gather, assemble_shards, shard_positions
+from vimpac.metrics import StepAccumulator
+from vimpac.modeling import VimpacForClassification
+from vimpac.optim import warmup_steps
+from vimpac.pretrain_setup import build_engine, merged_engine_config, record_run, seed_everything
+from vimpac.trainer import (
+    PretrainTrainer,
+    TrainSettings,
+    _grad_norm,
+    check_database_matches,
+    epoch_steps,
+    steps_summary,
+)
+
+# Facts §5.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
+OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+DEFAULT_BATCH = 128
+DEFAULT_FRAME_SIZE, DEFAULT_CLIP_LEN = 128, 5
+EVAL_DIR = "eval"
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def export_folder(path: str | Path) -> Path:
+    """The folder holding config.json + model.safetensors: `path` itself or `path`/export (a run directory)."""
+    path = Path(path)
+    for folder in (path, path / "export"):
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    raise UsageError(
+        f"--load {path}: no config.json + model.safetensors there or in {path / 'export'}; point it at the export/ "
+        "folder of a pre-training (or fine-tuning) run"
+    )
+
+
+def load_exported(path: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor]]:
+    """(model config, fp32 state dict) of exported weights, read with safetensors (no pickle)."""
+    folder = export_folder(path)
+    return VimpacConfig.load(folder / "config.json"), load_file(str(folder / "model.safetensors"))
+
+
+def describe_shape(config: VimpacConfig) -> str:
+    t, h, w = config.shape
+    return f"(T, h, w) = ({t}, {h}, {w}), i.e. --clip-len {t} --frame-size {h * 8}"
+
+
+def finetune_config(args: argparse.Namespace, saved: VimpacConfig | None) -> VimpacConfig:
+    """The model to fine-tune: the checkpoint's architecture (or the flags' without --load), the backbone dropout
+    of --dropout, and the checkpoint's clip length / frame size unless --clip-len / --frame-size change them,
+    which needs --different-shape."""
+    if saved is None:
+        flags = argparse.Namespace(**vars(args))
+        flags.clip_len = args.clip_len if args.clip_len is not None else DEFAULT_CLIP_LEN
+        flags.frame_size = args.frame_size if args.frame_size is not None else DEFAULT_FRAME_SIZE
+        return config_from_args(flags)
+    fields = saved.to_dict()
+    fields["dropout"] = args.dropout
+    if args.clip_len is not None:
+        fields["clip_len"] = args.clip_len
+    if args.frame_size is not None:
+        fields["grid"] = list(grid_from_frame_size(args.frame_size))
+    config = VimpacConfig.from_dict(fields)
+    if config.shape != saved.shape and not args.different_shape:
+        raise UsageError(
+            f"the checkpoint {args.load} was pre-trained at {describe_shape(saved)}, but fine-tuning asks for "
+            f"{describe_shape(config)}; pass --different-shape to interpolate its positional tables to the new "
+            "shape, or drop --clip-len / --frame-size to keep the checkpoint's"
+        )
+    return config
+
+
+def initial_state(
+    model: VimpacForClassification, state: dict[str, torch.Tensor], saved: VimpacConfig, config: VimpacConfig
+) -> list[str]:
+    """Load exported `state` (model `saved`) into `model` (model `config`: same but for shape and dropout):
+    positional tables interpolated, pre-training heads dropped, a classifier of the right size loaded. Returns
+    the names of the parameters left at their initial values (the classifier, unless it was loaded)."""
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise UsageError("the loaded weights hold no backbone.* tensors; is this a VIMPAC export?")
+    backbone = resize_positional_state(backbone, saved, config, allowed=(*SHAPE_FIELDS, "dropout"))
+    own = model.state_dict()
+    head = {k: v for k, v in state.items() if k.startswith("classifier.") and k in own and v.shape == own[k].shape}
+    result = model.load_state_dict({**backbone, **head}, strict=False)
+    if result.unexpected_keys or any(k.startswith("backbone.") for k in result.missing_keys):
+        raise UsageError(
+            f"the loaded weights do not fit the model: missing {result.missing_keys}, unexpected "
+            f"{result.unexpected_keys}"
+        )
+    return list(result.missing_keys)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_clips(
+    model: torch.nn.Module,
+    dataset: FinetuneTestClips,
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+    clips_per_forward: int = 32,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities [N, C], per-video mean cross-entropy over views [N]) of every video of `dataset`, in its
+    order, each counted once: rank r takes shard_positions(N, r, W) (the padding repeats are dropped after the
+    all-gather). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in eval mode and is put back. A
+    collective: every rank calls it (each does the same number of forward passes)."""
+    positions, valid = shard_positions(len(dataset), rank, world)
+    views = len(dataset.views) * dataset.num_clips
+    loader = DataLoader(
+        Subset(dataset, positions.tolist()),
+        batch_size=max(1, clips_per_forward // views),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for batch in loader:
+            tokens = batch["tokens"].flatten(0, 1).to(device)  # [B·V, T, h, w]
+            logits = torch.cat([model(chunk).float() for chunk in tokens.split(clips_per_forward)])
+            logits = logits.view(-1, views, logits.shape[-1])
+            labels = batch["label"].to(device)
+            probs = average_view_probabilities(logits)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(views), reduction="none")
+            rows.append(torch.cat([probs, loss.view(-1, views).mean(dim=1, keepdim=True)], dim=1))
+    finally:
+        model.train(was_training)
+    local = torch.cat(rows)
+    gathered = _all_gather(local, world)
+    pos = _all_gather(torch.from_numpy(positions).to(local.device), world)
+    keep = _all_gather(torch.from_numpy(valid).to(local.device), world)
+    result = assemble_shards(pos, keep, gathered, len(dataset))
+    return result[:, :-1], result[:, -1]
+
+
+class FinetuneTrainer(PretrainTrainer):
+    """The pre-training loop (checkpoints, resume, export, metrics) with a classification step and evaluation.
+
+    `test_sets` maps K → FinetuneTestClips with K clips; epochs ending with an evaluation (every eval_every-th)
+    use K = num_test_clips, the last epoch every K of last_test_clips."""
+
+    def __init__(
+        self,
+        *args,
+        label_smoothing: float,
+        test_sets: dict[int, FinetuneTestClips],
+        num_test_clips: int,
+        last_test_clips: list[int],
+        clips_per_forward: int,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.label_smoothing = label_smoothing
+        self.test_sets, self.num_test_clips, self.last_test_clips = test_sets, num_test_clips, last_test_clips
+        self.clips_per_forward = clips_per_forward
+
+    def micro_step(self, batch: dict[str, torch.Tensor], meter: StepAccumulator) -> None:
+        device = self.engine.device
+        labels = batch["label"].to(device)
+        logits = self.engine(batch["tokens"].to(device)).float()
+        # (1 - ε)·NLL + ε·mean_c(−log p_c) (facts §5.2): torch's label_smoothing is exactly this.
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        meter.add("loss/train", loss.detach())
+        meter.add("accuracy/train", (logits.argmax(dim=1) == labels).float().mean())
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        if boundary and self.zero_stage == 0 and self.fp32:  # the engine reports no norm here (see PretrainTrainer)
+            self._last_grad_norm = _grad_norm(self.engine.module.parameters())
+        self.engine.step()
+
+    def optimizer_step(self, iterator, meter: StepAccumulator) -> dict[str, float]:
+        lr = float(self.engine.get_lr()[0])
+        self._last_grad_norm = None
+        for _ in range(self.accumulation):
+            self.micro_step(next(iterator), meter)
+        values = meter.reduce()
+        values["loss/total"] = values["loss/train"]  # the progress bar's name
+        values["optim/lr"] = lr
+        values["optim/skipped_steps"] = float(self.engine.skipped_steps)
+        norm = self._last_grad_norm if self._last_grad_norm is not None else self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["optim/grad_norm"] = float(norm)
+        return values
+
+    def run_evaluation(self, clip_counts: list[int], name: str, epoch: int) -> dict[str, float]:
+        """Evaluate at every K of `clip_counts`; rank 0 writes <output>/eval/<name>_clips<K>.json. Collective."""
+        values = {}
+        for k in clip_counts:
+            dataset = self.test_sets[k]
+            probs, losses = evaluate_clips(
+                self.engine.module, dataset, self.engine.device, self.rank, self.world, self.clips_per_forward
+            )
+            metrics = classification_metrics(probs.cpu(), dataset.labels, dataset.class_names)
+            values[f"eval/top1_clips{k}"] = metrics["top1"]
+            values[f"eval/top5_clips{k}"] = metrics["top5"]
+            values[f"eval/loss_clips{k}"] = float(losses.mean())
+            if self.rank == 0:
+                predicted = probs.argmax(dim=1).tolist()
+                record = {
+                    "name": name,
+                    "epoch": epoch,
+                    "step": int(self.engine.global_steps),
+                    "database": str(dataset.db.path),
+                    "split": dataset.split,
+                    "num_videos": len(dataset),
+                    "num_test_clips": k,
+                    "views": dataset.views,
+                    "views_per_video": k * len(dataset.views),
+                    "world_size": self.world,
+                    "loss": float(losses.mean()),
+                    **metrics,
+                    "predictions": dict(zip(dataset.ids, predicted)),
+                }
+                folder = self.output / EVAL_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{name}_clips{k}.json").write_text(json.dumps(record, indent=1) + "\n")
+                print(
+                    f"{name}: {len(dataset)} videos × {k} clips × {len(dataset.views)} views: top-1 "
+                    f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, loss {float(losses.mean()):.4f}",
+                    flush=True,
+                )
+        return values
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        last = epoch + 1 == self.settings.epochs
+        if last:
+            return self.run_evaluation(self.last_test_clips, "final", epoch)
+        if (epoch + 1) % self.settings.eval_every:
+            return {}
+        return self.run_evaluation([self.num_test_clips], f"epoch{epoch:03d}", epoch)
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+def parse_clip_counts(text: str | None, default: int) -> list[int]:
+    """--last-test-clips "2,5,10" → [2, 5, 10] (None: [default])."""
+    if text is None:
+        return [default]
+    try:
+        counts = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--last-test-clips must be a comma list of clip counts, e.g. 2,5,10; got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise UsageError(f"--last-test-clips must list counts >= 1; got {text!r}")
+    return sorted(set(counts), key=counts.index)
+
+
+def _views_flag(text: str | None) -> list[str] | None:
+    return None if text is None else [v for v in text.split(",") if v]
+
+
+def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
+    """Everything after parsing; returns the exit code. UsageError for bad input, before the process group."""
+    output = Path(args.output)
+    from vimpac.checkpoint import latest_tag
+
+    if not args.resume and not args.eval_only and latest_tag(output) is not None:
+        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    saved, state = load_exported(args.load) if args.load else (None, None)
+    if args.eval_only and state is None:
+        raise UsageError("--eval-only needs --load with fine-tuned weights (the export/ folder of a fine-tuning run)")
+    config = finetune_config(args, saved)
+
+    train_db = CodeDatabase(args.data)
+    eval_db = CodeDatabase(args.eval_data) if args.eval_data else train_db
+    dataset_name = train_db.manifest.get("dataset")
+    for db in (train_db, eval_db):
+        if args.dataset_name is not None and args.dataset_name != db.manifest.get("dataset"):
+            raise UsageError(
+                f"--dataset-name {args.dataset_name} but {db.path} holds dataset {db.manifest.get('dataset')!r}"
+            )
+        try:
+            check_database_matches(db.manifest, config)
+        except UsageError as err:
+            raise UsageError(f"{db.path}: {err}") from None
+    if list(train_db.manifest.get("classes") or []) != list(eval_db.manifest.get("classes") or []):
+        raise UsageError(f"{args.data} and {args.eval_data} list different classes")
+    default_train, default_eval = split_names(dataset_name, args.split_id)
+    train_split, eval_split = args.train_split or default_train, args.eval_split or default_eval
+    frame_size = eval_db.manifest.get("frame_size")
+    views_train = _views_flag(args.train_views) or training_views(train_db.views, dataset_name)
+    views_test = _views_flag(args.test_views) or evaluation_views(eval_db.views, dataset_name, frame_size)
+    clip_counts = sorted({args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)})
+    last_clips = parse_clip_counts(args.last_test_clips, args.num_test_clips)
+    common = {"pad_id": config.pad_id, "frame_rate": args.frame_rate}
+    train_set = FinetuneTrainClips(train_db, train_split, config.clip_len, views=views_train, seed=args.seed, **common)
+    test_sets = {
+        k: FinetuneTestClips(eval_db, eval_split, config.clip_len, views=views_test, num_clips=k, **common)
+        for k in clip_counts
+    }
+    num_classes = train_set.num_classes
+
+    base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
+    if args.batch_size is None and "train_batch_size" not in base:
+        args.batch_size = DEFAULT_BATCH
+    world = int(os.environ["WORLD_SIZE"])
+    ds_config = merged_engine_config(args, world, optimizer_defaults=OPTIMIZER_DEFAULTS)
+    limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
+    micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    steps = 1 if args.eval_only else epoch_steps(len(train_set), world, micro, accumulation, limit)
+    total = steps * args.epochs
+    warmup = warmup_steps(args.warm_up, total)
+    rank, _, world = init_distributed(args.dist_backend)
+
+    seed_everything(args.seed)  # same initial weights (the from-scratch backbone) on every rank
+    model = VimpacForClassification(config, num_classes, dropout=args.last_dropout)
+    untouched = initial_state(model, state, saved, config) if state is not None else None
+    if args.eval_only and untouched:
+        raise UsageError(f"--eval-only: {args.load} holds no classifier for {num_classes} classes (fine-tuned?)")
+    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total)
+    seed_everything(args.seed + rank)
+
+    settings = TrainSettings(
+        epochs=args.epochs,
+        keep_checkpoints=args.keep_checkpoints,
+        steps_per_epoch_limit=limit,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        progress=args.tqdm,
+        eval_every=args.eval_per_epochs,
+    )
+    trainer = FinetuneTrainer(
+        engine,
+        config,
+        train_set,
+        settings,
+        output,
+        ds_config,
+        label_smoothing=args.label_smoothing,
+        test_sets=test_sets,
+        num_test_clips=args.num_test_clips,
+        last_test_clips=last_clips,
+        clips_per_forward=args.eval_batch_size or 4 * micro,
+    )
+    if args.eval_only:
+        output.mkdir(parents=True, exist_ok=True)
+        values = trainer.run_evaluation(last_clips, "eval_only", -1)
+        trainer.writer.write(int(engine.global_steps), -1, values)
+        trainer.writer.close()
+        return 0
+    resumed = trainer.resume() if args.resume else False
+    if rank == 0:
+        record_run(
+            output,
+            args,
+            deepspeed=ds_config,
+            model=config.to_dict(),
+            num_classes=num_classes,
+            loaded=str(export_folder(args.load)) if args.load else None,
+            pretrained_from_shape=list(saved.shape) if saved else None,
+            train_split=train_split,
+            eval_split=eval_split,
+            train_views=views_train,
+            test_views=views_test,
+            precision=precision_of(ds_config),
+            world_size=world,
+            steps_per_epoch=trainer.steps_per_epoch,
+            total_steps=total,
+            warmup_steps=warmup,
+            resumed=resumed,
+        )
+        source = f"weights of {export_folder(args.load)}" if args.load else "scratch (no --load)"
+        print(f"fine-tuning from {source}: {num_classes} classes, model {describe_shape(config)}", flush=True)
+        print(f"train {train_split}: views {views_train}; eval {eval_split}: views {views_test}", flush=True)
+        print(steps_summary(trainer), flush=True)
+    trainer.fit()
+    return 0
