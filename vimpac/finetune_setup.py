@@ -45,7 +45,7 @@ from vimpac.finetune_data import (
     training_views,
 )
 from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
-from vimpac.knn import _all_gather, assemble_shards, shard_positions
+from vimpac.knn import all_gather_rows, assemble_shards, shard_positions
 from vimpac.metrics import StepAccumulator
 from vimpac.modeling import VimpacForClassification
 from vimpac.optim import warmup_steps
@@ -53,9 +53,9 @@ from vimpac.pretrain_setup import build_engine, merged_engine_config, record_run
 from vimpac.trainer import (
     PretrainTrainer,
     TrainSettings,
-    _grad_norm,
     check_database_matches,
     epoch_steps,
+    grad_norm,
     steps_summary,
 )
 
@@ -178,9 +178,9 @@ def evaluate_clips(
     finally:
         model.train(was_training)
     local = torch.cat(rows)
-    gathered = _all_gather(local, world)
-    pos = _all_gather(torch.from_numpy(positions).to(local.device), world)
-    keep = _all_gather(torch.from_numpy(valid).to(local.device), world)
+    gathered = all_gather_rows(local, world)
+    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
+    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
     result = assemble_shards(pos, keep, gathered, len(dataset))
     return result[:, :-1], result[:, -1]
 
@@ -217,7 +217,7 @@ class FinetuneTrainer(PretrainTrainer):
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         if boundary and self.zero_stage == 0 and self.fp32:  # the engine reports no norm here (see PretrainTrainer)
-            self._last_grad_norm = _grad_norm(self.engine.module.parameters())
+            self._last_grad_norm = grad_norm(self.engine.module.parameters())
         self.engine.step()
 
     def optimizer_step(self, iterator, meter: StepAccumulator) -> dict[str, float]:

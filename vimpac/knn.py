@@ -144,7 +144,7 @@ def assemble_shards(positions: torch.Tensor, valid: torch.Tensor, feats: torch.T
     return ordered
 
 
-def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
+def all_gather_rows(tensor: torch.Tensor, world: int) -> torch.Tensor:
     """[...] on every rank → [world, ...] in rank order (identity plus a leading 1 without a process group)."""
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return tensor[None]
@@ -256,9 +256,9 @@ def extract_features(
     finally:
         backbone.train(was_training)
     local = torch.cat(feats)
-    gathered = _all_gather(local, world)
-    pos = _all_gather(torch.from_numpy(positions).to(local.device), world)
-    keep = _all_gather(torch.from_numpy(valid).to(local.device), world)
+    gathered = all_gather_rows(local, world)
+    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
+    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
     return assemble_shards(pos, keep, gathered, len(dataset))
 
 

@@ -113,7 +113,7 @@ def current_loss_scale(engine) -> float | None:
     return None
 
 
-def _grad_norm(parameters) -> float:
+def grad_norm(parameters) -> float:
     norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
@@ -232,15 +232,15 @@ class PretrainTrainer:
         meter.add("loss/total", loss.detach())
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
-        grad_norm = None
+        norm = None
         if boundary and self.zero_stage == 0 and self.fp32:
             # The engine reports the norm only from ZeRO/16-bit optimizers; stage-0 fp32 grads are whole here
             # (already averaged over ranks by backward at the boundary).
-            grad_norm = _grad_norm(self.engine.module.parameters())
+            norm = grad_norm(self.engine.module.parameters())
         self.engine.step()
         if boundary:
-            grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-            self._last_grad_norm = None if grad_norm is None else float(grad_norm)
+            norm = self.engine.get_global_grad_norm() if norm is None else norm
+            self._last_grad_norm = None if norm is None else float(norm)
 
     def optimizer_step(self, iterator, meter: StepAccumulator) -> dict[str, float]:
         started = time.perf_counter()
