@@ -51,11 +51,17 @@ def command(db: Path, output: Path, ranks: int, *flags: str) -> list[str]:
     return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
 
 
+def shm_segments() -> set[Path]:
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
 def train(db: Path, output: Path, ranks: int, *flags: str) -> dict[int, dict]:
+    before = shm_segments()
     result = subprocess.run(
         command(db, output, ranks, *flags), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert shm_segments() <= before, "DeepSpeed's CPU all-reduce segments were left in /dev/shm"
     return read_metrics(output)
 
 
@@ -152,6 +158,7 @@ def test_zero_stages_give_the_same_losses_over_two_ranks(zero_runs):
 def test_resume_after_a_real_kill_continues_the_same_curve(database, zero_runs, tmp_path):
     output = tmp_path / "killed"
     flags = ["--epochs", "3", "--zero-stage", "2", "--save-steps", "2"]
+    segments = shm_segments()
     process = subprocess.Popen(
         command(database, output, 2, *flags),
         cwd=REPO,
@@ -170,6 +177,7 @@ def test_resume_after_a_real_kill_continues_the_same_curve(database, zero_runs, 
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    assert shm_segments() <= segments, "a killed run must not leave DeepSpeed's segments in /dev/shm"
     before = read_metrics(output)
     assert 6 <= max(before) < 12, "killed before the end"
     resumed = train(database, output, 2, *flags, "--resume")

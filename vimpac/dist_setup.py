@@ -5,12 +5,18 @@ Without a launcher `deepspeed.init_distributed()` falls back to MPI discovery an
 world (RANK 0, WORLD_SIZE 1, a free local MASTER_PORT). On a machine without CUDA the CPU accelerator is chosen
 explicitly (DS_ACCELERATOR=cpu; the backend is then gloo), and each rank gets its share of the cores instead of
 every rank using all of them.
+
+DeepSpeed's CPU all-reduce maps one /dev/shm segment per rank (~69 MB) and never unlinks it, so every CPU run
+would leave them behind until /dev/shm fills (and the next run dies with SIGBUS). Once every rank has mapped
+every segment (a barrier after initialisation) each rank unlinks its own name: the mappings stay valid and the
+memory is freed when the processes end, however they end.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -49,6 +55,13 @@ def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
+def shm_segment(env: dict[str, str] | None = None) -> Path:
+    """This rank's DeepSpeed CPU all-reduce segment (the name shm.cpp gives it: uid, master address, port, rank)."""
+    env = os.environ if env is None else env
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+    return Path("/dev/shm") / name
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, local_rank, world_size)."""
     import deepspeed  # after prepare_environment, which decides the accelerator
@@ -57,4 +70,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     if threads is not None:
         torch.set_num_threads(threads)
     deepspeed.init_distributed(dist_backend=backend)
+    if not torch.cuda.is_available():
+        torch.distributed.barrier()  # every rank has mapped every rank's segment
+        shm_segment().unlink(missing_ok=True)
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
