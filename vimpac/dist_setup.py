@@ -6,17 +6,17 @@ world (RANK 0, WORLD_SIZE 1, a free local MASTER_PORT). On a machine without CUD
 explicitly (DS_ACCELERATOR=cpu; the backend is then gloo), and each rank gets its share of the cores instead of
 every rank using all of them.
 
-DeepSpeed's CPU all-reduce maps one /dev/shm segment per rank (~69 MB) and never unlinks it, so every CPU run
-would leave them behind until /dev/shm fills (and the next run dies with SIGBUS). Once every rank has mapped
-every segment (a barrier after initialisation) each rank unlinks its own name: the mappings stay valid and the
-memory is freed when the processes end, however they end.
+DeepSpeed's CPU backend also JIT-compiles a shared-memory all-reduce op at initialisation (about a minute and a
+C++ compiler on first use) that only its inference all-reduce calls, and maps a /dev/shm segment per rank
+(~69 MB) that it never unlinks: every CPU run would leave them behind until /dev/shm fills. Training never calls
+it, so `init_distributed` skips building it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
-from pathlib import Path
 
 import torch
 
@@ -55,13 +55,6 @@ def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
-def shm_segment(env: dict[str, str] | None = None) -> Path:
-    """This rank's DeepSpeed CPU all-reduce segment (the name shm.cpp gives it: uid, master address, port, rank)."""
-    env = os.environ if env is None else env
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
-    return Path("/dev/shm") / name
-
-
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, local_rank, world_size)."""
     import deepspeed  # after prepare_environment, which decides the accelerator
@@ -69,8 +62,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     threads = cpu_threads_per_rank()
     if threads is not None:
         torch.set_num_threads(threads)
-    deepspeed.init_distributed(dist_backend=backend)
     if not torch.cuda.is_available():
-        torch.distributed.barrier()  # every rank has mapped every rank's segment
-        shm_segment().unlink(missing_ok=True)
+        # import_module: the attribute deepspeed.comm.torch is the torch package, not this submodule.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
+    deepspeed.init_distributed(dist_backend=backend)
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
