@@ -29,6 +29,8 @@ setup(
         "tensorboard>=2.14",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pillow>=9.1",  # vimpac.visualize imports PIL itself (Image.Resampling)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
