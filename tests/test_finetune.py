@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors import safe_open
 
 from tests.test_pretrain_runs import environment
 from vimpac.checkpoint import export_weights
@@ -32,6 +33,7 @@ from vimpac.finetune_data import (
     training_views,
 )
 from vimpac.finetune_setup import evaluate_clips, finetune_config, initial_state, load_exported
+from vimpac.metrics import read_metrics
 from vimpac.modeling import VimpacForClassification, VimpacForPretraining
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,6 +303,18 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
         assert len(record["predictions"]) == 16
         assert record["top1"] >= 0.75  # chance is 0.25
         assert set(record["per_class"]) == {f"class{c}" for c in range(4)}
+    with safe_open(str(out / "export" / "model.safetensors"), "pt") as exported:
+        assert exported.metadata()["producer"] == "vimpac.finetune"
+    # the same schedule in two launches (--interval 5, then --resume) ends with the same curve and predictions
+    chunked = tmp_path / "chunked"
+    for extra in (["--interval", "5"], ["--resume"]):
+        cmd = [sys.executable, "vimpac/finetune.py", *run, *model, "--epochs", "12", "--eval-per-epochs", "6"]
+        cmd += ["--last-test-clips", "1,2", "--output", str(chunked), *extra]
+        result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_metrics(chunked) == read_metrics(out)
+    resumed = json.loads((chunked / "eval" / "final_clips2.json").read_text())
+    assert resumed["predictions"] == final[2]["predictions"] and resumed["loss"] == final[2]["loss"]
     # eval-only on the export reproduces the final evaluation
     cmd = [sys.executable, "vimpac/finetune.py", *run, "--eval-only", "--load", str(out / "export")]
     cmd += ["--last-test-clips", "2", "--output", str(tmp_path / "eval")]

@@ -184,13 +184,16 @@ def fp32_state_dict(engine, output: str | Path, tag: str, zero_stage: int) -> di
     }
 
 
-def export_weights(state: dict[str, torch.Tensor], config: VimpacConfig, output: str | Path) -> Path:
-    """Write `<output>/export/config.json` and `model.safetensors` (fp32, contiguous) atomically per file."""
+def export_weights(
+    state: dict[str, torch.Tensor], config: VimpacConfig, output: str | Path, producer: str = "vimpac.pretrain"
+) -> Path:
+    """Write `<output>/export/config.json` and `model.safetensors` (fp32, contiguous) atomically per file;
+    `producer` (the entry point that trained the weights) goes into the safetensors metadata."""
     folder = Path(output) / EXPORT
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vimpac.pretrain"})
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": producer})
     os.replace(tmp, folder / "model.safetensors")
     _write_atomic(folder / "config.json", config.to_json() + "\n")
     return folder

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default="runs/finetune", help="run directory: eval/, tensorboard/, checkpoints/")
     run.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/latest")
     run.add_argument("--epochs", type=int, default=50, help="training epochs")
+    run.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help="run at most this many epochs in this launch, then save and exit (resume with --resume); for job "
+        "time limits",
+    )
     run.add_argument("--keep-checkpoints", type=int, default=1, help="newest checkpoints kept")
     run.add_argument("--seed", type=int, default=9595, help="data order, views, clips, init; dropout seed + rank")
     run.add_argument("--debug", action="store_true", help=f"run only {DEBUG_STEPS} steps per epoch")

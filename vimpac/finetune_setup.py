@@ -191,6 +191,8 @@ class FinetuneTrainer(PretrainTrainer):
     `test_sets` maps K → FinetuneTestClips with K clips; epochs ending with an evaluation (every eval_every-th)
     use K = num_test_clips, the last epoch every K of last_test_clips."""
 
+    producer = "vimpac.finetune"
+
     def __init__(
         self,
         *args,
@@ -371,6 +373,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         seed=args.seed,
         progress=args.tqdm,
         eval_every=args.eval_per_epochs,
+        max_epochs_this_run=args.interval,
     )
     trainer = FinetuneTrainer(
         engine,

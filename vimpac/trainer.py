@@ -121,6 +121,8 @@ def grad_norm(parameters) -> float:
 class PretrainTrainer:
     """Runs epochs of pre-training on `engine` (deepspeed.initialize output) over `dataset`."""
 
+    producer = "vimpac.pretrain"  # recorded in the exported weights' metadata
+
     def __init__(
         self,
         engine,
@@ -197,7 +199,7 @@ class PretrainTrainer:
     def export(self, tag: str) -> None:
         state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
         if state is not None:
-            export_weights(state, self.config, self.output)
+            export_weights(state, self.config, self.output, self.producer)
         if dist.is_initialized():
             dist.barrier()
 
