@@ -1,6 +1,16 @@
 """Subcommands of the `vimpac` program; each module exposes `register(subparsers)`."""
 
-from vimpac.commands import convert_dalle, db, demo, model_info, synth, tokenize, train_tokenizer
+from vimpac.commands import (
+    convert_dalle,
+    db,
+    demo,
+    model_info,
+    pretrain_eval,
+    synth,
+    tokenize,
+    train_tokenizer,
+    visualize,
+)
 
 COMMANDS = [
     demo.register,
@@ -10,4 +20,6 @@ COMMANDS = [
     tokenize.register,
     db.register,
     model_info.register,
+    pretrain_eval.register,
+    visualize.register,
 ]
