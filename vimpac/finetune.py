@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run at most this many epochs in this launch, then save and exit (resume with --resume); for job "
         "time limits",
     )
+    run.add_argument(
+        "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
+    )
     run.add_argument("--keep-checkpoints", type=int, default=1, help="newest checkpoints kept")
     run.add_argument("--seed", type=int, default=9595, help="data order, views, clips, init; dropout seed + rank")
     run.add_argument("--debug", action="store_true", help=f"run only {DEBUG_STEPS} steps per epoch")
@@ -114,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.eval_per_epochs < 1 or args.num_test_clips < 1 or args.epochs < 1:
-            raise UsageError("--epochs, --eval-per-epochs and --num-test-clips must be >= 1")
+        if min(args.eval_per_epochs, args.num_test_clips, args.epochs, args.save_epochs) < 1:
+            raise UsageError("--epochs, --eval-per-epochs, --num-test-clips and --save-epochs must be >= 1")
         if not 0 <= args.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
         from vimpac.dist_setup import prepare_environment

@@ -368,6 +368,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     settings = TrainSettings(
         epochs=args.epochs,
         keep_checkpoints=args.keep_checkpoints,
+        save_epochs=args.save_epochs,
         steps_per_epoch_limit=limit,
         num_workers=args.num_workers,
         seed=args.seed,

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: only at epoch ends)"
     )
+    run.add_argument(
+        "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
+    )
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     run.add_argument("--seed", type=int, default=9595, help="data order, masks, init; dropout uses seed + rank")
     run.add_argument("--debug", action="store_true", help=f"run only {DEBUG_STEPS} steps per epoch")

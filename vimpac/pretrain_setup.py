@@ -162,6 +162,8 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     output = Path(args.output)
     if not args.resume and latest_tag(output) is not None:
         raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    if args.save_epochs < 1:
+        raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
     # Validate everything before the process group exists: bad input fails fast, with one clear message.
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
@@ -210,6 +212,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         nce_weight=args.nce_weight,
         temperature=args.temperature,
         save_steps=args.save_steps,
+        save_epochs=args.save_epochs,
         keep_checkpoints=args.keep_checkpoints,
         steps_per_epoch_limit=limit,
         max_epochs_this_run=args.interval,

@@ -53,6 +53,7 @@ class TrainSettings:
     nce_weight: float = 1.0
     temperature: float = 0.2
     save_steps: int = 0
+    save_epochs: int = 1  # checkpoint (and export) every N-th epoch end and at the end of every launch
     keep_checkpoints: int = 2
     steps_per_epoch_limit: int | None = None
     max_epochs_this_run: int | None = None
@@ -287,7 +288,8 @@ class PretrainTrainer:
         return values
 
     def fit(self) -> None:
-        """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at epoch ends."""
+        """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at every
+        `save_epochs`-th epoch end and at the last one."""
         from tqdm import tqdm
 
         last_epoch = self.settings.epochs
@@ -320,9 +322,10 @@ class PretrainTrainer:
                     tag = self.save()
             bar.close()
             del iterator
-            tag = self.save()
-            if self.settings.export:
-                self.export(tag)
+            if (self.epoch + 1) % self.settings.save_epochs == 0 or self.epoch + 1 == last_epoch:
+                tag = self.save()
+                if self.settings.export:
+                    self.export(tag)
             self.writer.flush()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.writer.close()

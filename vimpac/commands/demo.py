@@ -1,29 +1,149 @@
-"""`vimpac demo`: the whole pipeline on the embedded default (a synthetic corpus), with no download and no GPU.
+"""`vimpac demo`: the whole pipeline on the embedded default (a synthetic corpus), with no download.
 
-Stages run in order into one run directory, which is also the cache: a stage whose output is complete is skipped
-on rerun (`--fresh` redoes everything). Today the demo covers tokenization — synthetic corpus, tokenizer
-training, code databases for pre-training (unlabeled, centre view) and for fine-tuning (labeled, training and test
-views) — and prints what each database holds.
+Stages, in order, into one run directory (which is also the cache: a finished stage is skipped on rerun, an
+interrupted training resumes from its last checkpoint, `--fresh` redoes everything):
+
+  synth        real H.264 videos: labeled motion classes (SSV2 layout) + long unlabeled videos (HowTo100M layout)
+  tokenizer    a VQ-VAE trained on frames of the corpus
+  tokenize     code databases: unlabeled (centre view, for pre-training), labeled training views, test views
+  pretrain     masked-token + contrastive pre-training under the DeepSpeed launcher (2 CPU ranks, or the GPU)
+  finetune     the pre-trained model and, as the baseline, the same model from scratch, with multi-view testing
+  report       held-out masked-token accuracy against two baselines, contrastive accuracy, top-1 of both
+  pictures     reconstructions / masked blocks / predictions of a held-out video (PNG + GIF) and the curves
+
+Budgets: `default` fits in about 10 minutes on 2 CPU cores; `long` is meant for one GPU (about 15 minutes on an
+H100) and is where pre-training's gain over scratch is clear; `tiny` is the test suite's smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SIZES = {
-    # tiny: for the test suite (well under a minute); default: the README's first command on 2 CPU cores
-    "tiny": dict(per_class=1, val_per_class=1, unlabeled=1, unlabeled_seconds=8.0, tok_steps=30, pool=128),
-    "default": dict(per_class=8, val_per_class=2, unlabeled=3, unlabeled_seconds=30.0, tok_steps=600, pool=2048),
+REPO = Path(__file__).resolve().parents[2]
+MOTION_CLASSES = ("right", "left", "down", "up", "clockwise", "counterclockwise", "grow", "shrink")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything the demo's size decides. Frame sizes in pixels, rates in frames per second."""
+
+    # corpus
+    classes: tuple[str, ...] | None  # None: every synthetic class
+    train_per_class: int
+    val_per_class: int
+    unlabeled: int
+    unlabeled_seconds: float
+    video_size: tuple[int, int]
+    # tokenizer and code databases
+    vocab_size: int
+    tokenizer_steps: int
+    tokenizer_crop: int
+    frame_size: int
+    fps: float
+    # model (the clip is clip_len frames at `fps`)
+    layers: int
+    hid_dim: int
+    heads: int
+    clip_len: int
+    # pre-training and fine-tuning
+    pretrain_epochs: int
+    pretrain_batch: int
+    pretrain_lr: float
+    finetune_epochs: int
+    finetune_batch: int
+    finetune_lr: float
+    test_clips: str  # the K of the final multi-view evaluation
+
+
+BUDGETS = {
+    "tiny": Budget(
+        classes=MOTION_CLASSES[:4],
+        train_per_class=2,
+        val_per_class=1,
+        unlabeled=4,
+        unlabeled_seconds=6.0,
+        video_size=(64, 80),
+        vocab_size=64,
+        tokenizer_steps=20,
+        tokenizer_crop=32,
+        frame_size=32,
+        fps=4.0,
+        layers=1,
+        hid_dim=32,
+        heads=2,
+        clip_len=3,
+        pretrain_epochs=2,
+        pretrain_batch=4,
+        pretrain_lr=1e-3,
+        finetune_epochs=2,
+        finetune_batch=4,
+        finetune_lr=1e-3,
+        test_clips="1,2",
+    ),
+    "default": Budget(
+        classes=MOTION_CLASSES,
+        train_per_class=24,
+        val_per_class=6,
+        unlabeled=16,
+        unlabeled_seconds=20.0,
+        video_size=(96, 112),
+        vocab_size=256,
+        tokenizer_steps=400,
+        tokenizer_crop=32,
+        frame_size=64,
+        fps=4.0,
+        layers=2,
+        hid_dim=128,
+        heads=2,
+        clip_len=5,
+        pretrain_epochs=200,
+        pretrain_batch=16,
+        pretrain_lr=1e-3,
+        finetune_epochs=12,
+        finetune_batch=16,
+        finetune_lr=1e-3,
+        test_clips="1,3",
+    ),
+    "long": Budget(
+        classes=None,
+        train_per_class=48,
+        val_per_class=8,
+        unlabeled=64,
+        unlabeled_seconds=30.0,
+        video_size=(160, 192),
+        vocab_size=512,
+        tokenizer_steps=1500,
+        tokenizer_crop=64,
+        frame_size=128,
+        fps=4.0,
+        layers=4,
+        hid_dim=256,
+        heads=4,
+        clip_len=5,
+        pretrain_epochs=400,
+        pretrain_batch=64,
+        pretrain_lr=1e-3,
+        finetune_epochs=30,
+        finetune_batch=32,
+        finetune_lr=5e-4,
+        test_clips="1,3,5",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class DemoPaths:
+    """The run directory's layout (`vimpac visualize --run` reads the same names)."""
+
     run: Path
 
     @property
@@ -37,132 +157,362 @@ class DemoPaths:
     def db(self, name: str) -> Path:
         return self.run / "codes" / name
 
+    def training(self, name: str) -> Path:
+        return self.run / name
+
+    def log(self, name: str) -> Path:
+        return self.run / "logs" / f"{name}.log"
+
+    @property
+    def pictures(self) -> Path:
+        return self.run / "pictures"
+
+    @property
+    def report(self) -> Path:
+        return self.run / "report.json"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the pipeline end to end on a synthetic corpus (no download, CPU is fine)",
+        help="run the whole pipeline on a synthetic corpus (no download; CPU is fine)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
-    p.add_argument("--size", choices=sorted(SIZES), default="default", help="corpus and training budget")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="default", help="corpus and training budget")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    p.add_argument("--ranks", type=int, default=None, help="training processes (default: 2 on CPU, 1 on a GPU)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
     p.set_defaults(func=run)
 
 
-def _done(paths: DemoPaths) -> dict:
-    marker = paths.run / "stages.json"
-    return json.loads(marker.read_text()) if marker.exists() else {}
+# ------------------------------------------------------------------------------------------------ stages
 
 
-def _mark(paths: DemoPaths, stage: str, info: dict) -> None:
-    done = _done(paths)
-    done[stage] = info
-    tmp = paths.run / ".stages.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    tmp.replace(paths.run / "stages.json")
+class Stages:
+    """stages.json: what is finished, with each stage's summary. A stage is recorded only after it completed."""
+
+    def __init__(self, paths: DemoPaths, budget_name: str, budget: Budget) -> None:
+        self.path = paths.run / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+        recorded = self.done.get("budget")
+        if recorded is not None and recorded != {"name": budget_name, **asdict(budget)}:
+            from vimpac.errors import UsageError
+
+            raise UsageError(
+                f"{paths.run} was made with other settings (budget {recorded['name']!r} as it was then); pass --fresh "
+                f"to redo it with the {budget_name!r} budget, or choose another --out"
+            )
+        self.done["budget"] = {"name": budget_name, **asdict(budget)}
+
+    def needed(self, name: str) -> bool:
+        if name in self.done:
+            print(f"[{name}] done earlier (--fresh redoes it)")
+            return False
+        print(f"[{name}] ...", flush=True)
+        return True
+
+    def mark(self, name: str, info: dict) -> None:
+        self.done[name] = info
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, device: str) -> None:
+    """Run vimpac/<script> under the DeepSpeed launcher with `ranks` processes, its output in `log`, and show a
+    progress bar from the run's metrics.jsonl. Resumes the run when it already holds a checkpoint."""
+    from tqdm import tqdm
+
+    from vimpac.checkpoint import latest_tag
+    from vimpac.dist_setup import free_port
+    from vimpac.errors import UsageError
+    from vimpac.metrics import read_metrics
+
+    if latest_tag(run_dir) is not None:
+        flags = [*flags, "--resume"]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    command += [str(REPO / "vimpac" / script), *flags, "--output", str(run_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write(" ".join(command) + "\n\n")
+        out.flush()
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        bar = tqdm(desc=f"  {run_dir.name}", unit="step", leave=True, dynamic_ncols=True)
+        try:
+            while process.poll() is None:
+                time.sleep(1.0)
+                _update_bar(bar, run_dir, read_metrics)
+            _update_bar(bar, run_dir, read_metrics)
+        finally:
+            bar.close()
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+    if process.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        raise UsageError(f"{script} failed (exit {process.returncode}); the end of {log}:\n" + "\n".join(tail))
+
+
+def _update_bar(bar, run_dir: Path, read_metrics: Callable) -> None:
+    if bar.total is None and (run_dir / "run_config.json").exists():
+        bar.total = json.loads((run_dir / "run_config.json").read_text()).get("total_steps")
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+    if records:
+        step = max(records)
+        bar.n = step
+        last = records[step]
+        losses = ("loss/mlm", "loss/nce", "loss/train")
+        bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3f}" for k in losses if k in last})
+        bar.refresh()
+
+
+def run_command(register: Callable, argv: list[str]) -> int:
+    """Run another `vimpac` subcommand in this process, parsed by its own parser (as from the command line)."""
+    parser = argparse.ArgumentParser(prog="vimpac")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
-    from vimpac.code_db import inspect
-    from vimpac.tokenization.extract import ExtractConfig, extract
-    from vimpac.tokenization.synth import SynthConfig, generate
-    from vimpac.tokenization.train_vqvae import TrainSettings, train_from_videos
-    from vimpac.tokenization.vqvae import VQVAEConfig
+    from vimpac.errors import UsageError
 
-    size = SIZES[args.size]
+    budget = BUDGETS[args.budget]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; leave --device out to use the CPU")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = args.ranks or (1 if device == "cuda" else 2)
     workers = args.workers or os.cpu_count() or 1
     paths = DemoPaths(args.out)
     if args.fresh and paths.run.exists():
         shutil.rmtree(paths.run)
     paths.run.mkdir(parents=True, exist_ok=True)
+    stages = Stages(paths, args.budget, budget)
     started = time.perf_counter()
-    done = _done(paths)
+    print(f"vimpac demo ({args.budget} budget) on {device} into {paths.run}", flush=True)
 
-    def stage(name: str) -> bool:
-        if name in done:
-            print(f"[{name}] already done (see {paths.run / 'stages.json'}); --fresh redoes it")
-            return False
-        print(f"[{name}] ...")
-        return True
+    make_data(paths, budget, stages, device, workers)
+    train_models(paths, budget, stages, device, ranks)
+    report = make_report(paths, budget, stages, device)
+    print_report(paths, report, time.perf_counter() - started)
+    return 0
 
-    if stage("synth"):
+
+def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, workers: int) -> None:
+    from vimpac.tokenization.extract import ExtractConfig, extract
+    from vimpac.tokenization.synth import SynthConfig, generate
+    from vimpac.tokenization.train_vqvae import TrainSettings, train_from_videos
+    from vimpac.tokenization.vqvae import VQVAEConfig
+
+    if stages.needed("synth"):
         generate(
             SynthConfig(
                 out=paths.corpus,
-                train_per_class=size["per_class"],
-                val_per_class=size["val_per_class"],
-                unlabeled=size["unlabeled"],
-                unlabeled_seconds=size["unlabeled_seconds"],
+                classes=budget.classes,
+                train_per_class=budget.train_per_class,
+                val_per_class=budget.val_per_class,
+                unlabeled=budget.unlabeled,
+                unlabeled_seconds=budget.unlabeled_seconds,
+                size=budget.video_size,
                 workers=workers,
             )
         )
-        _mark(paths, "synth", {"corpus": str(paths.corpus)})
+        stages.mark("synth", {"corpus": str(paths.corpus)})
 
-    if stage("tokenizer"):
+    if stages.needed("tokenizer"):
         settings = TrainSettings(
-            model=VQVAEConfig(vocab_size=512), steps=size["tok_steps"], pool_size=size["pool"], device=device
+            model=VQVAEConfig(vocab_size=budget.vocab_size),
+            steps=budget.tokenizer_steps,
+            frame_size=budget.frame_size,
+            crop_size=budget.tokenizer_crop,
+            fps=budget.fps,
+            device=device,
         )
         result = train_from_videos(paths.corpus, paths.tokenizer, settings, log=print)
-        _mark(
-            paths,
+        stages.mark(
             "tokenizer",
             {"psnr_db": result.psnr, "baseline_psnr_db": result.baseline_psnr, "codes_used": result.used_fraction},
         )
 
     labeled = sorted(paths.corpus.glob("something-something-v2-*.json"))
     databases = {
-        # pre-training reads long unlabeled videos at 2 fps, one view (as HowTo100M in the paper)
-        "unlabeled_f128_fps2": dict(
+        # pre-training reads the long unlabeled videos (HowTo100M's role in the paper), one view
+        "unlabeled": dict(
             videos=paths.corpus / "unlabeled" / "videos",
             format="howto100m",
             annotations=[paths.corpus / "unlabeled" / "HowTo100M_v1.csv"],
-            fps=2.0,
             views="center",
         ),
-        # fine-tuning: the labeled part at 4 fps, training views (6: ssv2 has no flips) and test views
-        "labeled_f128_fps4_train": dict(
-            videos=paths.corpus / "videos", format="ssv2", annotations=labeled, fps=4.0, views="train"
-        ),
-        "labeled_f128_fps4_test": dict(
-            videos=paths.corpus / "videos", format="ssv2", annotations=labeled, fps=4.0, views="test"
-        ),
+        # fine-tuning: training views (6: SSV2 has no flips) and test views (3 crops) of the labeled part
+        "labeled_train": dict(videos=paths.corpus / "videos", format="ssv2", annotations=labeled, views="train"),
+        "labeled_test": dict(videos=paths.corpus / "videos", format="ssv2", annotations=labeled, views="test"),
     }
     for name, spec in databases.items():
-        if stage(f"tokenize:{name}"):
-            summary = extract(
-                ExtractConfig(
-                    tokenizer=str(paths.tokenizer),
-                    out=paths.db(name),
-                    frame_size=128,
-                    workers=workers,
-                    device=device,
-                    **spec,
-                )
+        if stages.needed(f"tokenize:{name}"):
+            config = ExtractConfig(
+                tokenizer=str(paths.tokenizer),
+                out=paths.db(name),
+                fps=budget.fps,
+                frame_size=budget.frame_size,
+                workers=workers,
+                device=device,
+                **spec,
             )
-            _mark(paths, f"tokenize:{name}", {"videos": summary.total_videos, "failures": summary.total_failures})
+            summary = extract(config)
+            stages.mark(f"tokenize:{name}", {"videos": summary.total_videos, "failures": summary.total_failures})
 
-    print(f"\nvimpac demo: done in {time.perf_counter() - started:.0f} s — run directory {paths.run}")
-    tok = _done(paths)["tokenizer"]
+
+def model_flags(budget: Budget) -> list[str]:
+    return [
+        *("--layers", str(budget.layers), "--hid-dim", str(budget.hid_dim), "--heads", str(budget.heads)),
+        *("--clip-len", str(budget.clip_len), "--frame-size", str(budget.frame_size)),
+        *("--vocab-size", str(budget.vocab_size), "--nce-proj-hid-dim", str(4 * budget.hid_dim)),
+    ]
+
+
+def micro_batch(batch: int, ranks: int, largest: int = 8) -> int:
+    """Videos per rank per micro-step: the largest divisor of batch / ranks up to `largest` (memory)."""
+    per_rank = max(1, batch // ranks)
+    return max(d for d in range(1, min(per_rank, largest) + 1) if per_rank % d == 0)
+
+
+def engine_config(device: str, finetune: bool) -> str:
+    """fp32 on CPU (fp16 is GPU-only); the paper's fp16 ZeRO-2 settings on a GPU."""
+    if device == "cpu":
+        return str(REPO / "ds_configs" / "cpu.json")
+    return str(REPO / "ds_configs" / ("finetune_small.json" if finetune else "small.json"))
+
+
+def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, ranks: int) -> None:
+    common = ["--num-workers", "0", "--frame-rate", str(budget.fps)]
+    if stages.needed("pretrain"):
+        started = time.perf_counter()
+        flags = [
+            *("--deepspeed_config", engine_config(device, finetune=False), "--data", str(paths.db("unlabeled"))),
+            *model_flags(budget),
+            *common,
+            *("--epochs", str(budget.pretrain_epochs), "--batch-size", str(budget.pretrain_batch)),
+            *("--bs-per-gpu", str(micro_batch(budget.pretrain_batch, ranks))),
+            *("--lr", str(budget.pretrain_lr), "--warm-up", "0.05"),
+            *("--save-epochs", str(max(1, budget.pretrain_epochs // 4))),
+        ]
+        launch("pretrain.py", flags, ranks, paths.training("pretrain"), paths.log("pretrain"), device)
+        stages.mark("pretrain", {"seconds": time.perf_counter() - started, "ranks": ranks})
+
+    finetune = [
+        *("--deepspeed_config", engine_config(device, finetune=True)),
+        *("--data", str(paths.db("labeled_train")), "--eval-data", str(paths.db("labeled_test"))),
+        *common,
+        *("--epochs", str(budget.finetune_epochs), "--batch-size", str(budget.finetune_batch)),
+        *("--bs-per-gpu", str(micro_batch(budget.finetune_batch, ranks))),
+        *("--lr", str(budget.finetune_lr), "--beta2", "0.999", "--weight-decay", "0.01"),
+        *("--eval-per-epochs", str(max(1, budget.finetune_epochs // 4)), "--last-test-clips", budget.test_clips),
+        *("--save-epochs", str(max(1, budget.finetune_epochs // 4))),
+    ]
+    sources = {
+        "finetune_pretrained": ["--load", str(paths.training("pretrain") / "export")],
+        "finetune_scratch": model_flags(budget),
+    }
+    for name, source in sources.items():
+        if stages.needed(name):
+            started = time.perf_counter()
+            launch("finetune.py", [*finetune, *source], ranks, paths.training(name), paths.log(name), device)
+            stages.mark(name, {"seconds": time.perf_counter() - started, "ranks": ranks})
+
+
+def make_report(paths: DemoPaths, budget: Budget, stages: Stages, device: str) -> dict:
+    from vimpac.code_db import CodeDatabase
+    from vimpac.commands import visualize
+    from vimpac.metrics import read_metrics
+
+    report: dict = {"budget": stages.done["budget"], "device": device, "stages": {}}
+    for name, info in stages.done.items():
+        if name != "budget":
+            report["stages"][name] = info
+
+    if stages.needed("pretrain-eval"):
+        from vimpac.commands import pretrain_eval
+
+        out = paths.run / "pretrain_eval.json"
+        flags = ["--model", str(paths.training("pretrain")), "--data", str(paths.db("labeled_test"))]
+        flags += ["--split", "val", "--views", center_view(paths.db("labeled_test")), "--out", str(out)]
+        flags += ["--batch-size", str(min(8, len(CodeDatabase(paths.db("labeled_test")).ids("val"))))]
+        run_command(pretrain_eval.register, ["pretrain-eval", *flags, "--device", device])
+        stages.mark("pretrain-eval", {"result": str(out)})
+    report["pretraining"] = json.loads((paths.run / "pretrain_eval.json").read_text())
+    last = read_metrics(paths.training("pretrain"))
+    report["pretraining"]["final_training_step"] = last[max(last)] if last else None
+
+    report["finetuning"] = {}
+    for name in ("finetune_pretrained", "finetune_scratch"):
+        results = {}
+        for path in sorted((paths.training(name) / "eval").glob("final_clips*.json")):
+            record = json.loads(path.read_text())
+            results[record["num_test_clips"]] = {
+                key: record[key] for key in ("top1", "top5", "loss", "views", "views_per_video", "num_videos")
+            }
+        report["finetuning"][name] = results
+    db = CodeDatabase(paths.db("labeled_test"))
+    report["chance_top1"] = 1.0 / len(db.manifest["classes"])
+
+    if stages.needed("pictures"):
+        video = db.ids("val")[0]
+        flags = ["--run", str(paths.run), "--video", video, "--split", "val", "--device", device]
+        run_command(visualize.register, ["visualize", *flags])
+        stages.mark("pictures", {"video": video, "png": str(paths.pictures / f"{video}.png")})
+    report["pictures"] = {
+        "video": stages.done["pictures"]["video"],
+        "png": str(paths.pictures / f"{stages.done['pictures']['video']}.png"),
+        "gif": str(paths.pictures / f"{stages.done['pictures']['video']}.gif"),
+        "curves": str(paths.pictures / "curves.png"),
+    }
+    paths.report.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def center_view(db_path: Path) -> str:
+    from vimpac.code_db import CodeDatabase
+    from vimpac.commands.visualize import default_view
+
+    return default_view(list(CodeDatabase(db_path).views))
+
+
+def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:
+    from vimpac.pretrain_eval import format_report
+
+    stages = report["stages"]
+    tok = stages["tokenizer"]
+    print(f"\nvimpac demo: done in {seconds:.0f} s ({report['budget']['name']} budget, {report['device']})")
+    print(f"run directory  {paths.run}   (report: {paths.report})")
     print(
-        f"  tokenizer   {paths.tokenizer}: held-out PSNR {tok['psnr_db']:.1f} dB "
-        f"(flat mean colour {tok['baseline_psnr_db']:.1f} dB), {100 * tok['codes_used']:.0f}% of codes used"
+        f"tokenizer      {paths.tokenizer}: held-out PSNR {tok['psnr_db']:.1f} dB (flat mean colour "
+        f"{tok['baseline_psnr_db']:.1f} dB), {100 * tok['codes_used']:.0f}% of codes used"
     )
-    for name in databases:
-        report = inspect(paths.db(name), sample=20)
-        counts = report["counts"]
-        print(
-            f"  database    {paths.db(name)}: {counts['videos']} videos, {counts['frames']} frames, "
-            f"{len(report['manifest']['views'])} views, {counts['failures']['total']} failures, "
-            f"check {'ok' if report['ok'] else 'FAILED'}"
-        )
-    print(f"next: vimpac db inspect {paths.db('labeled_f128_fps4_test')}")
-    return 0
+    for name in ("unlabeled", "labeled_train", "labeled_test"):
+        info = stages[f"tokenize:{name}"]
+        print(f"code database  {paths.db(name)}: {info['videos']} videos, {info['failures']} failures")
+    print(f"pre-training   {paths.training('pretrain')} ({stages['pretrain']['seconds']:.0f} s)")
+    print("held-out pre-training objectives (validation videos, centre view):")
+    print("  " + format_report(report["pretraining"]).replace("\n", "\n  "))
+    print(f"fine-tuning top-1 (chance {report['chance_top1']:.3f}):")
+    pre, scratch = report["finetuning"]["finetune_pretrained"], report["finetuning"]["finetune_scratch"]
+    for k in sorted(pre, key=int):
+        views = pre[k]["views_per_video"]
+        line = f"  K={k} ({views} views/video): pre-trained {pre[k]['top1']:.3f}"
+        if k in scratch:
+            line += f" | from scratch {scratch[k]['top1']:.3f}"
+        print(line)
+    print(f"  runs: {paths.training('finetune_pretrained')}, {paths.training('finetune_scratch')}")
+    pictures = report["pictures"]
+    print(f"pictures       {pictures['png']} (+ .gif): reconstruction / masked / predicted")
+    print(f"curves         {pictures['curves']}")
+    print(f"tensorboard    tensorboard --logdir {paths.run}")
