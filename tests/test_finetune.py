@@ -32,7 +32,7 @@ from vimpac.finetune_data import (
     split_names,
     training_views,
 )
-from vimpac.finetune_setup import evaluate_clips, finetune_config, initial_state, load_exported
+from vimpac.finetune_setup import evaluate_clips, finetune_config, forward_in_chunks, initial_state, load_exported
 from vimpac.metrics import read_metrics
 from vimpac.modeling import VimpacForClassification, VimpacForPretraining
 
@@ -353,3 +353,33 @@ def test_two_ranks_under_the_launcher_evaluate_every_video_once(tmp_path):
     assert records[2]["world_size"] == 2 and records[2]["num_videos"] == 9 == len(records[2]["predictions"])
     assert records[2]["predictions"] == records[1]["predictions"]
     assert records[2]["loss"] == pytest.approx(records[1]["loss"], rel=1e-4)
+
+
+def test_evaluation_chunks_halve_after_out_of_memory():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3 * 2 * 2, 5)
+
+    class SmallMemory(torch.nn.Module):
+        """Raises CUDA's out-of-memory error for more than 3 clips at once."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, tokens):
+            self.calls.append(len(tokens))
+            if len(tokens) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return linear(tokens.flatten(1).float())
+
+    tokens = torch.randint(0, 9, (10, 3, 2, 2))
+    model = SmallMemory()
+    logits, chunk = forward_in_chunks(model, tokens, 16)
+    torch.testing.assert_close(logits, linear(tokens.flatten(1).float()))
+    assert chunk == 2 and model.calls[:3] == [10, 8, 4]  # 16 → 8 → 4 fail, 2 works
+
+    def never_fits(part):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):  # not even one clip fits: the error reaches the caller
+        forward_in_chunks(never_fits, tokens, 4)

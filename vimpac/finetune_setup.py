@@ -141,6 +141,21 @@ def initial_state(
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+def forward_in_chunks(model: torch.nn.Module, tokens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """(fp32 logits [N, C] of tokens [N, T, h, w], the chunk size that worked): forward `chunk` clips at a time,
+    halving the chunk after a CUDA out-of-memory error (down to 1 clip, then the error is raised). The returned
+    size is where the next batch should start, so one OOM is paid once per evaluation, not once per batch."""
+    while True:
+        try:
+            return torch.cat([model(part).float() for part in tokens.split(chunk)]), chunk
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def evaluate_clips(
     model: torch.nn.Module,
@@ -153,8 +168,8 @@ def evaluate_clips(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, C], per-video mean cross-entropy over views [N]) of every video of `dataset`, in its
     order, each counted once: rank r takes shard_positions(N, r, W) (the padding repeats are dropped after the
-    all-gather). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in eval mode and is put back. A
-    collective: every rank calls it (each does the same number of forward passes)."""
+    all-gather). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in eval mode and is put back;
+    `clips_per_forward` is halved on out-of-memory (forward_in_chunks). A collective: every rank calls it."""
     positions, valid = shard_positions(len(dataset), rank, world)
     views = len(dataset.views) * dataset.num_clips
     loader = DataLoader(
@@ -169,7 +184,7 @@ def evaluate_clips(
     try:
         for batch in loader:
             tokens = batch["tokens"].flatten(0, 1).to(device)  # [B·V, T, h, w]
-            logits = torch.cat([model(chunk).float() for chunk in tokens.split(clips_per_forward)])
+            logits, clips_per_forward = forward_in_chunks(model, tokens, clips_per_forward)
             logits = logits.view(-1, views, logits.shape[-1])
             labels = batch["label"].to(device)
             probs = average_view_probabilities(logits)
