@@ -744,10 +744,13 @@ def fill_template(template: str, placeholders: Sequence[str]) -> str:
     return out
 
 
-def labeled_scene(spec: ClassSpec, rng: np.random.Generator, canvas: Canvas) -> tuple[Scene, list[str]]:
-    """A random clip of class `spec` on `canvas`: (scene, placeholders named at the first frame)."""
-    background = _sample_background(rng, canvas, speed=0.06)
-    distractors = _distractors(rng, canvas)
+def labeled_scene(
+    spec: ClassSpec, rng: np.random.Generator, canvas: Canvas, calm: bool = False
+) -> tuple[Scene, list[str]]:
+    """A random clip of class `spec` on `canvas`: (scene, placeholders named at the first frame). `calm`: a still
+    background and no distractors, so the class's motion is the only change between frames (an easier corpus)."""
+    background = _sample_background(rng, canvas, speed=0.0 if calm else 0.06)
+    distractors = [] if calm else _distractors(rng, canvas)
     main = spec.sample(rng, canvas)
     scene = Scene(canvas.height, canvas.width, canvas.fps, canvas.num_frames, background, (*distractors, *main))
     if spec.reverse:
@@ -862,6 +865,7 @@ class SynthConfig:
     val_per_class: int = 2
     unlabeled: int = 3
     unlabeled_seconds: float = 30.0
+    calm: bool = False  # labeled clips without background drift and distractors (see labeled_scene)
     clip_seconds: tuple[float, float] = (2.0, 4.0)
     fps: int = 12
     size: tuple[int, int] = (160, 192)
@@ -951,7 +955,7 @@ def plan_labeled(cfg: SynthConfig) -> list[PlannedVideo]:
                 rng = _rng(cfg.seed, _PART_LABELED, _SPLIT_CODES[split], CLASS_KEYS.index(spec.key), k)
                 seconds = rng.uniform(*cfg.clip_seconds)
                 canvas = Canvas(height, width, cfg.fps, max(2, round(seconds * cfg.fps)))
-                scene, placeholders = labeled_scene(spec, rng, canvas)
+                scene, placeholders = labeled_scene(spec, rng, canvas, cfg.calm)
                 planned.append(PlannedVideo("", split, spec.key, scene, tuple(placeholders)))
     ids = _rng(cfg.seed, _PART_LABELED, 99).permutation(len(planned)) + 1
     return [replace(p, id=str(i)) for p, i in zip(planned, ids)]
@@ -1103,6 +1107,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
             ],
             "counts": {split: sum(p.split == split for p in labeled) for split in SPLIT_FILES},
             "clip_seconds": list(cfg.clip_seconds),
+            "calm": cfg.calm,
             "frames": {"min": min(lengths, default=0), "max": max(lengths, default=0), "total": sum(lengths)},
         },
         "unlabeled": {

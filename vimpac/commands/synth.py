@@ -68,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar=("MIN", "MAX"),
         help="labeled clip length range in seconds (2 4)",
     )
+    p.add_argument(
+        "--calm",
+        action="store_true",
+        help="labeled clips with a still background and no distractors: motion is the only change (easier)",
+    )
     p.add_argument("--unlabeled", type=int, default=3, help="number of long unlabeled videos (3)")
     p.add_argument("--unlabeled-seconds", type=float, default=30.0, help="length of each long video (30 s)")
     p.add_argument("--fps", type=int, default=12, help="frame rate of the written videos (12)")
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         classes=classes,
         train_per_class=args.train_per_class,
         val_per_class=args.val_per_class,
+        calm=args.calm,
         unlabeled=args.unlabeled,
         unlabeled_seconds=args.unlabeled_seconds,
         clip_seconds=tuple(args.clip_seconds),

@@ -1,0 +1,14 @@
+"""The generated command-line reference (docs/cli.md) matches the parsers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_reference_is_up_to_date():
+    result = subprocess.run(
+        [sys.executable, "scripts/cli_reference.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr + "\n(run: python scripts/cli_reference.py)"
