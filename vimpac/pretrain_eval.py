@@ -12,6 +12,7 @@ reported with its chance level 1 / (2B - 1).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,19 @@ def evaluate_pretraining(
         "videos": len(dataset),
         "batch_size": batch_size,
     }
+
+
+def recorded_arguments(export: Path) -> tuple[dict[str, Any], Path | None]:
+    """(the command-line arguments of the pre-training run that wrote `export`, the run_config.json they came
+    from): looked up in `export` and its parent (the run directory); ({}, None) when there is none."""
+    for folder in (export, export.parent):
+        path = folder / "run_config.json"
+        if path.is_file():
+            try:
+                return dict(json.loads(path.read_text(encoding="utf-8"))["args"]), path
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise UsageError(f"{path} cannot be read ({err}); pass --mask-blocks and --frame-rate") from err
+    return {}, None
 
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> VimpacForPretraining:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from vimpac.errors import UsageError
 
@@ -51,18 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run_arguments(model: Path, export: Path) -> tuple[dict[str, Any], Path | None]:
-    """The pre-training command-line arguments recorded in run_config.json beside `model` or above `export`."""
-    for folder in (model, export.parent):
-        path = folder / "run_config.json"
-        if path.is_file():
-            try:
-                return dict(json.loads(path.read_text(encoding="utf-8"))["args"]), path
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise UsageError(f"{path} cannot be read ({err}); pass --mask-blocks and --frame-rate") from err
-    return {}, None
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -70,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.config import VimpacConfig
     from vimpac.data import PretrainClips
     from vimpac.finetune_setup import export_folder
-    from vimpac.pretrain_eval import evaluate_pretraining, format_report, load_pretrained, most_frequent_code
+    from vimpac.pretrain_eval import (
+        evaluate_pretraining,
+        format_report,
+        load_pretrained,
+        most_frequent_code,
+        recorded_arguments,
+    )
 
     model_path, data_path = Path(args.model), Path(args.data)
     for flag, path in (("--model", model_path), ("--data", data_path)):
@@ -101,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    recorded, source = run_arguments(model_path, export)
+    recorded, source = recorded_arguments(export)
     mask_blocks = args.mask_blocks if args.mask_blocks is not None else recorded.get("mask_blocks", DEFAULT_MASK_BLOCKS)
     frame_rate = args.frame_rate if args.frame_rate is not None else recorded.get("frame_rate")
     views = [v.strip() for v in args.views.split(",") if v.strip()] if args.views is not None else None

@@ -4,7 +4,6 @@ training curves of a run directory."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -93,23 +92,12 @@ def default_view(views: list[str]) -> str:
     return (unflipped or centre or views)[0]
 
 
-def pretrain_arguments(export: Path) -> dict:
-    """The recorded arguments ("args" of run_config.json) of the run that wrote `export`; {} when not found."""
-    for folder in (export, export.parent):
-        try:
-            args = json.loads((folder / "run_config.json").read_text())["args"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(args, dict):
-            return args
-    return {}
-
-
-def load_pretrained(path: Path, device: str):
-    """(VimpacForPretraining with its MLM head and no contrastive head, config, export folder) from `path`."""
+def load_masked_token_model(path: Path, device: str):
+    """(the pre-trained model, its config, its export folder) from an export folder or run directory; it must
+    have the masked-token head (a fine-tuned model cannot predict tokens)."""
     from vimpac.errors import UsageError
-    from vimpac.finetune_setup import export_folder, load_exported
-    from vimpac.modeling import VimpacForPretraining
+    from vimpac.finetune_setup import export_folder
+    from vimpac.pretrain_eval import load_pretrained
 
     try:
         folder = export_folder(path)
@@ -118,17 +106,10 @@ def load_pretrained(path: Path, device: str):
             f"--model {path}: no config.json + model.safetensors there or in {path / 'export'}; pre-train first, or "
             "point --model at a pre-training run's export/ folder"
         ) from None
-    config, state = load_exported(folder)
-    model = VimpacForPretraining(config, mlm=True, nce=False)
-    wanted = model.state_dict()
-    missing = sorted(k for k in wanted if k not in state)
-    if missing:
-        raise UsageError(
-            f"--model {folder} holds no masked-token head ({', '.join(missing[:3])} ... missing); a fine-tuned model "
-            "cannot predict tokens: point --model at a pre-training run"
-        )
-    model.load_state_dict({k: state[k] for k in wanted})
-    return model.to(device).eval(), config, folder
+    model = load_pretrained(folder, device)
+    if model.mlm_head is None:
+        raise UsageError(f"--model {folder} has no masked-token head; point --model at a pre-training run")
+    return model, model.config, folder
 
 
 def check_vocabularies(db, tokenizer, config, args: argparse.Namespace) -> None:
@@ -168,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
     from vimpac.errors import UsageError
     from vimpac.masking import IGNORE_INDEX, check_mask_config, mask_blocks
+    from vimpac.pretrain_eval import recorded_arguments
     from vimpac.tokenization.tokenizer import load_tokenizer
     from vimpac.visualize import clip_rows, plot_curves, predict_masked, write_gif, write_grid_png
 
@@ -198,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
     tokenizer = load_tokenizer(args.tokenizer, args.device)
-    model, config, export = load_pretrained(args.model, args.device)
+    model, config, export = load_masked_token_model(args.model, args.device)
     check_vocabularies(db, tokenizer, config, args)
-    recorded = pretrain_arguments(export)
+    recorded, _ = recorded_arguments(export)
     frame_rate = args.frame_rate if args.frame_rate is not None else recorded.get("frame_rate")
     num_blocks = args.mask_blocks if args.mask_blocks is not None else recorded.get("mask_blocks", DEFAULT_MASK_BLOCKS)
     check_mask_config(int(num_blocks))
