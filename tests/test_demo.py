@@ -1,0 +1,81 @@
+"""`vimpac demo --budget tiny` end to end: every stage runs (two ranks under the DeepSpeed launcher), every
+artefact exists and is valid, and a rerun skips every stage and reports the same numbers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageSequence
+from safetensors import safe_open
+
+from tests.test_pretrain_runs import environment
+from vimpac.code_db import inspect
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = (
+    "synth",
+    "tokenizer",
+    "tokenize:unlabeled",
+    "tokenize:labeled_train",
+    "tokenize:labeled_test",
+    "pretrain",
+    "finetune_pretrained",
+    "finetune_scratch",
+    "pretrain-eval",
+    "pictures",
+)
+
+
+def demo(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "vimpac"), "demo", "--budget", "tiny", "--out", str(out), *flags]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_every_artefact_and_reruns_from_its_cache(tmp_path):
+    run = tmp_path / "demo"
+    first = demo(run)
+    assert "vimpac demo: done" in first.stdout
+    stages = json.loads((run / "stages.json").read_text())
+    assert set(STAGES) <= set(stages)
+
+    assert (run / "corpus" / "something-something-v2-train.json").is_file()
+    assert (run / "tokenizer" / "config.json").is_file()
+    for name in ("unlabeled", "labeled_train", "labeled_test"):
+        report = inspect(run / "codes" / name, sample=5)
+        assert report["ok"] and report["counts"]["videos"] > 0 and report["counts"]["failures"]["total"] == 0
+    for name, producer in (("pretrain", "vimpac.pretrain"), ("finetune_pretrained", "vimpac.finetune")):
+        with safe_open(str(run / name / "export" / "model.safetensors"), "pt") as weights:
+            assert weights.metadata()["producer"] == producer
+        assert list((run / name / "tensorboard").glob("events.out.tfevents.*"))
+
+    report = json.loads((run / "report.json").read_text())
+    pre = report["pretraining"]
+    assert pre["masked_positions"] > 0
+    for key in ("mlm_accuracy", "most_frequent_accuracy", "nearest_copy_accuracy", "contrastive_accuracy"):
+        assert 0.0 <= pre[key] <= 1.0, key
+    assert pre["contrastive_chance"] == pytest.approx(1 / 7)  # batches of 4 validation videos, 2 clips each
+    for name in ("finetune_pretrained", "finetune_scratch"):
+        results = report["finetuning"][name]
+        assert sorted(results, key=int) == ["1", "2"]
+        for k, record in results.items():
+            assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
+            assert record["views_per_video"] == int(k) * len(record["views"]) and record["num_videos"] == 4
+
+    pictures = report["pictures"]
+    with Image.open(pictures["png"]) as png:
+        assert png.format == "PNG" and png.width > png.height > 0
+    with Image.open(pictures["gif"]) as gif:
+        assert sum(1 for _ in ImageSequence.Iterator(gif)) == report["budget"]["clip_len"]
+    with Image.open(pictures["curves"]) as curves:
+        assert curves.format == "PNG"
+    for line in ("pictures", "curves", "fine-tuning top-1", "masked-token accuracy"):
+        assert line in first.stdout
+
+    again = demo(run)
+    assert again.stdout.count("done earlier") == len(STAGES)
+    assert json.loads((run / "report.json").read_text())["finetuning"] == report["finetuning"]
