@@ -2,7 +2,7 @@
 
     python scripts/bench/train_step.py                                   # small (f128) and large-half (f256)
     python scripts/bench/train_step.py --configs small --batch-size 2 --precision bf16 --json bench.json
-    python scripts/bench/train_step.py --attention triton --precision fp16   # on a GPU, once the kernels exist
+    python scripts/bench/train_step.py --attention triton --precision fp16   # on a GPU
 
 One step = what one rank does per micro-step in `vimpac/pretrain.py`: the real VimpacForPretraining on a batch
 of B videos × 2 block-masked clips (vimpac.masking, 5 blocks at f128 / 6 at f256, as the launch scripts), one
@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     from vimpac.kernels import kernel_backend
 
     try:
-        kernel_backend()
-    except (NotImplementedError, ValueError) as err:
+        kernel_backend(torch.device(args.device))
+    except (RuntimeError, ValueError) as err:
         print(f"--attention {args.attention}: {err}", file=sys.stderr)
         return 2
     if args.threads:

@@ -1,0 +1,556 @@
+"""Axial attention with a CLS token in every line: the Triton kernels behind `vimpac.kernels.axial_attention`.
+
+Semantics are those of `axial_attention_reference` (DESIGN §5): for one axis of the clip `[B, T, H, W]`, every
+1-D line of tokens along that axis is one sequence with CLS prepended as query, key and value; PAD tokens are
+never keys (CLS always is); the CLS query's output is averaged over all lines.
+
+Layout. Lines are short (1 + T = 6, 1 + 16, 1 + 32) and there are thousands of them, so the op is memory-bound:
+one program owns one head of `LPP` consecutive lines packed row after row into a `BLOCK_M`-row tile
+(`BLOCK_M` a power of two ≥ 16 for `tl.dot`, row r = line r // N, position r % N, N = 1 + L). Q, K and V rows
+are gathered straight from the caller's strided views (row 0 of each line from `cls_*`), and the whole
+`BLOCK_M × BLOCK_M` score tile stays in registers; keys of another line in the same tile are masked like PAD.
+Packing several lines per tile trades wasted FLOPs in the off-diagonal blocks (cheap: compute is idle) for
+bigger, better-shaped `tl.dot`s and fewer programs.
+
+Backward recomputes the softmax from Q and K instead of saving a log-sum-exp: with the whole row resident, the
+row max and sum are two register reductions, cheaper than writing and re-reading an LSE tensor.
+
+Dropout uses `tl.rand(seed, offset)` with offset = ((line · heads + head) · N + row) · N + col, unique per
+(line, head, query, key) and independent of the packing, so forward, backward and `dropout_keep_mask` (a
+debug helper for tests) draw the same mask. Philox costs ~100 integer ops per element and is evaluated on the
+whole tile, so with dropout on the default packing shrinks to the smallest legal tile to limit wasted draws.
+
+CLS outputs and CLS gradients go to per-line fp32 buffers that PyTorch reduces (`mean`/`sum` over lines):
+deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vimpac.kernels.axial_attention_reference import AXIS_DIMS, _check_inputs
+
+LOG2E = 1.4426950408889634
+MAX_SEQ = 256  # 1 + axis length; the score tile is BLOCK_M², held in registers
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _row_layout(pid, total_lines, lines_per_b, D2, N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile row r → (local line, position in line, global line, valid, batch, line coords c1, c2)."""
+    r = tl.arange(0, BLOCK_M)
+    local = r // N
+    pos = r % N
+    line = pid.to(tl.int64) * LPP + local
+    valid = (local < LPP) & (line < total_lines)
+    b = line // lines_per_b
+    rem = line % lines_per_b
+    c1 = rem // D2
+    c2 = rem % D2
+    return local, pos, line, valid, b, c1, c2
+
+
+@triton.jit
+def _token_offsets(b, c1, c2, pos, h, sb, s1, s2, sa, sh):
+    """Element offset of each row's token in a [B, T, H, W, heads, d] tensor (garbage on CLS rows: mask them)."""
+    return b * sb + c1 * s1 + c2 * s2 + (pos - 1).to(tl.int64) * sa + h * sh
+
+
+@triton.jit
+def _load_rows(ptr, cls_ptr, tok_off, is_tok, is_cls, b, h, scb, sch, scd, dcol, CDT: tl.constexpr):
+    """[BLOCK_M, HEAD_DIM] tile: token rows from `ptr`, CLS rows from `cls_ptr` [B, heads, d], zeros elsewhere."""
+    x = tl.load(ptr + tok_off[:, None] + dcol[None, :], mask=is_tok[:, None], other=0.0).to(CDT)
+    cls_off = b * scb + h * sch
+    c = tl.load(cls_ptr + cls_off[:, None] + dcol[None, :] * scd, mask=is_cls[:, None], other=0.0).to(CDT)
+    # The interpreter keeps bf16 as raw bits, so the select happens after the cast to CDT (fp32 there).
+    return tl.where(is_tok[:, None], x, c)
+
+
+@triton.jit
+def _allowed_keys(PAD, b, c1, c2, pos, local, valid, is_tok, spb, sp1, sp2, spa, HAS_PAD: tl.constexpr):
+    """[BLOCK_M, BLOCK_M] bool: query row i may attend key column j (same line, real token, not PAD)."""
+    key_ok = valid
+    if HAS_PAD:
+        pad_off = b * spb + c1 * sp1 + c2 * sp2 + (pos - 1).to(tl.int64) * spa
+        pad = tl.load(PAD + pad_off, mask=is_tok, other=0)
+        key_ok = key_ok & (pad == 0)
+    return (local[:, None] == local[None, :]) & key_ok[None, :]
+
+
+@triton.jit
+def _keep_mask(seed, line, pos, h, heads, dropout_p, N: tl.constexpr):
+    """[BLOCK_M, BLOCK_M] dropout keep mask; meaningful for same-line pairs only (others are masked anyway)."""
+    offs = ((line * heads + h) * N + pos)[:, None] * N + pos[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _softmax(s, allowed, valid):
+    """Row softmax of log2-scaled scores s over allowed keys; rows with no allowed key (padding rows) → 0."""
+    s = tl.where(allowed, s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m = tl.where(valid, m, 0.0)
+    p = tl.exp2(s - m[:, None])
+    denom = tl.sum(p, axis=1)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    return p / denom[:, None]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _axial_fwd_kernel(
+    Q, K, V, CQ, CK, CV, PAD, OUT, CLS_PART,
+    seed, scale_log2, dropout_p,
+    sqb, sq1, sq2, sqa, sqh,
+    skb, sk1, sk2, ska, skh,
+    svb, sv1, sv2, sva, svh,
+    scqb, scqh, scqd, sckb, sckh, sckd, scvb, scvh, scvd,
+    spb, sp1, sp2, spa,
+    sob, so1, so2, soa, soh,
+    total_lines, lines_per_b, D2, heads,
+    N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    local, pos, line, valid, b, c1, c2 = _row_layout(pid, total_lines, lines_per_b, D2, N, LPP, BLOCK_M)
+    is_tok = valid & (pos > 0)
+    is_cls = valid & (pos == 0)
+    dcol = tl.arange(0, HEAD_DIM)
+
+    q = _load_rows(Q, CQ, _token_offsets(b, c1, c2, pos, h, sqb, sq1, sq2, sqa, sqh), is_tok, is_cls, b, h,
+                   scqb, scqh, scqd, dcol, CDT)  # fmt: skip
+    k = _load_rows(K, CK, _token_offsets(b, c1, c2, pos, h, skb, sk1, sk2, ska, skh), is_tok, is_cls, b, h,
+                   sckb, sckh, sckd, dcol, CDT)  # fmt: skip
+    v = _load_rows(V, CV, _token_offsets(b, c1, c2, pos, h, svb, sv1, sv2, sva, svh), is_tok, is_cls, b, h,
+                   scvb, scvh, scvd, dcol, CDT)  # fmt: skip
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    allowed = _allowed_keys(PAD, b, c1, c2, pos, local, valid, is_tok, spb, sp1, sp2, spa, HAS_PAD)
+    p = _softmax(s, allowed, valid)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    o = tl.dot(p.to(CDT), v, input_precision=DOT_PREC)
+
+    out_off = _token_offsets(b, c1, c2, pos, h, sob, so1, so2, soa, soh)
+    tl.store(OUT + out_off[:, None] + dcol[None, :], o.to(OUT.dtype.element_ty), mask=is_tok[:, None])
+    cls_off = (line * heads + h) * HEAD_DIM
+    tl.store(CLS_PART + cls_off[:, None] + dcol[None, :], o, mask=is_cls[:, None])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _axial_bwd_kernel(
+    Q, K, V, CQ, CK, CV, PAD, DO, DCLS, DQ, DK, DV, DCLS_PART,
+    seed, scale, scale_log2, dropout_p, inv_lines,
+    sqb, sq1, sq2, sqa, sqh,
+    skb, sk1, sk2, ska, skh,
+    svb, sv1, sv2, sva, svh,
+    scqb, scqh, scqd, sckb, sckh, sckd, scvb, scvh, scvd,
+    spb, sp1, sp2, spa,
+    sdob, sdo1, sdo2, sdoa, sdoh,
+    sdcb, sdch, sdcd,
+    sgb, sg1, sg2, sga, sgh,
+    total_lines, lines_per_b, D2, heads,
+    N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    local, pos, line, valid, b, c1, c2 = _row_layout(pid, total_lines, lines_per_b, D2, N, LPP, BLOCK_M)
+    is_tok = valid & (pos > 0)
+    is_cls = valid & (pos == 0)
+    dcol = tl.arange(0, HEAD_DIM)
+
+    q = _load_rows(Q, CQ, _token_offsets(b, c1, c2, pos, h, sqb, sq1, sq2, sqa, sqh), is_tok, is_cls, b, h,
+                   scqb, scqh, scqd, dcol, CDT)  # fmt: skip
+    k = _load_rows(K, CK, _token_offsets(b, c1, c2, pos, h, skb, sk1, sk2, ska, skh), is_tok, is_cls, b, h,
+                   sckb, sckh, sckd, dcol, CDT)  # fmt: skip
+    v = _load_rows(V, CV, _token_offsets(b, c1, c2, pos, h, svb, sv1, sv2, sva, svh), is_tok, is_cls, b, h,
+                   scvb, scvh, scvd, dcol, CDT)  # fmt: skip
+    # cls_out is a mean over lines, so each line's CLS row receives d(cls_out) / lines.
+    do = _load_rows(DO, DCLS, _token_offsets(b, c1, c2, pos, h, sdob, sdo1, sdo2, sdoa, sdoh), is_tok, is_cls,
+                    b, h, sdcb, sdch, sdcd, dcol, tl.float32)  # fmt: skip
+    do = tl.where(is_cls[:, None], do * inv_lines, do)
+    do_c = do.to(CDT)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    allowed = _allowed_keys(PAD, b, c1, c2, pos, local, valid, is_tok, spb, sp1, sp2, spa, HAS_PAD)
+    p = _softmax(s, allowed, valid)
+    dp = tl.dot(do_c, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_drop = p
+    p_drop_c = p_drop.to(CDT)
+    # Delta = rowsum(dO ⊙ O), with O recomputed in fp32 rather than re-read: compute is idle, memory is not.
+    o = tl.dot(p_drop_c, v, input_precision=DOT_PREC)
+    delta = tl.sum(do * o, axis=1)
+    ds = (p * (dp - delta[:, None])).to(CDT)
+
+    dv = tl.dot(tl.trans(p_drop_c), do_c, input_precision=DOT_PREC)
+    dq = tl.dot(ds, k, input_precision=DOT_PREC) * scale
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC) * scale
+
+    g_off = _token_offsets(b, c1, c2, pos, h, sgb, sg1, sg2, sga, sgh)[:, None] + dcol[None, :]
+    tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=is_tok[:, None])
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=is_tok[:, None])
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=is_tok[:, None])
+    part = (line * heads + h) * HEAD_DIM
+    part_off = part[:, None] + dcol[None, :]
+    part_stride = total_lines * heads * HEAD_DIM
+    tl.store(DCLS_PART + part_off, dq, mask=is_cls[:, None])
+    tl.store(DCLS_PART + part_stride + part_off, dk, mask=is_cls[:, None])
+    tl.store(DCLS_PART + 2 * part_stride + part_off, dv, mask=is_cls[:, None])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _keep_mask_kernel(
+    KEEP, seed, dropout_p, total_lines, heads,
+    N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    local, pos, line, valid, _, _, _ = _row_layout(pid, total_lines, 1, 1, N, LPP, BLOCK_M)
+    keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+    same = (local[:, None] == local[None, :]) & valid[:, None] & valid[None, :]
+    offs = ((line * heads + h) * N + pos)[:, None] * N + pos[None, :]
+    tl.store(KEEP + offs, keep.to(tl.int8), mask=same)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch helpers
+
+
+def _geometry(shape: torch.Size, axis: str) -> tuple[int, int, int, int, int]:
+    """(axis dim, line dim 1, line dim 2, L, lines per sample) for [B, T, H, W, ...] and axis 'T'|'H'|'W'."""
+    if axis not in AXIS_DIMS:
+        raise ValueError(f"axis must be one of 'T', 'H', 'W'; got {axis!r}")
+    a = AXIS_DIMS[axis]
+    d1, d2 = (d for d in (1, 2, 3) if d != a)
+    return a, d1, d2, shape[a], shape[d1] * shape[d2]
+
+
+def _tile(seq: int, has_dropout: bool, block_rows: int | None) -> tuple[int, int]:
+    """(BLOCK_M, lines per program) for lines of `seq` rows."""
+    smallest = max(16, triton.next_power_of_2(seq))
+    if block_rows is None:
+        # Without dropout, pack lines up to 64 rows (one well-shaped tl.dot); with dropout the per-element Philox
+        # draws over the whole tile dominate, so keep the tile as small as tl.dot allows.
+        block_rows = smallest if has_dropout else max(64, smallest)
+    if block_rows < smallest or block_rows & (block_rows - 1):
+        raise ValueError(f"block_rows must be a power of two ≥ {smallest} for lines of {seq}; got {block_rows}")
+    return block_rows, block_rows // seq
+
+
+def _compute_dtype(dtype: torch.dtype, on_cuda: bool):
+    # The interpreter does bf16 arithmetic on raw bits (wrong results, no error): upcast right after each load.
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and on_cuda:
+        return tl.bfloat16
+    return tl.float32
+
+
+def _num_warps(block_m: int, dim: int) -> int:
+    # Backward holds ~5 [BLOCK_M, d] and ~4 [BLOCK_M, BLOCK_M] tiles live; spread big ones over more threads.
+    return 4 if block_m * max(block_m, dim) <= 64 * 64 else 8
+
+
+def _line_strides(x: torch.Tensor, a: int, d1: int, d2: int) -> tuple[int, ...]:
+    """(batch, line dim 1, line dim 2, axis, head) strides of a [B, T, H, W, heads, d] tensor."""
+    return x.stride(0), x.stride(d1), x.stride(d2), x.stride(a), x.stride(4)
+
+
+def check_supported(q: torch.Tensor, axis: str) -> None:
+    """Raise ValueError unless the kernels handle q's dtype, head dim and axis length (1 + L ≤ MAX_SEQ)."""
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"axial_attention_triton supports fp32/fp16/bf16 inputs; got {q.dtype}")
+    dim = q.shape[-1]
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"axial_attention_triton supports head dims {HEAD_DIMS}; got d={dim}")
+    a, *_ = _geometry(q.shape, axis)
+    if 1 + q.shape[a] > MAX_SEQ:
+        raise ValueError(f"axial_attention_triton supports 1 + axis length ≤ {MAX_SEQ}; got 1 + {q.shape[a]}")
+
+
+def _pad_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor, a: int, d1: int, d2: int):
+    if key_padding_mask is None:
+        return q, (0, 0, 0, 0)  # never read (HAS_PAD=False); any pointer will do
+    pad = key_padding_mask.view(torch.uint8)  # same bytes, a dtype Triton loads as integers
+    return pad, (pad.stride(0), pad.stride(d1), pad.stride(d2), pad.stride(a))
+
+
+def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows):
+    """Launch the forward kernel. Returns out [B, T, H, W, heads, d] (contiguous), cls_out [B, heads, d]."""
+    a, d1, d2, length, lines_per_b = _geometry(q.shape, axis)
+    batch, heads, dim = q.shape[0], q.shape[4], q.shape[5]
+    seq = 1 + length
+    total_lines = batch * lines_per_b
+    block_m, lpp = _tile(seq, dropout_p > 0.0, block_rows)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cls_part = torch.empty(batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or total_lines == 0 or heads == 0:
+        return out, cls_part.mean(1).to(q.dtype)
+    pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
+    grid = (triton.cdiv(total_lines, lpp), heads)
+    _axial_fwd_kernel[grid](
+        q, k, v, cls_q, cls_k, cls_v, pad, out, cls_part,
+        seed, scale * LOG2E, dropout_p,
+        *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
+        *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
+        *pad_strides,
+        *_line_strides(out, a, d1, d2),
+        total_lines, lines_per_b, q.shape[d2], heads,
+        N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
+        HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+        CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_num_warps(block_m, dim),
+    )  # fmt: skip
+    return out, cls_part.mean(1).to(q.dtype)
+
+
+def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls):
+    """Launch the backward kernel. Returns dq, dk, dv (contiguous, input dtype) and dcls_q, dcls_k, dcls_v."""
+    a, d1, d2, length, lines_per_b = _geometry(q.shape, axis)
+    batch, heads, dim = q.shape[0], q.shape[4], q.shape[5]
+    seq = 1 + length
+    total_lines = batch * lines_per_b
+    block_m, lpp = _tile(seq, dropout_p > 0.0, block_rows)
+    grads = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]
+    cls_part = torch.zeros(3, batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
+    if grads[0].numel() == 0 or total_lines == 0 or heads == 0:
+        return (*(g.zero_() for g in grads), *(part.sum(1).to(q.dtype) for part in cls_part))
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
+    grid = (triton.cdiv(total_lines, lpp), heads)
+    _axial_bwd_kernel[grid](
+        q, k, v, cls_q, cls_k, cls_v, pad, dout, dcls, *grads, cls_part,
+        seed, scale, scale * LOG2E, dropout_p, 1.0 / lines_per_b,
+        *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
+        *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
+        *pad_strides,
+        *_line_strides(dout, a, d1, d2),
+        *dcls.stride(),
+        *_line_strides(grads[0], a, d1, d2),
+        total_lines, lines_per_b, q.shape[d2], heads,
+        N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
+        HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+        CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_num_warps(block_m, dim),
+    )  # fmt: skip
+    return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
+
+
+class AxialAttentionFunction(torch.autograd.Function):
+    """autograd wrapper: forward and backward kernels; the dropout mask is regenerated from `seed`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows):
+        out, cls_out = _forward(
+            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows
+        )
+        ctx.save_for_backward(q, k, v, cls_q, cls_k, cls_v, key_padding_mask)
+        ctx.args = (axis, dropout_p, scale, seed, block_rows)
+        return out, cls_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dcls):
+        q, k, v, cls_q, cls_k, cls_v, key_padding_mask = ctx.saved_tensors
+        axis, dropout_p, scale, seed, block_rows = ctx.args
+        grads = _backward(
+            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def _draw_seed() -> int:
+    # From torch's default (CPU) generator, so dropout follows torch.manual_seed without a device sync.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def axial_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cls_q: torch.Tensor,
+    cls_k: torch.Tensor,
+    cls_v: torch.Tensor,
+    axis: str,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    seed: int | None = None,
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial attention along one axis ('T' | 'H' | 'W') with CLS in every line; Triton forward and backward.
+
+    q, k, v: [B, T, H, W, heads, d], any strides with a contiguous last dim (views into a fused QKV output are
+    read in place). cls_q, cls_k, cls_v: [B, heads, d]. key_padding_mask: bool [B, T, H, W], True = PAD (never a
+    key; CLS always is). dropout_p: attention-probability dropout. scale: default 1/√d. seed: dropout seed
+    (default: drawn from torch's RNG, so torch.manual_seed reproduces it). block_rows: rows per program tile
+    (a power of two; default picks one), lines are packed into it; the dropout mask does not depend on it.
+    Supports fp32/fp16/bf16 (fp32 softmax and accumulation), d in HEAD_DIMS, 1 + axis length ≤ MAX_SEQ.
+    Returns out [B, T, H, W, heads, d] (contiguous) and cls_out [B, heads, d] (CLS output averaged over lines),
+    both in the input dtype; gradients flow to all six inputs (contiguous, input dtype).
+    """
+    _check_inputs(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, dropout_p)
+    check_supported(q, axis)
+    if k.dtype != q.dtype or v.dtype != q.dtype or any(c.dtype != q.dtype for c in (cls_q, cls_k, cls_v)):
+        raise ValueError("q, k, v and cls_q, cls_k, cls_v must share one dtype")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = _draw_seed()
+    return AxialAttentionFunction.apply(
+        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), block_rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration: an opaque op with autograd and fake (meta) kernels, so torch.compile and
+# torch.export trace through it without entering the Triton launch.
+
+
+def _define_ops() -> None:
+    @torch.library.custom_op("vimpac::axial_attention", mutates_args=())
+    def axial_attention_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cls_q: torch.Tensor,
+        cls_k: torch.Tensor,
+        cls_v: torch.Tensor,
+        axis: str,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        scale: float,
+        seed: int,
+        block_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, cls_out = _forward(
+            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows or None
+        )
+        return out, cls_out
+
+    @torch.library.custom_op("vimpac::axial_attention_backward", mutates_args=())
+    def axial_attention_backward_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cls_q: torch.Tensor,
+        cls_k: torch.Tensor,
+        cls_v: torch.Tensor,
+        axis: str,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+        scale: float,
+        seed: int,
+        block_rows: int,
+        dout: torch.Tensor,
+        dcls: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(
+            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows or None, dout,
+            dcls,
+        )  # fmt: skip
+
+    @axial_attention_op.register_fake
+    def _(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows):
+        return q.new_empty(q.shape), q.new_empty(cls_q.shape)
+
+    @axial_attention_backward_op.register_fake
+    def _(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls):
+        return (*(q.new_empty(q.shape) for _ in range(3)), *(q.new_empty(cls_q.shape) for _ in range(3)))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows = inputs
+        ctx.save_for_backward(q, k, v, cls_q, cls_k, cls_v, key_padding_mask)
+        ctx.args = (axis, dropout_p, scale, seed, block_rows)
+
+    def backward(ctx, dout, dcls):
+        q, k, v, cls_q, cls_k, cls_v, key_padding_mask = ctx.saved_tensors
+        grads = torch.ops.vimpac.axial_attention_backward(
+            q, k, v, cls_q, cls_k, cls_v, ctx.args[0], key_padding_mask, *ctx.args[1:], dout, dcls
+        )
+        return (*grads, None, None, None, None, None, None)
+
+    axial_attention_op.register_autograd(backward, setup_context=setup_context)
+
+
+# Importing this file under a second module name must not register the op twice.
+if not hasattr(torch.ops.vimpac, "axial_attention"):
+    _define_ops()
+
+
+def axial_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cls_q: torch.Tensor,
+    cls_k: torch.Tensor,
+    cls_v: torch.Tensor,
+    axis: str,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    seed: int | None = None,
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`axial_attention_triton` through the registered op `torch.ops.vimpac.axial_attention` (same arguments).
+
+    Use this one under torch.compile: the op is opaque to Dynamo and has fake and autograd kernels. Pass an
+    explicit `seed` with dropout there; drawing one calls `.item()`, which breaks the graph.
+    """
+    _check_inputs(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, dropout_p)
+    check_supported(q, axis)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = _draw_seed()
+    return torch.ops.vimpac.axial_attention(
+        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), int(block_rows or 0)
+    )
+
+
+def dropout_keep_mask(
+    batch: int,
+    lines_per_b: int,
+    heads: int,
+    seq: int,
+    dropout_p: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """The kernels' dropout keep mask (debug/tests): bool [B, lines, heads, seq, seq], seq = 1 + axis length.
+
+    Lines are numbered as the reference numbers them (row-major over the two non-attended dims of T, H, W);
+    entry [b, l, h, i, j] says whether probability (query i, key j) of that line and head survives dropout.
+    block_rows only changes how the work is tiled (as in `axial_attention_triton`), never the mask.
+    """
+    total_lines = batch * lines_per_b
+    keep = torch.zeros(batch, lines_per_b, heads, seq, seq, dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    block_m, lpp = _tile(seq, True, block_rows)
+    grid = (triton.cdiv(total_lines, lpp), heads)
+    _keep_mask_kernel[grid](keep, int(seed), float(dropout_p), total_lines, heads, N=seq, LPP=lpp, BLOCK_M=block_m)
+    return keep.bool()
+
+
+__all__ = [
+    "AxialAttentionFunction",
+    "axial_attention_op",
+    "axial_attention_triton",
+    "check_supported",
+    "dropout_keep_mask",
+]
