@@ -31,6 +31,9 @@ GPU_PEAK_TFLOPS = {
     "V100": (125.0, 15.7),
 }
 PCIE_PEAK_TFLOPS = {"H100": (756.0, 378.0)}
+# Peak memory bandwidth, bytes/s (datasheets; H100 SXM5 HBM3 3.35 TB/s, PCIe 2.0 TB/s, H200 HBM3e 4.8 TB/s).
+GPU_PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12}
+PCIE_PEAK_BANDWIDTH = {"H100": 2.0e12}
 
 
 def attention_block_flops(config: VimpacConfig, patterns: tuple[str, ...]) -> int:
@@ -87,11 +90,25 @@ def pretrain_train_flops(config: VimpacConfig, clips: int, predicted: int, mlm: 
     return 3 * pretrain_forward_flops(config, clips, predicted, mlm, nce)
 
 
+def _by_gpu_name(device_name: str, pcie: dict, sxm: dict):
+    """The entry of a per-GPU table whose key is in `device_name` (PCIe cards first), None when unknown."""
+    name = device_name.upper()
+    for table in (pcie, sxm):
+        for key, value in table.items():
+            if key in name and (table is sxm or "PCIE" in name):
+                return value
+    return None
+
+
 def peak_flops(device_name: str, precision: str) -> float | None:
     """Peak FLOP/s of a GPU by its name (e.g. torch.cuda.get_device_name()), None when unknown or a CPU."""
-    name = device_name.upper()
-    for table in (PCIE_PEAK_TFLOPS, GPU_PEAK_TFLOPS):
-        for key, (half, single) in table.items():
-            if key in name and (table is GPU_PEAK_TFLOPS or "PCIE" in name):
-                return (single if precision == "fp32" else half) * 1e12
-    return None
+    peaks = _by_gpu_name(device_name, PCIE_PEAK_TFLOPS, GPU_PEAK_TFLOPS)
+    if peaks is None:
+        return None
+    half, single = peaks
+    return (single if precision == "fp32" else half) * 1e12
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """Peak memory bandwidth in bytes/s of a GPU by its name, None when unknown or a CPU."""
+    return _by_gpu_name(device_name, PCIE_PEAK_BANDWIDTH, GPU_PEAK_BANDWIDTH)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check, in one call on the lent GPU machine (../shared/device/README.md): install the carried wheels,
-# run the GPU-marked tests, the tokenization benchmarks and a short fp16 pre-training run; results go to $OUT.
+# run the GPU-marked tests, the kernel and train-step benchmarks (Triton vs the PyTorch reference and torch.compile,
+# same run), the tokenization benchmarks and a short fp16 pre-training run; results go to $OUT.
 #   run(command="bash scripts/bench/gpu_check.sh", carry=[".whl"], timeout_s=...)
 set -uo pipefail
 OUT=${OUT:-/tmp/vimpac-gpu-check}
@@ -14,8 +15,17 @@ python3 -c "import torch, triton, av, lmdb, deepspeed; print('torch', torch.__ve
 'av', av.__version__, 'deepspeed', deepspeed.__version__)"
 workers=$(( $(nproc) - 2 ))
 
-echo "== GPU tests"
-timeout 80 python3 -m pytest -q -m gpu tests 2>&1 | tail -15
+echo "== GPU tests (kernels at real sizes included)"
+timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -15
+
+echo "== kernels: axial attention and VQ lookup, Triton vs eager and compiled references"
+timeout 200 python3 scripts/bench/kernels.py --warmup 3 --iters 10 --json "$OUT/kernels.json"
+
+echo "== one pre-training step of the small model at 128 px, fp16: reference attention vs Triton"
+for attention in reference triton; do
+  timeout 100 python3 scripts/bench/train_step.py --configs small --precision fp16 --attention "$attention" \
+    --json "$OUT/train_step_small_fp16_$attention.json" 2>&1 | tail -4
+done
 
 echo "== tokenization: the project's VQ-VAE (goal: decode-bound), then the paper's DALL-E encoder (fp16)"
 timeout 120 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views train --per-class 16 --seconds 6 \
