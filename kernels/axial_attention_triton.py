@@ -349,29 +349,6 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
 
 
-class AxialAttentionFunction(torch.autograd.Function):
-    """autograd wrapper: forward and backward kernels; the dropout mask is regenerated from `seed`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows):
-        out, cls_out = _forward(
-            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows
-        )
-        ctx.save_for_backward(q, k, v, cls_q, cls_k, cls_v, key_padding_mask)
-        ctx.args = (axis, dropout_p, scale, seed, block_rows)
-        return out, cls_out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dcls):
-        q, k, v, cls_q, cls_k, cls_v, key_padding_mask = ctx.saved_tensors
-        axis, dropout_p, scale, seed, block_rows = ctx.args
-        grads = _backward(
-            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls
-        )
-        return (*grads, None, None, None, None, None, None)
-
-
 def _draw_seed() -> int:
     # From torch's default (CPU) generator, so dropout follows torch.manual_seed without a device sync.
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -401,6 +378,8 @@ def axial_attention_triton(
     Supports fp32/fp16/bf16 (fp32 softmax and accumulation), d in HEAD_DIMS, 1 + axis length ≤ MAX_SEQ.
     Returns out [B, T, H, W, heads, d] (contiguous) and cls_out [B, heads, d] (CLS output averaged over lines),
     both in the input dtype; gradients flow to all six inputs (contiguous, input dtype).
+    It runs the registered op torch.ops.vimpac.axial_attention, which torch.compile traces through; under
+    compile pass an explicit `seed` with dropout (drawing one calls `.item()`, a graph break).
     """
     _check_inputs(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, dropout_p)
     check_supported(q, axis)
@@ -410,8 +389,8 @@ def axial_attention_triton(
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = _draw_seed()
-    return AxialAttentionFunction.apply(
-        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), block_rows
+    return torch.ops.vimpac.axial_attention(
+        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), int(block_rows or 0)
     )
 
 
@@ -491,36 +470,6 @@ if not hasattr(torch.ops.vimpac, "axial_attention"):
     _define_ops()
 
 
-def axial_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cls_q: torch.Tensor,
-    cls_k: torch.Tensor,
-    cls_v: torch.Tensor,
-    axis: str,
-    key_padding_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    seed: int | None = None,
-    block_rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`axial_attention_triton` through the registered op `torch.ops.vimpac.axial_attention` (same arguments).
-
-    Use this one under torch.compile: the op is opaque to Dynamo and has fake and autograd kernels. Pass an
-    explicit `seed` with dropout there; drawing one calls `.item()`, which breaks the graph.
-    """
-    _check_inputs(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, dropout_p)
-    check_supported(q, axis)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    dropout_p = float(dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
-    return torch.ops.vimpac.axial_attention(
-        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), int(block_rows or 0)
-    )
-
-
 def dropout_keep_mask(
     batch: int,
     lines_per_b: int,
@@ -548,8 +497,6 @@ def dropout_keep_mask(
 
 
 __all__ = [
-    "AxialAttentionFunction",
-    "axial_attention_op",
     "axial_attention_triton",
     "check_supported",
     "dropout_keep_mask",
