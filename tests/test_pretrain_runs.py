@@ -182,3 +182,15 @@ def test_resume_after_a_real_kill_continues_the_same_curve(database, zero_runs, 
     assert 6 <= max(before) < 12, "killed before the end"
     resumed = train(database, output, 2, *flags, "--resume")
     assert_same_curve(resumed, zero_runs[2][1])
+
+
+@pytest.mark.slow
+def test_engine_compiled_model_trains_like_the_eager_one(database, tmp_path):
+    """--compile hands the module to the engine's torch.compile (aot_eager: Dynamo + AOT autograd, no C++ build
+    here); the losses follow the eager run's."""
+    flags = ["--epochs", "2", "--zero-stage", "0"]
+    eager = train(database, tmp_path / "eager", 1, *flags)
+    compiled = train(database, tmp_path / "compiled", 1, *flags, "--compile", "aot_eager")
+    assert_same_curve(compiled, eager, rtol=1e-4)
+    record = json.loads((tmp_path / "compiled" / "run_config.json").read_text())
+    assert record["args"]["compile"] == "aot_eager"

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="override the json's")
     opt.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3), help="override the json's")
     opt.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per layer")
+    opt.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
+        "tracing (default: eager)",
+    )
     return parser
 
 

@@ -377,7 +377,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     untouched = initial_state(model, state, saved, config) if state is not None else None
     if args.eval_only and untouched:
         raise UsageError(f"--eval-only: {args.load} holds no classifier for {num_classes} classes (fine-tuned?)")
-    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total)
+    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total, args.compile)
     seed_everything(args.seed + rank)
 
     settings = TrainSettings(

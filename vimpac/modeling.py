@@ -220,7 +220,9 @@ class VimpacBackbone(nn.Module):
                 f"got {tuple(tokens.shape)}"
             )
         pad = tokens == self.config.pad_id
-        key_padding_mask = pad if bool(pad.any()) else None
+        # Without PAD, dropping the mask lets SDPA take its fastest path; under torch.compile the check would be a
+        # host sync and a graph break, so the (all-False) mask is kept there.
+        key_padding_mask = pad if torch.compiler.is_compiling() or bool(pad.any()) else None
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, key_padding_mask)

@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="activation checkpointing per layer (default: the json's)",
     )
+    opt.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
+        "tracing (default: eager)",
+    )
     add_knn_arguments(parser)
     return parser
 

@@ -85,10 +85,18 @@ def merged_engine_config(
     return config
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], scheduler: str, warmup: int, total: int):
+def build_engine(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    scheduler: str,
+    warmup: int,
+    total: int,
+    compile_backend: str | None = None,
+):
     """deepspeed.initialize on `model` (which has a `backbone`): AdamW groups with and without decay
     (vimpac.optim), the warm-up + decay schedule stepped per optimizer step, per-layer activation checkpointing
-    when the config asks for it. Returns the engine."""
+    when the config asks for it, and torch.compile of the module by the engine when `compile_backend` names a
+    backend ("inductor" on GPUs; the Triton attention is a registered op it traces through). Returns the engine."""
     if uses_activation_checkpointing(ds_config):
         enable_activation_checkpointing(model.backbone.layers)
     groups = [
@@ -101,6 +109,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], scheduler: s
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, scheduler, warmup, total),
     )
+    if compile_backend is not None:
+        engine.compile(backend=compile_backend)
     return engine
 
 
@@ -199,7 +209,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
 
     seed_everything(args.seed)  # same initial weights on every rank
     model = VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
-    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total)
+    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total, args.compile)
     seed_everything(args.seed + rank)  # dropout differs per rank
 
     precision = precision_of(ds_config)
