@@ -283,6 +283,27 @@ def test_dropout_seed_reproducibility():
     torch.testing.assert_close(axial_attention_triton(*args, "H")[0], axial_attention_reference(*args, "H")[0])
 
 
+def test_tensor_seed_matches_int_seed():
+    """A seed tensor (any integer dtype, shape [] or [1]) draws the mask of the int seed of the same value."""
+    fused, cls = fused_inputs((2, 3, 4, 2), seed=13)
+    args = split(fused, cls)
+    want = axial_attention_triton(*args, "W", dropout_p=0.4, seed=2**40 + 3)[0]
+    for seed in (torch.tensor(2**40 + 3), torch.tensor([2**40 + 3], device=DEVICE)):
+        torch.testing.assert_close(
+            axial_attention_triton(*args, "W", dropout_p=0.4, seed=seed)[0], want, atol=0, rtol=0
+        )
+    small = axial_attention_triton(*args, "W", dropout_p=0.4, seed=torch.tensor([9], dtype=torch.int32))[0]
+    torch.testing.assert_close(small, axial_attention_triton(*args, "W", dropout_p=0.4, seed=9)[0], atol=0, rtol=0)
+    torch.testing.assert_close(
+        keep_mask_for((2, 3, 4, 2), 2, "W", 0.4, seed=torch.tensor(9, device=DEVICE)),
+        keep_mask_for((2, 3, 4, 2), 2, "W", 0.4, seed=9),
+    )
+    with pytest.raises(ValueError, match="seed"):
+        axial_attention_triton(*args, "W", dropout_p=0.4, seed=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="seed"):
+        axial_attention_triton(*args, "W", dropout_p=0.4, seed=torch.tensor([1, 2]))
+
+
 def test_rejects_unsupported_inputs():
     fused, cls = fused_inputs((1, 2, 3, 4), dim=16)
     with pytest.raises(ValueError, match="axis"):
@@ -306,11 +327,13 @@ def test_rejects_unsupported_inputs():
 # torch.library op
 
 
-def test_registered_op_passes_opcheck():
+@pytest.mark.parametrize("seed_shape", [(), (1,)])
+def test_registered_op_passes_opcheck(seed_shape):
     shape = (1, 2, 3, 2)
     fused, cls = fused_inputs(shape, seed=16)
     pad = random_pad(shape, 0.3, seed=17)
-    args = (*split(fused, cls), "H", pad, 0.2, 0.25, 7, 0)
+    seed = torch.full(seed_shape, 7, dtype=torch.int64, device=DEVICE)
+    args = (*split(fused, cls), "H", pad, 0.2, 0.25, seed, 0)
     torch.library.opcheck(torch.ops.vimpac.axial_attention.default, args)
 
 
@@ -326,6 +349,49 @@ def test_compiled_function_matches_eager():
     # aot_eager runs Dynamo, fake tensors and the registered autograd formula without a C++ toolchain; fullgraph
     # proves the op is traced through without a graph break.
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    assert_all_close(outputs_and_grads(compiled, [fused, cls]), want, atol=0)
+
+
+def test_compiled_dropout_without_seed_has_no_graph_break():
+    """The model's call (dropout, no seed): the seed is drawn as a device tensor, so fullgraph compiles it."""
+    shape, axis, p = (2, 7, 8, 8), "T", 0.2
+    args, seq = one_hot_inputs(shape, axis)
+
+    def attend(*a):
+        return axial_attention_triton(*a, axis, dropout_p=p)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    out, cls_out = compiled(*args)
+    # One-hot values under uniform attention: out[..., j] = keep_ij / ((1 - p) · S), so the kept fraction is
+    # readable from the output (14336 query-key draws: the tolerance is ~4.5 standard deviations).
+    keep = out[..., :seq] * (1 - p) * seq
+    assert torch.allclose(keep, keep.round(), atol=1e-5)
+    assert abs(keep.round().mean().item() - (1 - p)) < 0.015
+    torch.manual_seed(0)
+    again = compiled(*args)
+    torch.testing.assert_close(again[0], out, atol=0, rtol=0)
+    torch.testing.assert_close(again[1], cls_out, atol=0, rtol=0)
+    torch.manual_seed(1)
+    assert not torch.equal(compiled(*args)[0], out)
+    assert not torch.equal(compiled(*args)[0], out)  # the next call draws a new seed
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition"])
+def test_compiled_dropout_without_seed_backward_uses_the_forward_mask(backend):
+    """Backward of the compiled graph reuses the drawn seed (saved, not redrawn by the partitioner): the same
+    torch.manual_seed gives eager's outputs and gradients, which the eager autograd formula ties together."""
+    shape, p = (1, 3, 2, 4), 0.3
+    pad = random_pad(shape, 0.3, seed=18)
+    fused, cls = fused_inputs(shape, seed=19)
+
+    def attend(f, c):
+        return axial_attention_triton(*split(f, c), "T", key_padding_mask=pad, dropout_p=p)
+
+    torch.manual_seed(3)
+    want = outputs_and_grads(attend, [fused, cls])
+    compiled = torch.compile(attend, backend=backend, fullgraph=True)
+    torch.manual_seed(3)
     assert_all_close(outputs_and_grads(compiled, [fused, cls]), want, atol=0)
 
 

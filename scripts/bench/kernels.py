@@ -17,6 +17,7 @@ D=2048 → K=8192 1x1 conv):
   cdist      torch.cdist + argmin (fp32)
   matmul     x @ codebookᵀ − ½‖e‖² then argmax (fp16 matmul)
   triton     kernels/vq_triton.py (tiled running argmax; exact rescoring of near-ties)
+The VQ rows also give Triton's TFLOP/s (2·N·K·D per call) and its fraction of the GPU's dense tensor-core peak.
 
 Each figure is the median of --iters timed calls after --warmup calls (CUDA-synchronised). The JSON holds every
 row, the settings, the machine, library versions, the git commit and the date.
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from vimpac.bench_env import environment
-from vimpac.flops import peak_bandwidth
+from vimpac.flops import peak_bandwidth, peak_flops
 from vimpac.kernels.axial_attention_reference import axial_attention_reference
 
 # (B, T, H, W, heads, head dim)
@@ -231,6 +232,8 @@ def bench_vq(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
         }
         if "triton" in times:
             row["speedup_vs"] = {impl: ms / times["triton"] for impl, ms in times.items() if impl != "triton"}
+            peak = peak_flops(torch.cuda.get_device_name(device), args.dtype) if device.type == "cuda" else None
+            row["triton_fraction_of_tensor_peak"] = row["tflops_triton"] * 1e12 / peak if peak else None
         rows.append(row)
         print_row(row)
     return rows
@@ -242,6 +245,8 @@ def print_row(row: dict[str, Any]) -> None:
     extra = ""
     if row.get("triton_fraction_of_floor") is not None:
         extra = f"  {row['triton_GBps']:.0f} GB/s = {100 * row['triton_fraction_of_floor']:.0f}% of HBM floor"
+    if row.get("triton_fraction_of_tensor_peak") is not None:
+        extra = f"  {row['tflops_triton']:.0f} TFLOP/s = {100 * row['triton_fraction_of_tensor_peak']:.0f}% of peak"
     case = f"{row.get('case', '')} {row.get('pass', '')}".strip()
     print(f"{row['kernel']:<15} {row['shape']:<20} {case:<20} {times}  {speed}{extra}", flush=True)
 

@@ -148,7 +148,7 @@ class MixedPrecisionAdamW:
 
 
 def train_step(
-    model: VimpacForPretraining,
+    model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     optimizer: MixedPrecisionAdamW | None,
     loss_scale: float = 1.0,
@@ -237,8 +237,10 @@ def measure(
     grad_checkpoint: bool | None = None,
     peak_tflops: float | None = None,
     seed: int = 0,
+    compile_backend: str | None = None,
 ) -> dict[str, Any]:
-    """Time `steps` steps of preset `name` after `warmup` untimed ones; returns one result row (JSON-ready)."""
+    """Time `steps` steps of preset `name` after `warmup` untimed ones; returns one result row (JSON-ready).
+    compile_backend: run the model under torch.compile with that backend (the warm-up steps compile it)."""
     preset = PRESETS[name]
     device = torch.device(device)
     dtype = DTYPES[precision]
@@ -246,6 +248,8 @@ def measure(
         raise SystemExit("fp16 needs CUDA here (as in vimpac/pretrain.py); use --precision bf16 or fp32 on a CPU")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise SystemExit("--steps and --batch-size must be >= 1, --warmup >= 0")
+    if compile_backend is not None and warmup < 1:
+        raise SystemExit("--compile needs --warmup >= 1: the first step compiles")
     config = preset.config()
     if grad_checkpoint is None:
         grad_checkpoint = bool(preset.ds_config) and uses_activation_checkpointing(load_json(REPO / preset.ds_config))
@@ -257,13 +261,14 @@ def measure(
     if grad_checkpoint:
         enable_activation_checkpointing(model.backbone.layers)
     optimizer = MixedPrecisionAdamW(model) if optimizer_step else None
+    runner = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     batch = make_batch(config, batch_size, preset.mask_blocks, seed)
     predicted = batch.pop("predicted")
     batch = {k: v.to(device) for k, v in batch.items()}
 
     for _ in range(warmup):
-        train_step(model, batch, optimizer, loss_scale)
+        train_step(runner, batch, optimizer, loss_scale)
     _sync(device)
     memory.start()
     load_before = os.getloadavg()[0]
@@ -271,7 +276,7 @@ def measure(
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        values = train_step(model, batch, optimizer, loss_scale)
+        values = train_step(runner, batch, optimizer, loss_scale)
         _sync(device)
         times.append(time.perf_counter() - start)
         losses.append({k: float(v) for k, v in values.items()})
@@ -290,7 +295,7 @@ def measure(
     else:
         peak_flops_value = None
     achieved = flops / median
-    del model, optimizer, batch
+    del model, runner, optimizer, batch
     gc.collect()
     return {
         "config": name,
@@ -304,6 +309,7 @@ def measure(
         "mask_blocks": preset.mask_blocks,
         "precision": precision,
         "attention": os.environ.get("VIMPAC_KERNELS") or "reference",
+        "compile": compile_backend,
         "grad_checkpoint": grad_checkpoint,
         "optimizer_step": optimizer_step,
         "device": str(device),
@@ -385,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model with this backend (inductor on a GPU); the warm-up steps compile",
+    )
+    parser.add_argument(
         "--optimizer-step",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -438,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_checkpoint=args.grad_checkpoint,
             peak_tflops=args.peak_tflops,
             seed=args.seed,
+            compile_backend=args.compile,
         )
         rows.append(row)
         print(f"{name}: median step {row['median_step_s']:.3f} s over {args.steps} steps", file=sys.stderr, flush=True)
