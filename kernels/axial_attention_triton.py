@@ -19,6 +19,9 @@ Dropout uses `tl.rand(seed, offset)` with offset = ((line · heads + head) · N 
 (line, head, query, key) and independent of the packing, so forward, backward and `dropout_keep_mask` (a
 debug helper for tests) draw the same mask. Philox costs ~100 integer ops per element and is evaluated on the
 whole tile, so with dropout on the default packing shrinks to the smallest legal tile to limit wasted draws.
+The seed is an int64 scalar tensor on q's device that the kernels `tl.load`, never a Python int: drawing it
+(`torch.randint` on that device) needs no `.item()`, so no host sync, and torch.compile traces the default
+(seedless) path without a graph break; autograd saves it for backward.
 
 CLS outputs and CLS gradients go to per-line fp32 buffers that PyTorch reduces (`mean`/`sum` over lines):
 deterministic, no atomics.
@@ -82,8 +85,12 @@ def _allowed_keys(PAD, b, c1, c2, pos, local, valid, is_tok, spb, sp1, sp2, spa,
 
 
 @triton.jit
-def _keep_mask(seed, line, pos, h, heads, dropout_p, N: tl.constexpr):
-    """[BLOCK_M, BLOCK_M] dropout keep mask; meaningful for same-line pairs only (others are masked anyway)."""
+def _keep_mask(SEED, line, pos, h, heads, dropout_p, N: tl.constexpr):
+    """[BLOCK_M, BLOCK_M] dropout keep mask; meaningful for same-line pairs only (others are masked anyway).
+
+    SEED points to an int64 scalar; tl.rand takes any integer seed (as uint64, split into the two 32-bit Philox
+    key words), so a loaded int64 gives the same mask a Python int of the same value did."""
+    seed = tl.load(SEED)
     offs = ((line * heads + h) * N + pos)[:, None] * N + pos[None, :]
     return tl.rand(seed, offs) >= dropout_p
 
@@ -100,10 +107,10 @@ def _softmax(s, allowed, valid):
     return p / denom[:, None]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _axial_fwd_kernel(
     Q, K, V, CQ, CK, CV, PAD, OUT, CLS_PART,
-    seed, scale_log2, dropout_p,
+    SEED, scale_log2, dropout_p,
     sqb, sq1, sq2, sqa, sqh,
     skb, sk1, sk2, ska, skh,
     svb, sv1, sv2, sva, svh,
@@ -132,7 +139,7 @@ def _axial_fwd_kernel(
     allowed = _allowed_keys(PAD, b, c1, c2, pos, local, valid, is_tok, spb, sp1, sp2, spa, HAS_PAD)
     p = _softmax(s, allowed, valid)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+        keep = _keep_mask(SEED, line, pos, h, heads, dropout_p, N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     o = tl.dot(p.to(CDT), v, input_precision=DOT_PREC)
 
@@ -142,10 +149,10 @@ def _axial_fwd_kernel(
     tl.store(CLS_PART + cls_off[:, None] + dcol[None, :], o, mask=is_cls[:, None])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _axial_bwd_kernel(
     Q, K, V, CQ, CK, CV, PAD, DO, DCLS, DQ, DK, DV, DCLS_PART,
-    seed, scale, scale_log2, dropout_p, inv_lines,
+    SEED, scale, scale_log2, dropout_p, inv_lines,
     sqb, sq1, sq2, sqa, sqh,
     skb, sk1, sk2, ska, skh,
     svb, sv1, sv2, sva, svh,
@@ -182,7 +189,7 @@ def _axial_bwd_kernel(
     p = _softmax(s, allowed, valid)
     dp = tl.dot(do_c, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+        keep = _keep_mask(SEED, line, pos, h, heads, dropout_p, N)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -210,15 +217,15 @@ def _axial_bwd_kernel(
     tl.store(DCLS_PART + 2 * part_stride + part_off, dv, mask=is_cls[:, None])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _keep_mask_kernel(
-    KEEP, seed, dropout_p, total_lines, heads,
+    KEEP, SEED, dropout_p, total_lines, heads,
     N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     local, pos, line, valid, _, _, _ = _row_layout(pid, total_lines, 1, 1, N, LPP, BLOCK_M)
-    keep = _keep_mask(seed, line, pos, h, heads, dropout_p, N)
+    keep = _keep_mask(SEED, line, pos, h, heads, dropout_p, N)
     same = (local[:, None] == local[None, :]) & valid[:, None] & valid[None, :]
     offs = ((line * heads + h) * N + pos)[:, None] * N + pos[None, :]
     tl.store(KEEP + offs, keep.to(tl.int8), mask=same)
@@ -349,9 +356,24 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
 
 
-def _draw_seed() -> int:
-    # From torch's default (CPU) generator, so dropout follows torch.manual_seed without a device sync.
-    return int(torch.randint(0, 2**62, (1,)).item())
+SEED_RANGE = 2**62  # drawn seeds lie in [0, SEED_RANGE); tl.rand takes any 64-bit seed
+
+
+def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A given seed (int or integer scalar tensor) as the int64 scalar tensor on `device` that the kernels load."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise ValueError(f"seed must be an integer tensor of one element; got {seed.dtype} {tuple(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh seed from torch's generator for `device` (torch.manual_seed / torch.cuda.manual_seed reproduce it).
+
+    It stays on the device: no `.item()`, so no host sync and no graph break under torch.compile.
+    """
+    return torch.randint(0, SEED_RANGE, (), dtype=torch.int64, device=device)
 
 
 def axial_attention_triton(
@@ -365,21 +387,22 @@ def axial_attention_triton(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial attention along one axis ('T' | 'H' | 'W') with CLS in every line; Triton forward and backward.
 
     q, k, v: [B, T, H, W, heads, d], any strides with a contiguous last dim (views into a fused QKV output are
     read in place). cls_q, cls_k, cls_v: [B, heads, d]. key_padding_mask: bool [B, T, H, W], True = PAD (never a
-    key; CLS always is). dropout_p: attention-probability dropout. scale: default 1/√d. seed: dropout seed
-    (default: drawn from torch's RNG, so torch.manual_seed reproduces it). block_rows: rows per program tile
+    key; CLS always is). dropout_p: attention-probability dropout. scale: default 1/√d. seed: dropout seed, an int
+    or an integer scalar tensor (default: drawn on q's device from torch's RNG, so torch.manual_seed reproduces
+    it; it stays a device tensor, so no host sync). block_rows: rows per program tile
     (a power of two; default picks one), lines are packed into it; the dropout mask does not depend on it.
     Supports fp32/fp16/bf16 (fp32 softmax and accumulation), d in HEAD_DIMS, 1 + axis length ≤ MAX_SEQ.
     Returns out [B, T, H, W, heads, d] (contiguous) and cls_out [B, heads, d] (CLS output averaged over lines),
     both in the input dtype; gradients flow to all six inputs (contiguous, input dtype).
-    It runs the registered op torch.ops.vimpac.axial_attention, which torch.compile traces through; under
-    compile pass an explicit `seed` with dropout (drawing one calls `.item()`, a graph break).
+    It runs the registered op torch.ops.vimpac.axial_attention (seed passed as an int64 tensor), which
+    torch.compile traces through without a graph break, with or without an explicit seed.
     """
     _check_inputs(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, dropout_p)
     check_supported(q, axis)
@@ -387,10 +410,14 @@ def axial_attention_triton(
         raise ValueError("q, k, v and cls_q, cls_k, cls_v must share one dtype")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
+    if dropout_p == 0.0:
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # never read (HAS_DROPOUT=False)
+    elif seed is None:
+        seed = _draw_seed(q.device)
+    else:
+        seed = _seed_tensor(seed, q.device)
     return torch.ops.vimpac.axial_attention(
-        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, int(seed or 0), int(block_rows or 0)
+        q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, int(block_rows or 0)
     )
 
 
@@ -412,7 +439,7 @@ def _define_ops() -> None:
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
         scale: float,
-        seed: int,
+        seed: torch.Tensor,
         block_rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, cls_out = _forward(
@@ -432,7 +459,7 @@ def _define_ops() -> None:
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
         scale: float,
-        seed: int,
+        seed: torch.Tensor,
         block_rows: int,
         dout: torch.Tensor,
         dcls: torch.Tensor,
@@ -452,14 +479,17 @@ def _define_ops() -> None:
 
     def setup_context(ctx, inputs, output):
         q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows = inputs
-        ctx.save_for_backward(q, k, v, cls_q, cls_k, cls_v, key_padding_mask)
-        ctx.args = (axis, dropout_p, scale, seed, block_rows)
+        # The seed tensor is saved, so backward regenerates the forward's keep mask.
+        ctx.save_for_backward(q, k, v, cls_q, cls_k, cls_v, key_padding_mask, seed)
+        ctx.args = (axis, dropout_p, scale, block_rows)
 
     def backward(ctx, dout, dcls):
-        q, k, v, cls_q, cls_k, cls_v, key_padding_mask = ctx.saved_tensors
+        q, k, v, cls_q, cls_k, cls_v, key_padding_mask, seed = ctx.saved_tensors
+        axis, dropout_p, scale, block_rows = ctx.args
         grads = torch.ops.vimpac.axial_attention_backward(
-            q, k, v, cls_q, cls_k, cls_v, ctx.args[0], key_padding_mask, *ctx.args[1:], dout, dcls
+            q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls
         )
+        # No gradient for axis, key_padding_mask, dropout_p, scale, seed (an integer tensor), block_rows.
         return (*grads, None, None, None, None, None, None)
 
     axial_attention_op.register_autograd(backward, setup_context=setup_context)
@@ -476,7 +506,7 @@ def dropout_keep_mask(
     heads: int,
     seq: int,
     dropout_p: float,
-    seed: int,
+    seed: int | torch.Tensor,
     device: torch.device | str = "cpu",
     block_rows: int | None = None,
 ) -> torch.Tensor:
@@ -484,7 +514,8 @@ def dropout_keep_mask(
 
     Lines are numbered as the reference numbers them (row-major over the two non-attended dims of T, H, W);
     entry [b, l, h, i, j] says whether probability (query i, key j) of that line and head survives dropout.
-    block_rows only changes how the work is tiled (as in `axial_attention_triton`), never the mask.
+    seed: an int or an integer scalar tensor, as in `axial_attention_triton`. block_rows only changes how the
+    work is tiled (as in `axial_attention_triton`), never the mask.
     """
     total_lines = batch * lines_per_b
     keep = torch.zeros(batch, lines_per_b, heads, seq, seq, dtype=torch.int8, device=device)
@@ -492,7 +523,8 @@ def dropout_keep_mask(
         return keep.bool()
     block_m, lpp = _tile(seq, True, block_rows)
     grid = (triton.cdiv(total_lines, lpp), heads)
-    _keep_mask_kernel[grid](keep, int(seed), float(dropout_p), total_lines, heads, N=seq, LPP=lpp, BLOCK_M=block_m)
+    seed = _seed_tensor(seed, keep.device)
+    _keep_mask_kernel[grid](keep, seed, float(dropout_p), total_lines, heads, N=seq, LPP=lpp, BLOCK_M=block_m)
     return keep.bool()
 
 

@@ -374,7 +374,6 @@ def test_compiled_dropout_without_seed_has_no_graph_break():
     torch.testing.assert_close(again[1], cls_out, atol=0, rtol=0)
     torch.manual_seed(1)
     assert not torch.equal(compiled(*args)[0], out)
-    assert not torch.equal(compiled(*args)[0], out)  # the next call draws a new seed
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition"])
