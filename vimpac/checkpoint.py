@@ -8,14 +8,25 @@ Layout of a run directory:
     <output>/checkpoints/<tag>/rng_rank<R>.pt
                                         each rank's python/numpy/torch RNG states (dropout must continue exactly;
                                         DeepSpeed's client_state is written by one rank only)
-    <output>/checkpoints/latest         the tag of the newest *complete* checkpoint, replaced atomically after
-                                        every rank has finished writing, so a kill mid-save resumes from the
-                                        previous one
+    <output>/checkpoints/latest         the tag of the newest *complete* checkpoint, replaced atomically
+    <output>/checkpoints/.partial-<tag>/
+                                        a checkpoint being written (or one a kill interrupted, or an old one being
+                                        deleted): never loaded, never counted as a checkpoint
     <output>/export/config.json + model.safetensors
                                         fp32 weights of VimpacForPretraining (backbone.*, mlm_head.*, nce_head.*),
                                         loaded without pickle
 
-Tags are `step<optimizer step, 8 digits>`; older complete checkpoints beyond `keep` are deleted.
+Tags are `step<optimizer step, 8 digits>`; only directories named exactly so are complete checkpoints.
+Saving (save_checkpoint, collective) is atomic at the level of the tag directory: every rank writes its DeepSpeed
+files and RNG states into the staging directory `.partial-<tag>/` (DeepSpeed finds a checkpoint's files by the
+directory name alone: nothing inside names the tag, so the renamed directory loads like one written in place); after
+a barrier rank 0 fsyncs the files, renames the staging directory to `<tag>/` (an earlier `<tag>/` is first moved
+aside under a `.partial-` name: a run killed between that rename and `latest`, then resumed from an older
+checkpoint, leaves one), fsyncs the directory entries, replaces `latest`, and only then prunes: the newest `keep`
+complete checkpoints stay (the one just written always), older ones are renamed to `.partial-…` before they are
+deleted, and stale `.partial-*` directories of earlier, killed saves are deleted. So a kill -9 at any moment leaves
+`latest` naming a complete checkpoint (the previous one until the new one is published) and at most some
+`.partial-*` debris, which the next save removes. `latest_tag` and `load_checkpoint` accept complete tags only.
 
 Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume` on a 128 px run; facts §3.10, §4.7).
 When the newest checkpoint's model differs from the requested one only in clip_len / grid (resize_source), the
@@ -41,6 +52,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -58,6 +70,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 EXPORT = "export"
 TAG_PREFIX = "step"
+PARTIAL_PREFIX = ".partial-"  # staging directories of saves in progress (or killed), and doomed old checkpoints
 RESIZED_PREFIX = "resized-"  # not TAG_PREFIX: never taken for (or pruned as) a complete checkpoint
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -66,8 +79,24 @@ def tag_for_step(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
+_COMPLETE = re.compile(rf"{TAG_PREFIX}\d{{8}}")
+
+
+def is_complete_tag(name: str) -> bool:
+    """Whether `name` is a complete checkpoint's tag (`step<8 digits>`; never a `.partial-*` staging name)."""
+    return _COMPLETE.fullmatch(name) is not None
+
+
 def checkpoint_root(output: str | Path) -> Path:
     return Path(output) / CHECKPOINTS
+
+
+def complete_tags(output: str | Path) -> list[str]:
+    """Tags of the complete checkpoint directories of a run, oldest first (`.partial-*` ones are not)."""
+    root = checkpoint_root(output)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if is_complete_tag(p.name) and p.is_dir())
 
 
 def latest_tag(output: str | Path) -> str | None:
@@ -76,7 +105,7 @@ def latest_tag(output: str | Path) -> str | None:
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    return tag if tag and (checkpoint_root(output) / tag).is_dir() else None
+    return tag if is_complete_tag(tag) and (checkpoint_root(output) / tag).is_dir() else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -115,22 +144,104 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, output: str | Path, step: int, client_state: dict[str, Any], keep: int = 2) -> str:
-    """Save a complete checkpoint on every rank (collective); returns its tag. `keep` >= 1 newest are kept."""
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries), where the platform and file system allow it."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and directory under `folder` (itself included), so that a rename publishes data that is
+    on disk, not only in the page cache (a kill -9 keeps the page cache; a power loss does not)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _discard(root: Path, folder: Path) -> None:
+    """Delete a checkpoint directory so that no kill can leave a partly deleted one under a complete tag: it is
+    renamed to `.partial-<name>` (not counted, deleted by a later save if this one is killed) before deletion."""
+    if folder.name.startswith(PARTIAL_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    doomed = root / f"{PARTIAL_PREFIX}{folder.name}.old"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _publish(root: Path, staging: Path, tag: str) -> None:
+    """Rank 0: rename the finished staging directory to `<root>/<tag>` durably, then point `latest` at it."""
+    _fsync_tree(staging)
+    final = root / tag
+    if final.exists():  # written by a run that was killed before `latest` named it, and resumed from before it
+        _discard(root, final)
+    os.replace(staging, final)
+    _fsync_path(root)
+    _write_atomic(root / LATEST, tag)
+    _fsync_path(root)
+
+
+def _prune(root: Path, tag: str, keep: int) -> None:
+    """Rank 0, after publishing `tag`: keep the newest `keep` complete checkpoints (and `tag`), delete older ones
+    and every `.partial-*` leftover of an interrupted save (none is in progress: all ranks have passed the save)."""
+    complete = complete_tags(root.parent)
+    for old in complete[: max(0, len(complete) - max(1, keep))]:
+        if old != tag:
+            _discard(root, root / old)
+    for stale in root.iterdir():
+        if stale.name.startswith(PARTIAL_PREFIX) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(
+    engine,
+    output: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep: int = 2,
+    model_config: VimpacConfig | None = None,
+) -> str:
+    """Save a complete checkpoint on every rank (collective); returns its tag. `keep` >= 1 newest are kept.
+
+    Written into `.partial-<tag>/` and renamed to `<tag>/` by rank 0 once every rank has finished (see the module
+    docstring), so a kill at any moment leaves `latest` naming a complete checkpoint. `model_config`, when given,
+    is recorded in the checkpoint before it is published (what record_model_config writes afterwards)."""
     root = checkpoint_root(output)
     tag = tag_for_step(step)
+    staging_tag = f"{PARTIAL_PREFIX}{tag}"
+    staging = root / staging_tag
     rank, _ = _rank_world()
     rng = rng_state()  # before saving: nothing below may draw random numbers, but be explicit about the order
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng, root / tag / f"rng_rank{rank}.pt")
+    if rank == 0:  # debris of a killed attempt at this very step: no stale file may survive
+        shutil.rmtree(staging, ignore_errors=True)
     _barrier()
+    engine.save_checkpoint(str(root), tag=staging_tag, client_state=client_state, save_latest=False)
+    torch.save(rng, staging / f"rng_rank{rank}.pt")
+    if rank == 0 and model_config is not None:
+        model_config.save(staging / "vimpac_config.json")
+    _barrier()
+    failure = None
     if rank == 0:
-        _write_atomic(root / LATEST, tag)
-        complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-        for old in complete[: max(0, len(complete) - max(1, keep))]:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            _publish(root, staging, tag)
+            _prune(root, tag, keep)
+        except Exception as err:  # re-raised below on rank 0, after telling the others (no rank hangs)
+            failure = err
+    if not _rank0_succeeded(failure is None):  # collective, like the barrier it stands for
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank 0 could not publish checkpoint {root / tag}; see its log")
     return tag
 
 
@@ -138,6 +249,8 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
     """Restore engine state and this rank's RNG from `tag`; returns the client_state. Same world size only."""
     root = checkpoint_root(output)
     rank, world = _rank_world()
+    if not is_complete_tag(tag):
+        raise UsageError(f"{root / tag} is not a complete checkpoint (their tags are {TAG_PREFIX}<8 digits>)")
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise UsageError(f"could not load checkpoint {root / tag}; delete {root / LATEST} to start over")

@@ -1,0 +1,230 @@
+"""Checkpoints are published atomically: written into `.partial-<tag>/`, renamed to `<tag>/` when every rank is done.
+
+Checked with real one-process pre-training runs (DeepSpeed on its CPU accelerator, ZeRO 2): keep-K pruning leaves
+exactly K complete checkpoints and no staging directory, and a finished run resumes; a run killed with SIGKILL
+in the middle of a save (held there by a wrapper around `torch.save`) leaves `latest` on the previous, complete
+checkpoint and the interrupted one under `.partial-*`, uncounted; resumed, it reproduces the loss curve of a run
+that was never stopped and cleans the debris. The bookkeeping around it (leftovers of killed runs, names that are
+not tags) is checked in-process with a stand-in engine that writes files where DeepSpeed would.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.synthetic_codes import write_code_database
+from tests.test_pretrain_runs import MODEL, REPO, RUN, assert_same_curve, command, environment, train
+from vimpac.checkpoint import (
+    LATEST,
+    PARTIAL_PREFIX,
+    checkpoint_root,
+    complete_tags,
+    latest_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
+from vimpac.config import VimpacConfig
+from vimpac.errors import UsageError
+from vimpac.metrics import read_metrics
+
+FLAGS = ["--epochs", "2", "--zero-stage", "2"]  # 4 optimizer steps per epoch, 8 in all
+KILL_FLAGS = [*FLAGS, "--save-steps", "1"]
+
+# Run in a fresh interpreter: every torch.save goes through (DeepSpeed's files too); the third RNG file, the last
+# file of the third checkpoint, is written and then the process announces itself and waits to be killed inside
+# save_checkpoint, before the staging directory is published.
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+
+sys.path.insert(0, {repo!r})
+import torch
+
+marker = Path(sys.argv[1])
+real_save = torch.save
+rng_files = 0
+
+
+def slow_save(obj, f, *args, **kwargs):
+    global rng_files
+    result = real_save(obj, f, *args, **kwargs)
+    if Path(str(f)).name.startswith("rng_rank"):
+        rng_files += 1
+        if rng_files == 3:
+            marker.write_text(str(f))
+            time.sleep(120)
+    return result
+
+
+torch.save = slow_save
+from vimpac.pretrain import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def staging_dirs(output: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint_root(output).iterdir() if p.name.startswith(PARTIAL_PREFIX))
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    return write_code_database(tmp_path_factory.mktemp("db") / "db", videos=64)
+
+
+@pytest.fixture(scope="module")
+def reference(database, tmp_path_factory):
+    """The kill test's run, never interrupted: its loss curve."""
+    return train(database, tmp_path_factory.mktemp("reference") / "run", 1, *KILL_FLAGS)
+
+
+@pytest.mark.slow
+def test_keep_k_leaves_k_complete_checkpoints_and_a_finished_run_resumes(database, reference, tmp_path):
+    output = tmp_path / "run"
+    flags = [*FLAGS, "--save-steps", "2", "--keep-checkpoints", "2"]
+    curve = train(database, output, 1, *flags)
+    # Saves at steps 2, 4 (epoch end), 6, 8 (epoch end); the cadence does not touch the training itself.
+    assert_same_curve(curve, reference)
+    assert complete_tags(output) == ["step00000006", "step00000008"]
+    assert latest_tag(output) == "step00000008" == (checkpoint_root(output) / LATEST).read_text()
+    assert staging_dirs(output) == []
+    assert (output / "export" / "model.safetensors").is_file()  # exported from the renamed ZeRO checkpoint
+
+    result = subprocess.run(
+        command(database, output, 1, *flags, "--resume"),
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step00000008: epoch 2, step 0 of 4" in result.stdout
+    assert read_metrics(output) == curve
+    assert complete_tags(output) == ["step00000006", "step00000008"] and staging_dirs(output) == []
+
+
+@pytest.mark.slow
+def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_continues(database, reference, tmp_path):
+    output = tmp_path / "killed"
+    wrapper = tmp_path / "slow_save.py"
+    wrapper.write_text(SLOW_SAVE.format(repo=str(REPO)))
+    marker = tmp_path / "inside-third-save"
+    argv = ["--data", str(database), "--output", str(output), *MODEL, *RUN, *KILL_FLAGS]
+    process = subprocess.Popen(
+        [sys.executable, str(wrapper), str(marker), *argv],
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, "the run ended before its third save"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    root = checkpoint_root(output)
+    interrupted = root / f"{PARTIAL_PREFIX}step00000003"
+    assert Path(marker.read_text()) == interrupted / "rng_rank0.pt"
+    # Every file of step 3 was written, yet it was not published: not counted, not the latest.
+    assert (interrupted / "rng_rank0.pt").is_file() and list(interrupted.glob("*model_states.pt"))
+    assert staging_dirs(output) == [interrupted.name]
+    assert complete_tags(output) == ["step00000001", "step00000002"]
+    assert latest_tag(output) == "step00000002"
+    assert max(read_metrics(output)) == 3
+
+    result = subprocess.run(
+        command(database, output, 1, *KILL_FLAGS, "--resume"),
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step00000002: epoch 0, step 2 of 4" in result.stdout
+    assert_same_curve(read_metrics(output), reference)
+    assert staging_dirs(output) == []
+    assert complete_tags(output) == ["step00000007", "step00000008"] and latest_tag(output) == "step00000008"
+
+
+# ------------------------------------------------------------------------------------ in-process bookkeeping
+class FileEngine:
+    """Writes a model-states file where DeepSpeed's engine.save_checkpoint would (save_dir/tag/)."""
+
+    def __init__(self):
+        self.tags = []
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest
+        self.tags.append(tag)
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"client_state": client_state}, folder / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag):
+        raise AssertionError("must not be reached")
+
+
+def test_save_publishes_by_rename_and_clears_what_killed_runs_left(tmp_path):
+    output = tmp_path / "run"
+    root = checkpoint_root(output)
+    # A run that published step 1, then was killed: after publishing step 5 (before `latest` named it), inside a
+    # later save (step 4's staging) and inside the save of step 3 (with a file this save will not write again).
+    for name, junk in [
+        ("step00000001", None),
+        ("step00000005", "from-the-killed-run"),
+        (".partial-step00000004", "x"),
+        (".partial-step00000003", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ]:
+        (root / name).mkdir(parents=True)
+        if junk:
+            (root / name / junk).write_text("stale")
+    (root / LATEST).write_text("step00000001")
+    engine = FileEngine()
+    config = VimpacConfig.from_dict({**VimpacConfig().to_dict(), "layers": 1})
+
+    assert save_checkpoint(engine, output, 3, {"epoch": 0}, keep=2, model_config=config) == "step00000003"
+    assert engine.tags == [".partial-step00000003"]
+    assert latest_tag(output) == "step00000003"
+    assert sorted(p.name for p in (root / "step00000003").iterdir()) == [
+        "mp_rank_00_model_states.pt",
+        "rng_rank0.pt",
+        "vimpac_config.json",
+    ]
+    assert VimpacConfig.load(root / "step00000003" / "vimpac_config.json") == config
+    # Newest two kept (the leftover step 5 is newer); every staging directory is gone.
+    assert complete_tags(output) == ["step00000003", "step00000005"] and staging_dirs(output) == []
+
+    save_checkpoint(engine, output, 4, {}, keep=2)
+    save_checkpoint(engine, output, 5, {}, keep=2)  # replaces the leftover of the killed run
+    assert complete_tags(output) == ["step00000004", "step00000005"] and latest_tag(output) == "step00000005"
+    assert not (root / "step00000005" / "from-the-killed-run").exists()
+    assert staging_dirs(output) == []
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step00000004", "step00000005"]
+
+
+def test_staging_directories_are_never_taken_for_checkpoints(tmp_path):
+    output = tmp_path / "run"
+    root = checkpoint_root(output)
+    (root / ".partial-step00000003").mkdir(parents=True)
+    (root / LATEST).write_text(".partial-step00000003")
+    assert latest_tag(output) is None and complete_tags(output) == []
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        load_checkpoint(FileEngine(), output, ".partial-step00000003")
+    (root / "step00000002").mkdir()
+    (root / "step2").mkdir()
+    (root / LATEST).write_text("step00000002\n")
+    assert latest_tag(output) == "step00000002" and complete_tags(output) == ["step00000002"]
