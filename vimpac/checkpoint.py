@@ -216,7 +216,8 @@ def save_checkpoint(
 
     Written into `.partial-<tag>/` and renamed to `<tag>/` by rank 0 once every rank has finished (see the module
     docstring), so a kill at any moment leaves `latest` naming a complete checkpoint. `model_config`, when given,
-    is recorded in the checkpoint before it is published (what record_model_config writes afterwards)."""
+    is recorded in the checkpoint (vimpac_config.json) before it is published, so a resume can compare shapes
+    before loading."""
     root = checkpoint_root(output)
     tag = tag_for_step(step)
     staging_tag = f"{PARTIAL_PREFIX}{tag}"
@@ -268,12 +269,6 @@ def checkpoint_model_config(output: str | Path, tag: str) -> VimpacConfig | None
     """The model config recorded with checkpoint `tag` (None when absent)."""
     path = checkpoint_root(output) / tag / "vimpac_config.json"
     return VimpacConfig.load(path) if path.is_file() else None
-
-
-def record_model_config(output: str | Path, tag: str, config: VimpacConfig) -> None:
-    """Write the model config beside checkpoint `tag` (rank 0), so a resume can compare shapes before loading."""
-    if _rank_world()[0] == 0:
-        config.save(checkpoint_root(output) / tag / "vimpac_config.json")
 
 
 def fp32_state_dict(engine, output: str | Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor] | None:

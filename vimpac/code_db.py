@@ -27,6 +27,11 @@ Crash safety: each view is its own LMDB environment and a commit writes one tran
 killed between two view commits leaves a video in some views only. `CodeDatabaseWriter.done_ids` therefore
 counts a video as done only when it is in every view (or in failures.jsonl); the rerun rewrites it (put
 overwrites). Readers likewise only list ids present in every view.
+
+Damaged records: a record that does not decode (garbage, truncated, another record version) or a listed id
+without a record raises CorruptRecordError (MissingRecordError, also a KeyError, for the latter) naming the
+database, the view and the video id; the trainers stop on it or, with --on-bad-record skip, let another video
+stand in (vimpac.data.read_or_substitute).
 """
 
 from __future__ import annotations
@@ -65,6 +70,54 @@ _HEADER = struct.Struct("<4sHBxIHHidd")
 HEADER_SIZE = _HEADER.size
 _DTYPE_CODES = {1: np.dtype("<i2"), 2: np.dtype("<i4")}
 _CODE_OF_DTYPE = {dt: code for code, dt in _DTYPE_CODES.items()}
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class CorruptRecordError(ValueError):
+    """A record of a code database that cannot be read: it does not decode (bad magic or version, unknown dtype,
+    a length that disagrees with its header: garbage or truncated bytes). The message names the database, the
+    view and the video id; the same facts are attributes (`path`, `view`, `video_id`, `reason`: the decoder's
+    words). Raised by `CodeDatabase.read` / `record` / `validate`. The constructor also takes a message alone,
+    which is how a DataLoader worker's exception is re-raised in the main process (see `record_error_message`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str | Path | None = None,
+        view: str | None = None,
+        video_id: str | None = None,
+        reason: str | None = None,
+    ):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.view, self.video_id, self.reason = view, video_id, reason
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def as_dict(self) -> dict[str, str | None]:
+        """{"path", "view", "id", "reason"}: what a skipped record's warning names (json-serializable)."""
+        return {"path": self.path, "view": self.view, "id": self.video_id, "reason": self.reason or str(self)}
+
+
+class MissingRecordError(CorruptRecordError, KeyError):
+    """A video id that has no record in a view (a KeyError too, as `CodeDatabase.raw` always raised)."""
+
+
+def record_error_message(err: CorruptRecordError) -> str:
+    """The one-line message of `err`, also when a DataLoader worker raised it: torch then re-raises the same type
+    with "Caught ... in DataLoader worker process N. Original Traceback ..." as its message, whose last line
+    holds the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        for line in reversed(text.strip().splitlines()):
+            name = f"{type(err).__name__}: "
+            if name in line:
+                return line.split(name, 1)[1].strip()
+    return text
 
 
 # --------------------------------------------------------------------------------------------------- records
@@ -331,11 +384,16 @@ def _keys(env: lmdb.Environment) -> set[str]:
 
 
 def _frames_by_id(env: lmdb.Environment) -> dict[str, int]:
-    """Frame count of every record in one view, reading only headers (buffers: no copy of the codes)."""
+    """Frame count of every record in one view, reading only headers (buffers: no copy of the codes). A record that
+    does not decode counts 0 frames (so `inspect` can go on and report it as a problem)."""
     out = {}
     with env.begin(buffers=True) as txn:
         for key, value in txn.cursor():
-            out[bytes(key).decode("utf-8")] = _unpack_header(value)[1]
+            try:
+                frames = _unpack_header(value)[1]
+            except ValueError:
+                frames = 0
+            out[bytes(key).decode("utf-8")] = frames
     return out
 
 
@@ -632,21 +690,62 @@ class CodeDatabase:
             env = self._envs[view] = _READERS.acquire(self.path / VIEWS_DIR / view, self.lock)
         return env
 
+    def _missing(self, video_id: str, view: str) -> MissingRecordError:
+        return MissingRecordError(
+            f"code database {self.path}: video {video_id!r} is not in view {view!r} (a missing record); check the "
+            f"database with `vimpac db inspect {self.path}`, re-tokenize the video, or train with --on-bad-record "
+            "skip",
+            self.path,
+            view,
+            video_id,
+            "missing record",
+        )
+
+    def _corrupt(self, video_id: str, view: str, err: ValueError) -> CorruptRecordError:
+        return CorruptRecordError(
+            f"code database {self.path}: the record of video {video_id!r} in view {view!r} is corrupt ({err}); check "
+            f"the database with `vimpac db inspect {self.path}`, re-tokenize the video, or train with "
+            "--on-bad-record skip",
+            self.path,
+            view,
+            video_id,
+            str(err),
+        )
+
     def raw(self, video_id: str, view: str) -> bytes:
-        """The encoded record (bytes, a copy out of the memory map); KeyError naming id and view if absent."""
+        """The encoded record (bytes, a copy out of the memory map); MissingRecordError (a KeyError) naming the
+        database, id and view if absent."""
         with self._env(view).begin() as txn:
             buf = txn.get(video_id.encode("utf-8"))
         if buf is None:
-            raise KeyError(f"video {video_id!r} is not in view {view!r} of {self.path}")
+            raise self._missing(video_id, view)
         return buf
 
     def record(self, video_id: str, view: str) -> Record:
-        return decode_record(self.raw(video_id, view))
+        """The decoded record; CorruptRecordError naming the database, view and id when it does not decode."""
+        buf = self.raw(video_id, view)
+        try:
+            return decode_record(buf)
+        except ValueError as err:
+            raise self._corrupt(video_id, view, err) from err
 
     def read(self, video_id: str, view: str) -> tuple[np.ndarray, int]:
-        """(codes [frames, h, w] int16/int32 read-only, label int)."""
+        """(codes [frames, h, w] int16/int32 read-only, label int). A missing or undecodable record raises
+        CorruptRecordError (MissingRecordError when absent) naming the database, the view and the video id."""
         rec = self.record(video_id, view)
         return rec.codes, rec.label
+
+    def validate(self, video_id: str, view: str) -> None:
+        """Raise as `read` would for a missing or undecodable record, reading only its header (no copy of the
+        codes: cheap enough to check a whole split before an evaluation)."""
+        with self._env(view).begin(buffers=True) as txn:
+            buf = txn.get(video_id.encode("utf-8"))
+            if buf is None:
+                raise self._missing(video_id, view)
+            try:
+                _unpack_header(buf)
+            except ValueError as err:
+                raise self._corrupt(video_id, view, err) from err
 
     def ids(self, split: str | None = None) -> list[str]:
         """Sorted ids with a record in every view; with `split`, only those listed in that manifest split."""
@@ -725,8 +824,8 @@ def inspect(path: str | Path, sample: int = 100, seed: int = 0) -> dict:
         for view in db.views:
             try:
                 rec = db.record(video_id, view)
-            except ValueError as err:
-                problems.append({"id": video_id, "view": view, "problem": f"does not decode: {err}"})
+            except CorruptRecordError as err:
+                problems.append({"id": video_id, "view": view, "problem": f"does not decode: {err.reason or err}"})
                 continue
             frames[view] = rec.frames
             for problem in _record_problems(rec, grid, vocab, expected_dtype, num_classes):

@@ -7,11 +7,21 @@ frame be reached); a video shorter than the window gets delta = 0 and its clip i
 
 Randomness is a pure function of (seed, epoch, index): every sample draws from its own numpy Generator, so the
 result does not depend on the worker that computes it, on prefetching, or on where a run was resumed.
+
+Bad records (--on-bad-record): a record that is missing or does not decode raises vimpac.code_db's
+CorruptRecordError naming the database, view and video ("stop", the default). With "skip" the next index
+(wrapping around) whose record reads fine in the same view stands in, with the sample's own random draws, so the
+substitution is deterministic too; the item then also carries `bad_records` (1 when its own video was bad, else
+0) and `bad_record_log` (json list of the records that failed on the way), which the trainer counts
+(data/bad_records) and reports (one warning line per bad record, rank 0) before the batch reaches the model.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-from vimpac.code_db import CodeDatabase
+from vimpac.code_db import CodeDatabase, CorruptRecordError
 from vimpac.errors import UsageError
 from vimpac.masking import check_mask_config, mask_blocks
 
@@ -29,6 +39,73 @@ from vimpac.masking import check_mask_config, mask_blocks
 SAMPLING_STREAM = 0
 MASKING_STREAM = 1
 ORDER_STREAM = 2
+
+BAD_RECORD_MODES = ("stop", "skip")
+# Extra item keys in "skip" mode (the trainer removes them from the batch).
+BAD_RECORDS_KEY = "bad_records"
+BAD_RECORD_LOG_KEY = "bad_record_log"
+
+
+# ------------------------------------------------------------------------------------------------ bad records
+
+
+def check_bad_record_mode(mode: str) -> str:
+    if mode not in BAD_RECORD_MODES:
+        raise UsageError(f"--on-bad-record must be one of {', '.join(BAD_RECORD_MODES)}; got {mode!r}")
+    return mode
+
+
+def read_or_substitute(
+    db: CodeDatabase, ids: Sequence[str], index: int, view: str, mode: str
+) -> tuple[np.ndarray, int, list[dict[str, str | None]]]:
+    """(codes, label, bad) of ids[index] in `view`. "stop": a missing or undecodable record raises
+    CorruptRecordError (naming database, view, id). "skip": the next index, wrapping around, whose record reads
+    fine stands in; `bad` lists every record that failed on the way (CorruptRecordError.as_dict), [] when
+    ids[index] itself was read. CorruptRecordError when no record of `ids` can be read in `view`."""
+    if mode != "skip":
+        codes, label = db.read(ids[index], view)
+        return codes, label, []
+    bad = []
+    for offset in range(len(ids)):
+        try:
+            codes, label = db.read(ids[(index + offset) % len(ids)], view)
+        except CorruptRecordError as err:
+            bad.append(err.as_dict())
+            continue
+        return codes, label, bad
+    raise CorruptRecordError(
+        f"code database {db.path}: none of the {len(ids)} videos can be read in view {view!r} (e.g. {bad[0]['id']!r}: "
+        f"{bad[0]['reason']}); the database is damaged, rebuild it",
+        db.path,
+        view,
+        bad[0]["id"],
+        bad[0]["reason"],
+    )
+
+
+def bad_record_line(entry: Mapping[str, Any], action: str) -> str:
+    """One warning line for a skipped record (an entry of CorruptRecordError.as_dict)."""
+    return (
+        f"warning: code database {entry['path']}: video {entry['id']!r} in view {entry['view']!r} cannot be read "
+        f"({entry['reason']}); {action} (--on-bad-record skip)"
+    )
+
+
+_WARNED: set[tuple[Any, ...]] = set()
+
+
+def warn_bad_record(entry: Mapping[str, Any], action: str) -> None:
+    """Print `bad_record_line` once per record and action in this process, on rank 0 only (RANK from the
+    launcher: datasets are built before the process group exists)."""
+    key = (entry["path"], entry["view"], entry["id"], action)
+    if key not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(key)
+        print(bad_record_line(entry, action), file=sys.stderr, flush=True)
+
+
+def bad_record_fields(bad: list[dict[str, str | None]]) -> dict[str, Any]:
+    """The extra item keys of "skip" mode: whether the item's own video was replaced, and the failures (json)."""
+    return {BAD_RECORDS_KEY: int(bool(bad)), BAD_RECORD_LOG_KEY: json.dumps(bad)}
 
 
 # ------------------------------------------------------------------------------------------ window arithmetic
@@ -123,6 +200,7 @@ class PretrainClips(Dataset):
     `views` are the database views to draw from (one per sample, uniformly; default all). `frame_rate` None
     keeps the database's fps. `relevance_range` bounds the start distance of the two clips in database frames.
     pad_id / mask_id come from the model config and must lie outside the codes [0, vocab_size).
+    `on_bad_record` ("stop" or "skip"): what a missing or undecodable record does (module docstring).
     """
 
     def __init__(
@@ -140,7 +218,9 @@ class PretrainClips(Dataset):
         relevance_range: int | None = None,
         seed: int = 0,
         mlm_weight: float = 1.0,
+        on_bad_record: str = "stop",
     ):
+        self.on_bad_record = check_bad_record_mode(on_bad_record)
         self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
         manifest = self.db.manifest
         self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
@@ -186,7 +266,7 @@ class PretrainClips(Dataset):
         index = int(index)
         rng = sample_rng(self.seed, epoch, index, SAMPLING_STREAM)
         view = self.views[int(rng.integers(len(self.views)))]
-        codes, label = self.db.read(self.ids[index], view)
+        codes, label, bad = read_or_substitute(self.db, self.ids, index, view, self.on_bad_record)
         delta = clip_slack(codes.shape[0], self.clip_len, self.stride)
         starts = pair_starts(delta, rng, self.relevance_range)
         inputs, labels = [], []
@@ -203,12 +283,15 @@ class PretrainClips(Dataset):
             )
             inputs.append(masked)
             labels.append(target)
-        return {
+        item = {
             "inputs": torch.from_numpy(np.stack(inputs)),
             "labels": torch.from_numpy(np.stack(labels)),
             "label": int(label),
             "index": index,
         }
+        if self.on_bad_record == "skip":
+            item.update(bad_record_fields(bad))
+        return item
 
 
 # ------------------------------------------------------------------------------------------------- sampler

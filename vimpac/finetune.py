@@ -12,6 +12,7 @@ only parses; the work is vimpac.finetune_setup, the data vimpac.finetune_data.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
+from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.config import add_model_arguments
-from vimpac.errors import UsageError
+from vimpac.errors import NonFiniteLossError, UsageError
 from vimpac.optim import SCHEDULES
 
 DEBUG_STEPS = 5
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on optimizer steps per epoch")
     run.add_argument("--tqdm", action="store_true", help="progress bars")
     run.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: the accelerator's)")
+    run.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=20,
+        help="stop (exit code 3, nothing saved) after this many consecutive optimizer steps with a NaN/Inf loss; "
+        "checkpoints are not written while such a streak runs (0: off)",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="labeled code database with the training views")
@@ -76,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--frame-rate", type=float, default=None, help="clip fps, must divide the database's")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    data.add_argument(
+        "--on-bad-record",
+        default="stop",
+        choices=("stop", "skip"),
+        help="a missing or undecodable record: stop with an error naming database, view and video, or skip it "
+        "(another video stands in; one warning per record, counted as data/bad_records; bad test videos are left "
+        "out of the evaluation)",
+    )
 
     model = parser.add_argument_group("weights")
     model.add_argument("--load", default=None, help="exported weights (config.json + model.safetensors, or a run dir)")
@@ -128,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--epochs, --eval-per-epochs, --num-test-clips and --save-epochs must be >= 1")
         if not 0 <= args.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
+        if args.max_nonfinite_steps < 0:
+            raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off); got {args.max_nonfinite_steps}")
         from vimpac.dist_setup import prepare_environment
 
         prepare_environment()  # before deepspeed is imported
@@ -137,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"vimpac/finetune.py: error: {err}", file=sys.stderr)
         return 2
+    except CorruptRecordError as err:  # --on-bad-record stop (the default)
+        print(f"vimpac/finetune.py: error: {record_error_message(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:  # raised on every rank at the same step
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vimpac/finetune.py: stopped: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

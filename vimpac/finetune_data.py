@@ -19,6 +19,13 @@ Datasets:
                         centre clip): item i → tokens [V·K, T, h, w], view-major (view v, clip k at row v·K + k)
 Training and test views may live in different databases of the same videos (the demo writes a 6-view train
 database and a 3-view test database); the split's video ids are looked up in each database separately.
+
+Bad records (`on_bad_record`, vimpac.data): "stop" raises CorruptRecordError naming database, view and video.
+"skip": a video whose record in the first view (read for its label at construction) is bad is left out of the
+split, with a warning; in the training set a bad record met later, in another view, is replaced by the next
+readable video (vimpac.data.read_or_substitute) and counted by the trainer; the test set checks every test view
+of every video at construction (headers only) and leaves the bad videos out, so an evaluation never scores one
+video's clips against another's label.
 """
 
 from __future__ import annotations
@@ -33,15 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vimpac.code_db import CodeDatabase
+from vimpac.code_db import CodeDatabase, CorruptRecordError
 from vimpac.data import (
     SAMPLING_STREAM,
+    bad_record_fields,
+    check_bad_record_mode,
     clip_slack,
     evaluation_starts,
     frame_stride,
     random_start,
+    read_or_substitute,
     sample_rng,
     take_clip,
+    warn_bad_record,
 )
 from vimpac.errors import UsageError
 
@@ -137,11 +148,31 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
     }
 
 
-def _labeled_ids(db: CodeDatabase, split: str, view: str, num_classes: int) -> tuple[list[str], list[int]]:
+def _labeled_ids(
+    db: CodeDatabase, split: str, views: Sequence[str], num_classes: int, on_bad_record: str = "stop", check_all=False
+) -> tuple[list[str], list[int]]:
+    """(ids, labels) of a labeled split, labels read from the first view. "skip" leaves out (with a warning) the
+    videos whose first-view record is bad, and with `check_all` those with a bad record in any of `views`."""
     ids = db.ids(split)
     if not ids:
         raise UsageError(f"split {split!r} of {db.path} has no videos")
-    labels = [db.record(i, view).label for i in ids]
+    kept, labels = [], []
+    for video in ids:
+        try:
+            label = db.record(video, views[0]).label
+            if check_all:
+                for view in views[1:]:
+                    db.validate(video, view)
+        except CorruptRecordError as err:
+            if on_bad_record != "skip":
+                raise
+            warn_bad_record(err.as_dict(), f"left out of split {split!r}")
+            continue
+        kept.append(video)
+        labels.append(label)
+    if not kept:
+        raise UsageError(f"no video of split {split!r} in {db.path} can be read; the database is damaged, rebuild it")
+    ids = kept
     bad = [(i, lab) for i, lab in zip(ids, labels) if not 0 <= lab < num_classes]
     if bad:
         raise UsageError(
@@ -175,14 +206,16 @@ class FinetuneTrainClips(Dataset):
         views: Sequence[str],
         frame_rate: float | None = None,
         seed: int = 0,
+        on_bad_record: str = "stop",
     ):
+        self.on_bad_record = check_bad_record_mode(on_bad_record)
         self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
         self.views = list(views)
         unknown = [v for v in self.views if v not in self.db.views]
         if unknown or not self.views:
             raise UsageError(f"views {unknown or '[]'} are not in {self.db.path}; valid: {', '.join(self.db.views)}")
         self.num_classes = num_classes_of(self.db)
-        self.ids, self.labels = _labeled_ids(self.db, split, self.views[0], self.num_classes)
+        self.ids, self.labels = _labeled_ids(self.db, split, self.views, self.num_classes, self.on_bad_record)
         self.clip_len, self.pad_id, self.seed = clip_len, pad_id, seed
         self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
         self.epoch = 0
@@ -196,13 +229,15 @@ class FinetuneTrainClips(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = int(index)
-        video = self.ids[index]
         rng = sample_rng(self.seed, epoch, index, SAMPLING_STREAM)
         view = int(rng.integers(len(self.views)))
-        codes, label = self.db.read(video, self.views[view])
+        codes, label, bad = read_or_substitute(self.db, self.ids, index, self.views[view], self.on_bad_record)
         start = random_start(clip_slack(codes.shape[0], self.clip_len, self.stride), rng)
         tokens = take_clip(codes, start, self.clip_len, self.stride, self.pad_id)
-        return {"tokens": torch.from_numpy(tokens), "label": int(label), "index": index, "view": view, "start": start}
+        item = {"tokens": torch.from_numpy(tokens), "label": int(label), "index": index, "view": view, "start": start}
+        if self.on_bad_record == "skip":
+            item.update(bad_record_fields(bad))
+        return item
 
 
 class FinetuneTestClips(Dataset):
@@ -219,7 +254,9 @@ class FinetuneTestClips(Dataset):
         views: Sequence[str],
         num_clips: int = 1,
         frame_rate: float | None = None,
+        on_bad_record: str = "stop",
     ):
+        self.on_bad_record = check_bad_record_mode(on_bad_record)
         self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
         self.views = list(views)
         unknown = [v for v in self.views if v not in self.db.views]
@@ -229,7 +266,8 @@ class FinetuneTestClips(Dataset):
             raise UsageError(f"the number of test clips must be >= 1; got {num_clips}")
         self.num_classes = num_classes_of(self.db)
         self.class_names = list(self.db.manifest["classes"])
-        ids, labels = _labeled_ids(self.db, split, self.views[0], self.num_classes)
+        skip = self.on_bad_record == "skip"
+        ids, labels = _labeled_ids(self.db, split, self.views, self.num_classes, self.on_bad_record, check_all=skip)
         self.ids, self.labels = ids, torch.tensor(labels, dtype=torch.long)
         self.split, self.clip_len, self.pad_id, self.num_clips = split, clip_len, pad_id, num_clips
         self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)

@@ -352,7 +352,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     views_test = _views_flag(args.test_views) or evaluation_views(eval_db.views, dataset_name, frame_size)
     clip_counts = sorted({args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)})
     last_clips = parse_clip_counts(args.last_test_clips, args.num_test_clips)
-    common = {"pad_id": config.pad_id, "frame_rate": args.frame_rate}
+    common = {"pad_id": config.pad_id, "frame_rate": args.frame_rate, "on_bad_record": args.on_bad_record}
     train_set = FinetuneTrainClips(train_db, train_split, config.clip_len, views=views_train, seed=args.seed, **common)
     test_sets = {
         k: FinetuneTestClips(eval_db, eval_split, config.clip_len, views=views_test, num_clips=k, **common)
@@ -390,6 +390,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         progress=args.tqdm,
         eval_every=args.eval_per_epochs,
         max_epochs_this_run=args.interval,
+        max_nonfinite_steps=args.max_nonfinite_steps,
     )
     trainer = FinetuneTrainer(
         engine,

@@ -11,6 +11,7 @@ builds and runs; the loop is vimpac.trainer, checkpoints vimpac.checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
+from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.config import add_model_arguments
-from vimpac.errors import UsageError
+from vimpac.errors import NonFiniteLossError, UsageError
 from vimpac.knn import add_knn_arguments
 from vimpac.optim import SCHEDULES
 
@@ -81,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dist-backend", default=None, help="torch.distributed backend (default: the accelerator's; gloo on CPU)"
     )
+    run.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=20,
+        help="stop (exit code 3, nothing saved) after this many consecutive optimizer steps with a NaN/Inf loss; "
+        "checkpoints are not written while such a streak runs (0: off)",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="code database directory (vimpac tokenize)")
@@ -92,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-rate", type=float, default=None, help="clip fps; must divide the database's fps (default: its fps)"
     )
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    data.add_argument(
+        "--on-bad-record",
+        default="stop",
+        choices=("stop", "skip"),
+        help="a missing or undecodable record: stop with an error naming database, view and video, or skip it "
+        "(another video stands in; one warning per record, counted as data/bad_records)",
+    )
     data.add_argument(
         "--nce-relevance-range",
         type=int,
@@ -167,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"vimpac/pretrain.py: error: {err}", file=sys.stderr)
         return 2
+    except CorruptRecordError as err:  # --on-bad-record stop (the default)
+        print(f"vimpac/pretrain.py: error: {record_error_message(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:  # raised on every rank at the same step
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vimpac/pretrain.py: stopped: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def run(args: argparse.Namespace) -> int:

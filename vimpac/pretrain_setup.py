@@ -174,6 +174,8 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
     if args.save_epochs < 1:
         raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
+    if args.max_nonfinite_steps < 0:
+        raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
     # Validate everything before the process group exists: bad input fails fast, with one clear message.
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
@@ -193,6 +195,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         relevance_range=args.nce_relevance_range,
         seed=args.seed,
         mlm_weight=args.mlm_weight,
+        on_bad_record=args.on_bad_record,
     )
     knn = knn_monitor_from_args(args, model_config)  # checks its database before any process group exists
     limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
@@ -232,6 +235,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         peak_flops=peak,
         eval_every=args.eval_per_epochs,
         knn=knn,
+        max_nonfinite_steps=args.max_nonfinite_steps,
     )
     trainer = PretrainTrainer(engine, model_config, dataset, settings, output, ds_config)
     previous_total = recorded_total_steps(output)

@@ -10,10 +10,26 @@ position in the epoch is one number, the optimizer steps already done in it; Dee
 optimizer, scheduler and loss scale; vimpac.checkpoint restores each rank's RNG (dropout). The DataLoader gets
 its own generator so creating an iterator never draws from the global RNG (it would, by default, and a run
 resumed mid-epoch creates its iterator at a different moment than the uninterrupted run).
+
+Non-finite losses (--max-nonfinite-steps N): fp16 overflow steps are skipped by DeepSpeed (optim/skipped_steps,
+optim/loss_scale), but a loss that stays NaN/Inf means the run has diverged. The loop counts consecutive optimizer
+steps whose all-reduced loss/total is not finite (so every rank decides alike); a finite step resets the count.
+At N it writes that step's metrics and raises vimpac.errors.NonFiniteLossError on every rank, naming the step,
+the streak, the last good checkpoint and remedies; nothing is saved. While a streak is running, scheduled
+checkpoints (and exports) are skipped with a warning, so no checkpoint can hold a diverged state. N = 0 turns
+all of this off.
+
+Bad records (--on-bad-record skip, vimpac.data): the batches' bad-record fields are taken out before the model
+sees them; after each optimizer step the count is summed over ranks (a collective, in skip mode only), rank 0
+prints one warning line per bad record and appends it to <output>/bad_records.jsonl, and the epoch's last
+metrics record holds data/bad_records (samples substituted in the epoch, in this launch).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +41,22 @@ from torch.utils.data import DataLoader
 
 from vimpac.checkpoint import (
     checkpoint_model_config,
+    checkpoint_root,
     export_weights,
     fp32_state_dict,
     latest_tag,
     load_checkpoint,
-    record_model_config,
     save_checkpoint,
 )
 from vimpac.config import VimpacConfig
-from vimpac.data import PretrainClips, ResumableDistributedSampler
-from vimpac.errors import UsageError
+from vimpac.data import (
+    BAD_RECORD_LOG_KEY,
+    BAD_RECORDS_KEY,
+    PretrainClips,
+    ResumableDistributedSampler,
+    bad_record_line,
+)
+from vimpac.errors import NonFiniteLossError, UsageError
 from vimpac.flops import pretrain_train_flops
 from vimpac.losses import info_nce, masked_token_loss
 from vimpac.metrics import MetricsWriter, StepAccumulator
@@ -46,7 +68,8 @@ if TYPE_CHECKING:
 @dataclass
 class TrainSettings:
     """Loop settings that are not DeepSpeed's. steps_per_epoch_limit: --debug / --max-steps-per-epoch.
-    knn: the kNN monitor (vimpac.knn), run after the last step of every `eval_every`-th epoch and of the last."""
+    knn: the kNN monitor (vimpac.knn), run after the last step of every `eval_every`-th epoch and of the last.
+    max_nonfinite_steps: stop after this many consecutive non-finite losses (0: never; module docstring)."""
 
     epochs: int
     mlm_weight: float = 1.0
@@ -64,6 +87,7 @@ class TrainSettings:
     export: bool = True
     eval_every: int = 1
     knn: KnnMonitor | None = None
+    max_nonfinite_steps: int = 20
 
 
 def check_database_matches(manifest: dict[str, Any], config: VimpacConfig) -> None:
@@ -107,9 +131,12 @@ def current_loss_scale(engine) -> float | None:
     """The dynamic loss scale of an fp16 run (None otherwise)."""
     if not engine.fp16_enabled():
         return None
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(engine.optimizer, name, None)
-        if value is not None:
+    optimizer = engine.optimizer
+    config = getattr(optimizer, "loss_scale_config", None)  # where the engine's own accessor looks first
+    candidates = [getattr(config, "cur_scale", None)] if config is not None else []
+    candidates += [getattr(optimizer, name, None) for name in ("cur_scale", "loss_scale")]
+    for value in candidates:
+        if value is not None and not callable(value):
             return float(value)
     return None
 
@@ -148,6 +175,14 @@ class PretrainTrainer:
         )
         self.writer = MetricsWriter(self.output, enabled=self.rank == 0)
         self.epoch, self.step_in_epoch = 0, 0
+        if settings.max_nonfinite_steps < 0:
+            raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {settings.max_nonfinite_steps}")
+        self.nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss/total
+        self.last_finite_step: int | None = None
+        self.track_bad_records = getattr(dataset, "on_bad_record", "stop") == "skip"
+        self.epoch_bad_records = 0
+        self._step_bad_records, self._step_bad_log = 0, []
+        self._warned_bad: set[tuple] = set()
 
     # ---------------------------------------------------------------------------------------------- sizes
     def full_epoch_steps(self) -> int:
@@ -191,11 +226,14 @@ class PretrainTrainer:
         }
 
     def save(self) -> str:
-        tag = save_checkpoint(
-            self.engine, self.output, int(self.engine.global_steps), self.client_state(), self.settings.keep_checkpoints
+        return save_checkpoint(
+            self.engine,
+            self.output,
+            int(self.engine.global_steps),
+            self.client_state(),
+            self.settings.keep_checkpoints,
+            model_config=self.config,
         )
-        record_model_config(self.output, tag, self.config)
-        return tag
 
     def export(self, tag: str) -> None:
         state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
@@ -273,6 +311,105 @@ class PretrainTrainer:
             values["optim/grad_norm"] = self._last_grad_norm
         return values
 
+    # ------------------------------------------------------------------------------------- step health
+    def batches(self, iterator):
+        """The loader's batches with the bad-record fields of "skip" mode taken out and counted for the step."""
+        for batch in iterator:
+            if BAD_RECORDS_KEY in batch:
+                self._step_bad_records += int(batch.pop(BAD_RECORDS_KEY).sum())
+                for text in batch.pop(BAD_RECORD_LOG_KEY):
+                    self._step_bad_log.extend(json.loads(text))
+            yield batch
+
+    def count_bad_records(self, step: int) -> None:
+        """After each optimizer step in "skip" mode (a collective): add the samples substituted on every rank to
+        the epoch's count; rank 0 warns once per bad record and appends it to <output>/bad_records.jsonl."""
+        local, log = self._step_bad_records, self._step_bad_log
+        self._step_bad_records, self._step_bad_log = 0, []
+        distributed = dist.is_initialized() and self.world > 1
+        total = torch.tensor([local], dtype=torch.int64, device=self.engine.device)
+        if distributed:
+            dist.all_reduce(total)
+        total = int(total.item())
+        self.epoch_bad_records += total
+        if total == 0:
+            return
+        if distributed:
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, log)
+            log = [entry for part in parts for entry in part]
+        if self.rank != 0:
+            return
+        with (self.output / "bad_records.jsonl").open("a") as f:
+            for entry in log:
+                key = (entry["path"], entry["view"], entry["id"])
+                if key in self._warned_bad:
+                    continue
+                self._warned_bad.add(key)
+                print(bad_record_line(entry, f"another video stands in (step {step})"), file=sys.stderr, flush=True)
+                f.write(json.dumps({"step": step, "epoch": self.epoch, **entry}) + "\n")
+
+    def count_nonfinite(self, values: dict[str, float], step: int) -> bool:
+        """Update the streak of non-finite losses with this step's all-reduced loss/total (the same on every
+        rank); True when it reaches --max-nonfinite-steps."""
+        loss = values.get("loss/total")
+        limit = self.settings.max_nonfinite_steps
+        if loss is None or math.isfinite(loss) or not limit:
+            self.nonfinite_steps, self.last_finite_step = 0, step
+            return False
+        self.nonfinite_steps += 1
+        if self.rank == 0:
+            print(
+                f"warning: step {step}: the loss is {loss} ({self.nonfinite_steps} consecutive non-finite "
+                f"step{'s' if self.nonfinite_steps > 1 else ''}; training stops at {limit})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.nonfinite_steps >= limit
+
+    def nonfinite_error(self, step: int, loss: float) -> NonFiniteLossError:
+        tag = latest_tag(self.output)
+        count, limit = self.nonfinite_steps, self.settings.max_nonfinite_steps
+        steps = f"step {step}" if count == 1 else f"steps {step - count + 1}-{step}"
+        last_good = f"step {self.last_finite_step}" if self.last_finite_step is not None else "none in this launch"
+        if tag is not None:
+            checkpoint = f"last good checkpoint: {checkpoint_root(self.output) / tag}"
+            # A resumed run keeps the checkpoint's LR schedule (its peak --lr); the warm-up length is re-read.
+            restart = (
+                "resume from it (--resume) with a longer --warm-up, or start a new run (another --output) with a "
+                "lower --lr (--resume keeps the checkpoint's peak learning rate)"
+            )
+        else:
+            checkpoint = "last good checkpoint: none yet"
+            restart = "start again with a lower --lr or a longer --warm-up"
+        return NonFiniteLossError(
+            f"training stopped at optimizer step {step} (epoch {self.epoch}): the loss was non-finite ({loss}) for "
+            f"{count} consecutive optimizer step{'s' if count > 1 else ''} ({steps}; --max-nonfinite-steps "
+            f"{limit}); last finite loss: {last_good}. Nothing was saved after the loss became non-finite; "
+            f"{checkpoint}. Remedies: {restart}; train with --precision bf16; with fp16, lower "
+            '"initial_scale_power" or raise "loss_scale_window" in the "fp16" section of the --deepspeed_config json'
+        )
+
+    def save_allowed(self, when: str, final: bool = False) -> bool:
+        """False (rank 0 warns) while a streak of non-finite losses is running: such a state is never saved.
+        `final`: the launch's last save (there is no later one to wait for)."""
+        if self.nonfinite_steps == 0:
+            return True
+        if self.rank == 0:
+            streak = "the last step" if self.nonfinite_steps == 1 else f"the last {self.nonfinite_steps} steps"
+            tag = latest_tag(self.output)
+            later = (
+                f"this launch ends without it; the newest checkpoint is {tag or 'none'}"
+                if final
+                else "the next scheduled save after a finite step will be written"
+            )
+            print(
+                f"warning: not saving the checkpoint {when}: {streak} had a non-finite loss ({later})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return False
+
     def evaluation_epoch(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0-based) ends with an evaluation: every `eval_every` epochs and the last."""
         return (epoch + 1) % self.settings.eval_every == 0 or epoch + 1 == self.settings.epochs
@@ -299,8 +436,9 @@ class PretrainTrainer:
         while self.epoch < last_epoch:
             self.dataset.set_epoch(self.epoch)
             self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.global_batch)
-            iterator = iter(self.loader())
+            iterator = self.batches(iter(self.loader()))
             meter = StepAccumulator()
+            self.epoch_bad_records = 0
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
@@ -310,19 +448,33 @@ class PretrainTrainer:
             while self.step_in_epoch < self.steps_per_epoch:
                 values = self.optimizer_step(iterator, meter)
                 self.step_in_epoch += 1
+                step = int(self.engine.global_steps)
+                if "optim/loss_scale" not in values:
+                    scale = current_loss_scale(self.engine)
+                    if scale is not None:
+                        values["optim/loss_scale"] = scale
+                if self.track_bad_records:
+                    self.count_bad_records(step)
+                if self.count_nonfinite(values, step):
+                    self.writer.write(step, self.epoch, values)
+                    bar.close()
+                    self.writer.close()
+                    raise self.nonfinite_error(step, values["loss/total"])
                 if self.step_in_epoch == self.steps_per_epoch:
                     # In the epoch's last record (one record per step: readers keep the last one written).
                     values.update(self.evaluate(self.epoch))
-                step = int(self.engine.global_steps)
+                    if self.track_bad_records:
+                        values["data/bad_records"] = float(self.epoch_bad_records)
                 self.writer.write(step, self.epoch, values)
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{values['optim/lr']:.2e}")
                 save_now = self.settings.save_steps and step % self.settings.save_steps == 0
-                if save_now and self.step_in_epoch < self.steps_per_epoch:
+                if save_now and self.step_in_epoch < self.steps_per_epoch and self.save_allowed(f"at step {step}"):
                     tag = self.save()
             bar.close()
             del iterator
-            if (self.epoch + 1) % self.settings.save_epochs == 0 or self.epoch + 1 == last_epoch:
+            save_now = (self.epoch + 1) % self.settings.save_epochs == 0 or self.epoch + 1 == last_epoch
+            if save_now and self.save_allowed(f"at the end of epoch {self.epoch}", self.epoch + 1 == last_epoch):
                 tag = self.save()
                 if self.settings.export:
                     self.export(tag)
