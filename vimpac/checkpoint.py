@@ -42,7 +42,10 @@ checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own load
 The rewritten checkpoint lives in checkpoints/resized-<tag>/ only while it is loaded. Everything else is restored
 as saved: optimizer step and bias-correction count, LR-scheduler position, loss scale, engine step counters, each
 rank's RNG (where the rank existed). Since the partitions are rebuilt, the world size may differ from the run that
-wrote the checkpoint (checked once by hand, 1 → 2 ranks with ZeRO 2; the tests resume 1 → 1 and 2 → 2). Rank 0
+wrote the checkpoint. The same path resumes a ZeRO checkpoint at the same shape on another number of ranks
+(`world.json` in each checkpoint records its world size, readable before the engine is built for universal
+loading; the data position carries over because the sampler counts samples of all ranks; tested 2 → 1 ranks
+with ZeRO 2). Without ZeRO the state is not partitioned and loads on any number of ranks directly. Rank 0
 converts while the others wait in a collective: about a minute for the large-half model on a local disk, within
 DeepSpeed's default 10-minute process-group timeout (raise it with DEEPSPEED_TIMEOUT=<minutes> on slow storage).
 """
@@ -50,6 +53,7 @@ DeepSpeed's default 10-minute process-group timeout (raise it with DEEPSPEED_TIM
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -67,6 +71,7 @@ from vimpac.errors import UsageError
 from vimpac.interpolate import check_resizable, positional_leaf, resize_positional_state, resize_positional_tensor
 
 CHECKPOINTS = "checkpoints"
+WORLD_FILE = "world.json"  # {"world_size": N} of the ranks that wrote a checkpoint
 LATEST = "latest"
 EXPORT = "export"
 TAG_PREFIX = "step"
@@ -229,8 +234,12 @@ def save_checkpoint(
     _barrier()
     engine.save_checkpoint(str(root), tag=staging_tag, client_state=client_state, save_latest=False)
     torch.save(rng, staging / f"rng_rank{rank}.pt")
-    if rank == 0 and model_config is not None:
-        model_config.save(staging / "vimpac_config.json")
+    if rank == 0:
+        # Readable before any engine exists: a resume on another number of ranks must build its engine for
+        # universal loading, so it has to know the saved world size first.
+        (staging / WORLD_FILE).write_text(json.dumps({"world_size": _rank_world()[1]}) + "\n")
+        if model_config is not None:
+            model_config.save(staging / "vimpac_config.json")
     _barrier()
     failure = None
     if rank == 0:
@@ -247,22 +256,37 @@ def save_checkpoint(
 
 
 def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
-    """Restore engine state and this rank's RNG from `tag`; returns the client_state. Same world size only."""
+    """Restore engine state and this rank's RNG from `tag`; returns the client_state.
+
+    Another number of ranks than the checkpoint's is fine without ZeRO (the state is not partitioned); ranks the
+    checkpoint did not have keep their freshly seeded RNG. ZeRO checkpoints on another world size go through
+    `load_resized_checkpoint` instead (universal checkpoint)."""
     root = checkpoint_root(output)
-    rank, world = _rank_world()
+    rank, _ = _rank_world()
     if not is_complete_tag(tag):
         raise UsageError(f"{root / tag} is not a complete checkpoint (their tags are {TAG_PREFIX}<8 digits>)")
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise UsageError(f"could not load checkpoint {root / tag}; delete {root / LATEST} to start over")
-    saved_world = int(client_state.get("world_size", world))
-    if saved_world != world:
-        raise UsageError(
-            f"checkpoint {root / tag} was written by {saved_world} ranks and this run has {world}; exact resume "
-            f"(data order, ZeRO shards, per-rank RNG) needs the same number, so relaunch with {saved_world} ranks"
-        )
-    set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
+    rng = root / tag / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
     return client_state
+
+
+def checkpoint_world_size(output: str | Path, tag: str) -> int | None:
+    """The number of ranks that wrote checkpoint `tag` (None for checkpoints that do not record it)."""
+    try:
+        return int(json.loads((checkpoint_root(output) / tag / WORLD_FILE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def needs_universal_loading(output: str | Path, world: int, zero_stage: int) -> bool:
+    """True when resuming `output` means loading a ZeRO checkpoint written by another number of ranks."""
+    tag = latest_tag(output)
+    saved = None if tag is None else checkpoint_world_size(output, tag)
+    return zero_stage >= 1 and saved is not None and saved != world
 
 
 def checkpoint_model_config(output: str | Path, tag: str) -> VimpacConfig | None:

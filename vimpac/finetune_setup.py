@@ -322,7 +322,7 @@ def _views_flag(text: str | None) -> list[str] | None:
 def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. UsageError for bad input, before the process group."""
     output = Path(args.output)
-    from vimpac.checkpoint import latest_tag
+    from vimpac.checkpoint import latest_tag, needs_universal_loading, with_universal_loading
 
     if not args.resume and not args.eval_only and latest_tag(output) is not None:
         raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
@@ -365,6 +365,8 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         args.batch_size = DEFAULT_BATCH
     world = int(os.environ["WORLD_SIZE"])
     ds_config = merged_engine_config(args, world, optimizer_defaults=OPTIMIZER_DEFAULTS)
+    if args.resume and needs_universal_loading(output, world, ds_config["zero_optimization"]["stage"]):
+        ds_config = with_universal_loading(ds_config)  # ZeRO shards of another world size are re-partitioned
     limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     steps = 1 if args.eval_only else epoch_steps(len(train_set), world, micro, accumulation, limit)

@@ -29,7 +29,13 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from vimpac.activation_checkpointing import enable_activation_checkpointing
-from vimpac.checkpoint import latest_tag, load_resized_checkpoint, resize_source, with_universal_loading
+from vimpac.checkpoint import (
+    latest_tag,
+    load_resized_checkpoint,
+    needs_universal_loading,
+    resize_source,
+    with_universal_loading,
+)
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args
 from vimpac.data import PretrainClips
@@ -180,9 +186,12 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
     db = open_database(args, model_config)
-    ds_config = merged_engine_config(args, int(os.environ["WORLD_SIZE"]))
-    if resize is not None and ds_config["zero_optimization"]["stage"] >= 1:
-        ds_config = with_universal_loading(ds_config)  # the resized checkpoint is a universal one
+    world = int(os.environ["WORLD_SIZE"])
+    ds_config = merged_engine_config(args, world)
+    stage = ds_config["zero_optimization"]["stage"]
+    other_world = args.resume and needs_universal_loading(output, world, stage)
+    if (resize is not None and stage >= 1) or other_world:
+        ds_config = with_universal_loading(ds_config)  # a resized or re-partitioned checkpoint is a universal one
     dataset = PretrainClips(
         db,
         args.split,

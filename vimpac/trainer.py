@@ -42,10 +42,13 @@ from torch.utils.data import DataLoader
 from vimpac.checkpoint import (
     checkpoint_model_config,
     checkpoint_root,
+    checkpoint_world_size,
     export_weights,
     fp32_state_dict,
     latest_tag,
     load_checkpoint,
+    load_resized_checkpoint,
+    needs_universal_loading,
     save_checkpoint,
 )
 from vimpac.config import VimpacConfig
@@ -206,13 +209,26 @@ class PretrainTrainer:
                 "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
                 "positional tables are interpolated)"
             )
-        state = load_checkpoint(self.engine, self.output, tag)
+        saved_world = checkpoint_world_size(self.output, tag) or self.world
+        if needs_universal_loading(self.output, self.world, self.zero_stage):
+            # ZeRO shards of another world size: converted to a universal checkpoint and re-partitioned.
+            state = load_resized_checkpoint(self.engine, self.output, tag, self.config, self.config, self.zero_stage)
+        else:
+            state = load_checkpoint(self.engine, self.output, tag)
+        # The sampler position counts samples of all ranks, so it carries over to another world size.
         self.sampler.load_state_dict(state["sampler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.rank == 0:
             print(f"resumed from {tag}: epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}")
+            if saved_world != self.world:
+                print(
+                    f"note: {tag} was written by {saved_world} ranks and this run has {self.world}: state "
+                    "re-partitioned, data position kept; ranks the checkpoint did not have start with fresh "
+                    "dropout RNG streams",
+                    flush=True,
+                )
         return True
 
     def client_state(self) -> dict[str, Any]:
