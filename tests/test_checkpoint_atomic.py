@@ -24,6 +24,7 @@ from vimpac.checkpoint import (
     LATEST,
     PARTIAL_PREFIX,
     checkpoint_root,
+    checkpoint_world_size,
     complete_tags,
     latest_tag,
     load_checkpoint,
@@ -203,8 +204,10 @@ def test_save_publishes_by_rename_and_clears_what_killed_runs_left(tmp_path):
         "mp_rank_00_model_states.pt",
         "rng_rank0.pt",
         "vimpac_config.json",
+        "world.json",
     ]
     assert VimpacConfig.load(root / "step00000003" / "vimpac_config.json") == config
+    assert checkpoint_world_size(output, "step00000003") == 1
     # Newest two kept (the leftover step 5 is newer); every staging directory is gone.
     assert complete_tags(output) == ["step00000003", "step00000005"] and staging_dirs(output) == []
 
