@@ -101,6 +101,9 @@ def _skip_reason() -> str | None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None] + ([] if os.path.exists(SSHD) else [SSHD])
     if missing:
         return f"missing {', '.join(missing)} (apt-get install openssh-server pdsh)"
+    probe = run_quiet("unshare", "--pid", "--fork", "--mount-proc", "true", check=False)
+    if probe.returncode != 0:
+        return f"cannot make a PID namespace: {probe.stderr.strip()}"
     return None
 
 
@@ -162,7 +165,10 @@ def hosts(tmp_path_factory):
             f"Host *\n  IdentityFile {tmp / 'client_key'}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
             "  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n"
         )
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        try:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        except OSError as error:
+            pytest.skip(f"cannot create /run/sshd: {error}")
         for node, (name, address) in enumerate(zip(names, addresses)):
             config = _sshd_config(tmp, node, address)
             # Its own PID namespace (sshd is its init: killing it kills whatever runs "on that host").
@@ -244,9 +250,12 @@ def test_pdsh_launch_over_two_hosts_matches_one_host(hosts, database, single_hos
         timeout=300,
     )
     log = result.stdout + result.stderr
+    (tmp_path / "launch.log").write_text(log)
     print(f"pdsh over two hosts: {time.monotonic() - start:.1f} s")
     assert result.returncode == 0, log[-5000:]
     assert json.loads((output / "run_config.json").read_text())["world_size"] == 2
+    # launch.sh's .deepspeed_env reached the remote command
+    assert "export DS_ACCELERATOR=cpu;" in log and f"export GLOO_SOCKET_IFNAME={IFNAME};" in log
     # pdsh prefixes every line with the host it came from: each host's launcher started its rank, and it ended well
     for node, address in enumerate(hosts.addresses):
         lines = [line for line in log.splitlines() if line.startswith(f"{address}: ")]
@@ -302,6 +311,27 @@ def test_unreachable_host_is_refused_before_anything_starts(hosts, database, tmp
 
 
 @pytest.mark.slow
+def test_host_filters_choose_where_the_ranks_run(hosts):
+    """EXCLUDE drops the dead host from the checks and the run; INCLUDE / NUM_NODES leaving one host run there
+    through pdsh (launch.sh passes --force_multi: DeepSpeed would otherwise run a one-host job locally)."""
+    first, second = hosts.addresses
+    hostfile = hosts.hostfile(f"{first} slots=1\n{hosts.unreachable} slots=1\n{second} slots=1\n")
+    for extra, expected in (({"EXCLUDE": hosts.unreachable}, [first, second]), ({"INCLUDE": second}, [second])):
+        result = subprocess.run(
+            hosts.inside(0, "bash", str(LAUNCH), str(hostfile), first, "vimpac/pretrain.py", "--help"),
+            cwd=REPO,
+            env={**hosts.env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, (extra, result.stdout[-3000:] + result.stderr[-3000:])
+        usage = [line for line in result.stdout.splitlines() if "usage: vimpac/pretrain.py" in line]
+        # pdsh prefixes each line with its host; a local run would print "usage: ..." bare
+        assert sorted(line.split(": ", 1)[0] for line in usage) == expected, (extra, result.stdout[-3000:])
+
+
+@pytest.mark.slow
 def test_killed_rank_on_one_host_stops_the_other_and_keeps_the_checkpoint(hosts, database, tmp_path):
     output = tmp_path / "out"
     env = {**hosts.env, "MASTER_PORT": "29530", "FAILURE_GRACE_S": "20"}
@@ -320,7 +350,7 @@ def test_killed_rank_on_one_host_stops_the_other_and_keeps_the_checkpoint(hosts,
             assert process.poll() is None, log_path.read_text()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.05)
-        ranks = [pid for pid in hosts.pids(1) if "--local_rank=" in Path(f"/proc/{pid}/cmdline").read_text()]
+        ranks = [pid for pid in hosts.pids(1) if "--local_rank=" in _cmdline(pid)]
         assert len(ranks) == 1, ranks
         os.kill(ranks[0], signal.SIGKILL)
         killed = time.monotonic()
@@ -367,6 +397,7 @@ def test_node_failing_at_start_up_is_stopped_on_every_host(hosts, database, tmp_
     )
     elapsed = time.monotonic() - start
     log = result.stdout + result.stderr
+    (tmp_path / "launch.log").write_text(log)
     print(f"start-up failure: every host stopped after {elapsed:.1f} s")
     assert result.returncode != 0, log[-4000:]
     assert "ssh exited with exit code" in log and "stopping every node" in log, log[-4000:]
@@ -378,11 +409,15 @@ def test_node_failing_at_start_up_is_stopped_on_every_host(hosts, database, tmp_
     assert not output.joinpath("metrics.jsonl").exists()
 
 
-def _is_training(pid: int) -> bool:
+def _cmdline(pid: int) -> str:
     try:
-        return "vimpac/pretrain.py" in Path(f"/proc/{pid}/cmdline").read_text()
-    except OSError:
-        return False
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:  # gone meanwhile
+        return ""
+
+
+def _is_training(pid: int) -> bool:
+    return "vimpac/pretrain.py" in _cmdline(pid)
 
 
 # --- hostfile checks: no host, no root needed ----------------------------------------------------------------------
