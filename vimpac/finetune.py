@@ -12,7 +12,6 @@ only parses; the work is vimpac.finetune_setup, the data vimpac.finetune_data.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
-from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.config import add_model_arguments
-from vimpac.errors import NonFiniteLossError, UsageError
+from vimpac.entry import run_reporting_errors
+from vimpac.errors import UsageError
 from vimpac.optim import SCHEDULES
 
 DEBUG_STEPS = 5
@@ -140,29 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if min(args.eval_per_epochs, args.num_test_clips, args.epochs, args.save_epochs) < 1:
-            raise UsageError("--epochs, --eval-per-epochs, --num-test-clips and --save-epochs must be >= 1")
-        if not 0 <= args.label_smoothing < 1:
-            raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
-        if args.max_nonfinite_steps < 0:
-            raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off); got {args.max_nonfinite_steps}")
-        from vimpac.dist_setup import prepare_environment
+    return run_reporting_errors("vimpac/finetune.py", lambda: run(args))
 
-        prepare_environment()  # before deepspeed is imported
-        from vimpac.finetune_setup import build_and_finetune
 
-        return build_and_finetune(args, debug_steps=DEBUG_STEPS)
-    except UsageError as err:
-        print(f"vimpac/finetune.py: error: {err}", file=sys.stderr)
-        return 2
-    except CorruptRecordError as err:  # --on-bad-record stop (the default)
-        print(f"vimpac/finetune.py: error: {record_error_message(err)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:  # raised on every rank at the same step
-        if os.environ.get("RANK", "0") == "0":
-            print(f"vimpac/finetune.py: stopped: {err}", file=sys.stderr)
-        return err.exit_code
+def run(args: argparse.Namespace) -> int:
+    if min(args.eval_per_epochs, args.num_test_clips, args.epochs, args.save_epochs) < 1:
+        raise UsageError("--epochs, --eval-per-epochs, --num-test-clips and --save-epochs must be >= 1")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
+    if args.max_nonfinite_steps < 0:
+        raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off); got {args.max_nonfinite_steps}")
+    from vimpac.dist_setup import prepare_environment
+
+    prepare_environment()  # before deepspeed is imported
+    from vimpac.finetune_setup import build_and_finetune
+
+    return build_and_finetune(args, debug_steps=DEBUG_STEPS)
 
 
 if __name__ == "__main__":

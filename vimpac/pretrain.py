@@ -11,7 +11,6 @@ builds and runs; the loop is vimpac.trainer, checkpoints vimpac.checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
-from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.config import add_model_arguments
-from vimpac.errors import NonFiniteLossError, UsageError
+from vimpac.entry import run_reporting_errors
 from vimpac.knn import add_knn_arguments
 from vimpac.optim import SCHEDULES
 
@@ -178,18 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as err:
-        print(f"vimpac/pretrain.py: error: {err}", file=sys.stderr)
-        return 2
-    except CorruptRecordError as err:  # --on-bad-record stop (the default)
-        print(f"vimpac/pretrain.py: error: {record_error_message(err)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:  # raised on every rank at the same step
-        if os.environ.get("RANK", "0") == "0":
-            print(f"vimpac/pretrain.py: stopped: {err}", file=sys.stderr)
-        return err.exit_code
+    return run_reporting_errors("vimpac/pretrain.py", lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
