@@ -1,14 +1,52 @@
-"""What the two training entry points (vimpac/pretrain.py, vimpac/finetune.py) share around their work: the errors a
-user can act on become one message and an exit code instead of a traceback."""
+"""What the two training entry points (vimpac/pretrain.py, vimpac/finetune.py) share: the launch flags they both
+take (checked before any process group exists), and the errors a user can act on turned into one message and an
+exit code instead of a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
 from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.errors import NonFiniteLossError, UsageError
+
+
+def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGroup) -> None:
+    """Launch chunking, checkpoint cadence and the non-finite stop (group `run`); compilation (group `opt`)."""
+    run.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help="run at most this many epochs in this launch, then save and exit (resume with --resume); for job "
+        "time limits",
+    )
+    run.add_argument(
+        "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
+    )
+    run.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=20,
+        help="stop (exit code 3, nothing saved) after this many consecutive optimizer steps with a NaN/Inf loss; "
+        "checkpoints are not written while such a streak runs (0: off)",
+    )
+    opt.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
+        "tracing (default: eager)",
+    )
+
+
+def check_launch_arguments(args: argparse.Namespace) -> None:
+    """UsageError for values of add_launch_arguments' flags that cannot work."""
+    if args.save_epochs < 1:
+        raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
+    if args.max_nonfinite_steps < 0:
+        raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
 
 
 def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:

@@ -20,7 +20,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
 from vimpac.config import add_model_arguments
-from vimpac.entry import run_reporting_errors
+from vimpac.entry import add_launch_arguments, check_launch_arguments, run_reporting_errors
 from vimpac.errors import UsageError
 from vimpac.optim import SCHEDULES
 
@@ -42,29 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default="runs/finetune", help="run directory: eval/, tensorboard/, checkpoints/")
     run.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/latest")
     run.add_argument("--epochs", type=int, default=50, help="training epochs")
-    run.add_argument(
-        "--interval",
-        type=int,
-        default=None,
-        help="run at most this many epochs in this launch, then save and exit (resume with --resume); for job "
-        "time limits",
-    )
-    run.add_argument(
-        "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
-    )
     run.add_argument("--keep-checkpoints", type=int, default=1, help="newest checkpoints kept")
     run.add_argument("--seed", type=int, default=9595, help="data order, views, clips, init; dropout seed + rank")
     run.add_argument("--debug", action="store_true", help=f"run only {DEBUG_STEPS} steps per epoch")
     run.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on optimizer steps per epoch")
     run.add_argument("--tqdm", action="store_true", help="progress bars")
     run.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: the accelerator's)")
-    run.add_argument(
-        "--max-nonfinite-steps",
-        type=int,
-        default=20,
-        help="stop (exit code 3, nothing saved) after this many consecutive optimizer steps with a NaN/Inf loss; "
-        "checkpoints are not written while such a streak runs (0: off)",
-    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="labeled code database with the training views")
@@ -127,13 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="override the json's")
     opt.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3), help="override the json's")
     opt.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None, help="per layer")
-    opt.add_argument(
-        "--compile",
-        default=None,
-        metavar="BACKEND",
-        help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
-        "tracing (default: eager)",
-    )
+    add_launch_arguments(run, opt)
     return parser
 
 
@@ -143,12 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if min(args.eval_per_epochs, args.num_test_clips, args.epochs, args.save_epochs) < 1:
-        raise UsageError("--epochs, --eval-per-epochs, --num-test-clips and --save-epochs must be >= 1")
+    check_launch_arguments(args)
+    if min(args.eval_per_epochs, args.num_test_clips, args.epochs) < 1:
+        raise UsageError("--epochs, --eval-per-epochs and --num-test-clips must be >= 1")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
-    if args.max_nonfinite_steps < 0:
-        raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off); got {args.max_nonfinite_steps}")
     from vimpac.dist_setup import prepare_environment
 
     prepare_environment()  # before deepspeed is imported

@@ -20,7 +20,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
 from vimpac.config import add_model_arguments
-from vimpac.entry import run_reporting_errors
+from vimpac.entry import add_launch_arguments, run_reporting_errors
 from vimpac.knn import add_knn_arguments
 from vimpac.optim import SCHEDULES
 
@@ -56,16 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     run.add_argument(
-        "--interval",
-        type=int,
-        default=None,
-        help="run at most this many epochs in this launch (job chunking with --resume)",
-    )
-    run.add_argument(
         "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: only at epoch ends)"
-    )
-    run.add_argument(
-        "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
     )
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     run.add_argument("--seed", type=int, default=9595, help="data order, masks, init; dropout uses seed + rank")
@@ -80,13 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dist-backend", default=None, help="torch.distributed backend (default: the accelerator's; gloo on CPU)"
-    )
-    run.add_argument(
-        "--max-nonfinite-steps",
-        type=int,
-        default=20,
-        help="stop (exit code 3, nothing saved) after this many consecutive optimizer steps with a NaN/Inf loss; "
-        "checkpoints are not written while such a streak runs (0: off)",
     )
 
     data = parser.add_argument_group("data")
@@ -163,13 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="activation checkpointing per layer (default: the json's)",
     )
-    opt.add_argument(
-        "--compile",
-        default=None,
-        metavar="BACKEND",
-        help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
-        "tracing (default: eager)",
-    )
+    add_launch_arguments(run, opt)
     add_knn_arguments(parser)
     return parser
 

@@ -41,6 +41,7 @@ from vimpac.config import VimpacConfig, config_from_args
 from vimpac.data import PretrainClips
 from vimpac.dist_setup import init_distributed
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
+from vimpac.entry import check_launch_arguments
 from vimpac.errors import UsageError
 from vimpac.flops import peak_flops
 from vimpac.knn import knn_monitor_from_args
@@ -178,10 +179,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     output = Path(args.output)
     if not args.resume and latest_tag(output) is not None:
         raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
-    if args.save_epochs < 1:
-        raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
-    if args.max_nonfinite_steps < 0:
-        raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
+    check_launch_arguments(args)
     # Validate everything before the process group exists: bad input fails fast, with one clear message.
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
