@@ -26,11 +26,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_backend(device: torch.device | None = None) -> str:
-    """The backend for tensors on `device` ("triton" | "reference"), following `VIMPAC_KERNELS`."""
+def requested_backend() -> str:
+    """VIMPAC_KERNELS: "triton", "reference", or "" (unset: choose per device)."""
     choice = os.environ.get("VIMPAC_KERNELS", "").strip().lower()
     if choice not in ("", *BACKENDS):
         raise ValueError(f"VIMPAC_KERNELS={choice!r} is not one of {', '.join(BACKENDS)} (or unset)")
+    return choice
+
+
+def kernel_backend(device: torch.device | None = None) -> str:
+    """The backend for tensors on `device` ("triton" | "reference"), following `VIMPAC_KERNELS`."""
+    choice = requested_backend()
     on_cuda = device is not None and device.type == "cuda"
     if choice == "reference":
         return "reference"
@@ -87,11 +93,10 @@ def axial_attention(
     if kernel_backend(q.device) == "triton":
         from vimpac.kernels.axial_attention_triton import axial_attention_triton, check_supported
 
-        forced = os.environ.get("VIMPAC_KERNELS", "").strip().lower() == "triton"
         try:
             check_supported(q, axis)
         except ValueError:
-            if forced:
+            if requested_backend() == "triton":
                 raise
         else:
             # The CLS path may run in another precision (autocast); the kernel wants one dtype (autograd-tracked).

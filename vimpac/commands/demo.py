@@ -245,7 +245,6 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
     from vimpac.checkpoint import latest_tag
     from vimpac.dist_setup import free_port
     from vimpac.errors import UsageError
-    from vimpac.metrics import read_metrics
 
     if latest_tag(run_dir) is not None:
         flags = [*flags, "--resume"]
@@ -264,8 +263,8 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
         try:
             while process.poll() is None:
                 time.sleep(1.0)
-                _update_bar(bar, run_dir, read_metrics)
-            _update_bar(bar, run_dir, read_metrics)
+                _update_bar(bar, run_dir)
+            _update_bar(bar, run_dir)
         finally:
             bar.close()
             if process.poll() is None:
@@ -276,7 +275,9 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
         raise UsageError(f"{script} failed (exit {process.returncode}); the end of {log}:\n" + "\n".join(tail))
 
 
-def _update_bar(bar, run_dir: Path, read_metrics: Callable) -> None:
+def _update_bar(bar, run_dir: Path) -> None:
+    from vimpac.metrics import read_metrics
+
     if bar.total is None and (run_dir / "run_config.json").exists():
         bar.total = json.loads((run_dir / "run_config.json").read_text()).get("total_steps")
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
