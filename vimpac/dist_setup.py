@@ -67,3 +67,10 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
     deepspeed.init_distributed(dist_backend=backend)
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits: left alive, gloo's threads race the exit and a
+    rank can abort at the very end of a finished run ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

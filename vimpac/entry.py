@@ -52,6 +52,8 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
 def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
     """work()'s exit code; 2 for bad input or a bad database record (--on-bad-record stop), 3 when training
     stopped on non-finite losses (raised on every rank at the same step; rank 0 prints)."""
+    from vimpac.dist_setup import shutdown_distributed
+
     try:
         return work()
     except UsageError as err:
@@ -64,3 +66,5 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: stopped: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        shutdown_distributed()
