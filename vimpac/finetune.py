@@ -65,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--test-views", default=None, help="test views (default: r<S>_{top,center,bottom}_f0, SSV2 centre)"
     )
+    data.add_argument(
+        "--labels-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="low-label regime: train on only N labeled videos of each class of the training split (a class with "
+        "fewer gives all it has, with a warning); the same videos on every rank, whatever the worker count or the "
+        "database order; the evaluation split is untouched and never drawn from. A subset smaller than one global "
+        "batch is passed over several times per epoch so that every epoch takes an optimizer step. Recorded in "
+        "<output>/run_config.json (label_subset). Unset: every video of the split",
+    )
+    data.add_argument(
+        "--labels-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="seed of the --labels-per-class choice; unset: --seed. Fix --seed and vary this to average over "
+        "label subsets, or the reverse to vary only the training",
+    )
     data.add_argument("--frame-rate", type=float, default=None, help="clip fps, must divide the database's")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
     data.add_argument(
@@ -125,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--epochs, --eval-per-epochs and --num-test-clips must be >= 1")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
+    if args.labels_per_class is not None and args.labels_per_class < 1:
+        raise UsageError(f"--labels-per-class must be >= 1 (videos per class); got {args.labels_per_class}")
+    if args.labels_seed is not None and args.labels_per_class is None:
+        raise UsageError("--labels-seed chooses the --labels-per-class subset; pass --labels-per-class N too")
+    if args.labels_seed is not None and args.labels_seed < 0:
+        raise UsageError(f"--labels-seed must be >= 0; got {args.labels_seed}")
     from vimpac.dist_setup import prepare_environment
 
     prepare_environment()  # before deepspeed is imported

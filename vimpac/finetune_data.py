@@ -10,11 +10,16 @@ Pure pieces (tested directly):
                         logits [N, V, C] → softmax per view, probabilities averaged over the V views → [N, C]
   classification_metrics
                         top-1 / top-5 fractions, per-class accuracy, mean cross-entropy over views
+  label_subset          the low-label regime (--labels-per-class N): min(N, available) training videos per class,
+                        drawn per class from a generator of (seed, class) over the ids sorted, so the choice does
+                        not depend on the database order, the worker count or the rank; never an evaluation video
+  subset_repeats        passes over a small subset per epoch, so that an epoch fills at least one global batch
 
 Datasets:
   FinetuneTrainClips    one random view and one random-start clip (at --frame-rate) per video and epoch, drawn
                         from a generator seeded by (seed, epoch, index): keys are (epoch, index) pairs from
-                        vimpac.data.ResumableDistributedSampler
+                        vimpac.data.ResumableDistributedSampler; optionally on a label_subset of the split, seen
+                        `repeats` times per epoch
   FinetuneTestClips     every test view × K uniformly spaced clips (vimpac.data.evaluation_starts; K = 1 is the
                         centre clip): item i → tokens [V·K, T, h, w], view-major (view v, clip k at row v·K + k)
 Training and test views may live in different databases of the same videos (the demo writes a 6-view train
@@ -30,8 +35,11 @@ video's clips against another's label.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+import sys
+from collections import Counter
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +69,10 @@ NO_FLIP_DATASETS = ("ssv2",)
 KNOWN_DATASETS = ("ssv2", "diving48", "ucf101", "hmdb51", "kinetics400")
 TEST_CROPS = ("top", "center", "bottom")
 VIEW_NAME = re.compile(r"^r(?P<resize>\d+)_(?P<crop>[a-z]+)_f(?P<flip>[01])$")
+# Stream tag of the label-subset draw: after vimpac.data's 0-2 and vimpac.knn's 3, so choosing the subset never
+# shares a generator with the clip/view draws of the same seed.
+LABEL_SUBSET_STREAM = 4
+SHORT_CLASSES_LISTED = 10  # classes named in the few-labels warning; the rest are counted
 
 
 def split_names(dataset: str | None, split_id: int | None = None) -> tuple[str, str]:
@@ -148,6 +160,73 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
     }
 
 
+def label_subset(
+    video_ids: Sequence[str],
+    labels: Sequence[int],
+    per_class: int,
+    seed: int,
+    *,
+    eval_ids: Collection[str] = (),
+) -> list[str]:
+    """The training videos of the low-label regime: min(`per_class`, available) ids of every class, sorted.
+
+    video_ids / labels: the training split, one label per id (any order; ids unique). Class c's videos are taken
+    in id order and permuted by the generator of (seed, class c) (vimpac.data.sample_rng, LABEL_SUBSET_STREAM), the
+    first min(N, n_c) kept: the result depends on the seed and the (id, label) pairs only, not on their order, the
+    other classes, the worker or the rank, so every rank builds the same subset. `eval_ids`: the evaluation split;
+    a chosen id among them (a database whose splits overlap) is a UsageError, so the evaluation never scores a
+    video that was trained on. UsageError for per_class < 1; a class with fewer than N videos gives all it has
+    (see few_labels_warning)."""
+    if per_class < 1:
+        raise UsageError(f"--labels-per-class must be >= 1 (videos per class); got {per_class}")
+    if len(video_ids) != len(labels):
+        raise ValueError(f"{len(video_ids)} video ids for {len(labels)} labels")
+    if len(set(video_ids)) != len(video_ids):
+        repeated = sorted(i for i, n in Counter(video_ids).items() if n > 1)
+        raise ValueError(f"the training split lists videos more than once (e.g. {repeated[0]!r})")
+    by_class: dict[int, list[str]] = {}
+    for video, label in sorted(zip(video_ids, labels)):  # id order first: the database's order must not matter
+        by_class.setdefault(int(label), []).append(video)
+    chosen = []
+    for label, members in sorted(by_class.items()):
+        rng = sample_rng(seed, 0, label, LABEL_SUBSET_STREAM)  # per class: one class's size cannot shift another's
+        chosen += [members[i] for i in rng.permutation(len(members))[:per_class]]
+    chosen.sort()
+    overlap = sorted(set(chosen).intersection(eval_ids))
+    if overlap:
+        raise UsageError(
+            f"{len(overlap)} of the {len(chosen)} videos chosen by --labels-per-class are also in the evaluation "
+            f"split (e.g. {overlap[0]!r}): this database's training and evaluation splits overlap, so its "
+            "evaluation would score videos that were trained on; fix the splits (or choose others with "
+            "--train-split / --eval-split)"
+        )
+    return chosen
+
+
+def few_labels_warning(labels: Sequence[int], per_class: int, class_names: Sequence[str], split: str) -> str | None:
+    """The warning line for the classes of `class_names` with fewer than `per_class` videos among `labels` (the
+    training split's labels, one per video), which then train on all they have; None when every class has N."""
+    counts = Counter(int(label) for label in labels)
+    short = [(name, counts.get(c, 0)) for c, name in enumerate(class_names) if counts.get(c, 0) < per_class]
+    if not short:
+        return None
+    listed = ", ".join(f"{name} ({n})" for name, n in short[:SHORT_CLASSES_LISTED])
+    more = f" and {len(short) - SHORT_CLASSES_LISTED} more" if len(short) > SHORT_CLASSES_LISTED else ""
+    return (
+        f"warning: --labels-per-class {per_class}: {len(short)} of {len(class_names)} classes have fewer training "
+        f"videos in split {split!r} and train on all they have: {listed}{more}"
+    )
+
+
+def subset_repeats(videos: int, global_batch: int) -> int:
+    """Passes over `videos` training videos per epoch: 1, or the fewest that fill one global batch (ranks × micro
+    × accumulation videos) when the subset is smaller, so that an epoch takes at least one optimizer step (the
+    sampler drops the tail that does not fill a batch). Each pass draws fresh views and clips."""
+    if videos < 1 or global_batch < 1:
+        raise ValueError(f"need videos >= 1 and global_batch >= 1; got {videos}, {global_batch}")
+    return max(1, -(-global_batch // videos))
+
+
 def _labeled_ids(
     db: CodeDatabase, split: str, views: Sequence[str], num_classes: int, on_bad_record: str = "stop", check_all=False
 ) -> tuple[list[str], list[int]]:
@@ -194,7 +273,12 @@ class FinetuneTrainClips(Dataset):
     position in `views`), "start" (database frame)}.
 
     The view is drawn uniformly from `views`, then the start uniformly from the video's valid starts, both from
-    the generator of (seed, epoch, index), so the sample does not depend on the worker or on a resume."""
+    the generator of (seed, epoch, index), so the sample does not depend on the worker or on a resume.
+
+    `labels_per_class` N (the low-label regime): only label_subset(split, N, labels_seed (default `seed`),
+    eval_ids) is trained on; `split_videos` keeps the split's size. `repeats` (default 1; the caller sets it,
+    subset_repeats) makes the dataset that many passes over its videos: index i is video i mod len(ids), and the
+    copies draw different views and clips because the generator follows i."""
 
     def __init__(
         self,
@@ -207,6 +291,9 @@ class FinetuneTrainClips(Dataset):
         frame_rate: float | None = None,
         seed: int = 0,
         on_bad_record: str = "stop",
+        labels_per_class: int | None = None,
+        labels_seed: int | None = None,
+        eval_ids: Collection[str] = (),
     ):
         self.on_bad_record = check_bad_record_mode(on_bad_record)
         self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
@@ -216,6 +303,17 @@ class FinetuneTrainClips(Dataset):
             raise UsageError(f"views {unknown or '[]'} are not in {self.db.path}; valid: {', '.join(self.db.views)}")
         self.num_classes = num_classes_of(self.db)
         self.ids, self.labels = _labeled_ids(self.db, split, self.views, self.num_classes, self.on_bad_record)
+        self.split_videos = len(self.ids)
+        self.labels_per_class = labels_per_class
+        self.labels_seed = seed if labels_seed is None else labels_seed
+        if labels_per_class is not None:
+            chosen = label_subset(self.ids, self.labels, labels_per_class, self.labels_seed, eval_ids=eval_ids)
+            warning = few_labels_warning(self.labels, labels_per_class, self.db.manifest["classes"], split)
+            if warning and os.environ.get("RANK", "0") == "0":  # every rank builds the set; one says so
+                print(warning, file=sys.stderr, flush=True)
+            label_of = dict(zip(self.ids, self.labels))
+            self.ids, self.labels = chosen, [label_of[i] for i in chosen]
+        self.repeats = 1
         self.clip_len, self.pad_id, self.seed = clip_len, pad_id, seed
         self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
         self.epoch = 0
@@ -224,14 +322,15 @@ class FinetuneTrainClips(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.ids) * self.repeats
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = int(index)
         rng = sample_rng(self.seed, epoch, index, SAMPLING_STREAM)
         view = int(rng.integers(len(self.views)))
-        codes, label, bad = read_or_substitute(self.db, self.ids, index, self.views[view], self.on_bad_record)
+        video = index % len(self.ids)  # the repeats of a small subset (index < len(ids) without them)
+        codes, label, bad = read_or_substitute(self.db, self.ids, video, self.views[view], self.on_bad_record)
         start = random_start(clip_slack(codes.shape[0], self.clip_len, self.stride), rng)
         tokens = take_clip(codes, start, self.clip_len, self.stride, self.pad_id)
         item = {"tokens": torch.from_numpy(tokens), "label": int(label), "index": index, "view": view, "start": start}

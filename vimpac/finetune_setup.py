@@ -16,6 +16,11 @@ Evaluation (facts §5.6): every test view × K clips per video, softmax per view
 takes its `shard_positions` share and the results are all-gathered and de-duplicated (`assemble_shards`), so
 every video counts exactly once whatever the world size. Results go to <output>/eval/<name>.json, TensorBoard
 and metrics.jsonl (eval/top1_clips<K>, eval/top5_clips<K>, eval/loss_clips<K>).
+
+Low-label regime (`--labels-per-class N`): every rank trains on the same vimpac.finetune_data.label_subset of the
+training split (N per class, chosen by --labels-seed, default --seed); the evaluation set is unchanged. A subset
+smaller than one global batch is seen subset_repeats times per epoch, so every epoch takes an optimizer step.
+run_config.json records it under "label_subset".
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +48,7 @@ from vimpac.finetune_data import (
     classification_metrics,
     evaluation_views,
     split_names,
+    subset_repeats,
     training_views,
 )
 from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
@@ -319,6 +326,32 @@ def _views_flag(text: str | None) -> list[str] | None:
     return None if text is None else [v for v in text.split(",") if v]
 
 
+def label_subset_record(train_set: FinetuneTrainClips) -> dict[str, Any] | None:
+    """run_config.json's "label_subset": N, the seed, the chosen count K of the split's M videos, the passes per
+    epoch and the chosen ids (sorted; N is small in this regime); None without --labels-per-class."""
+    if train_set.labels_per_class is None:
+        return None
+    return {
+        "labels_per_class": train_set.labels_per_class,
+        "seed": train_set.labels_seed,
+        "num_videos": len(train_set.ids),
+        "split_videos": train_set.split_videos,
+        "repeats_per_epoch": train_set.repeats,
+        "ids": list(train_set.ids),
+    }
+
+
+def label_subset_line(train_set: FinetuneTrainClips, global_batch: int) -> str:
+    """'training on K of M labeled videos (N per class)', and the repeats when the subset is under one batch."""
+    line = (
+        f"training on {len(train_set.ids)} of {train_set.split_videos} labeled videos "
+        f"({train_set.labels_per_class} per class)"
+    )
+    if train_set.repeats > 1:
+        line += f"; each epoch passes over them {train_set.repeats} times to fill a global batch of {global_batch}"
+    return line
+
+
 def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. UsageError for bad input, before the process group."""
     output = Path(args.output)
@@ -353,7 +386,14 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     clip_counts = sorted({args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)})
     last_clips = parse_clip_counts(args.last_test_clips, args.num_test_clips)
     common = {"pad_id": config.pad_id, "frame_rate": args.frame_rate, "on_bad_record": args.on_bad_record}
-    train_set = FinetuneTrainClips(train_db, train_split, config.clip_len, views=views_train, seed=args.seed, **common)
+    subset: dict[str, Any] = {}
+    if args.labels_per_class is not None:
+        # The whole evaluation split as listed (bad records included): a chosen video among them is refused.
+        eval_ids = eval_db.ids(eval_split)
+        subset = {"labels_per_class": args.labels_per_class, "labels_seed": args.labels_seed, "eval_ids": eval_ids}
+    train_set = FinetuneTrainClips(
+        train_db, train_split, config.clip_len, views=views_train, seed=args.seed, **subset, **common
+    )
     test_sets = {
         k: FinetuneTestClips(eval_db, eval_split, config.clip_len, views=views_test, num_clips=k, **common)
         for k in clip_counts
@@ -369,6 +409,10 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         ds_config = with_universal_loading(ds_config)  # ZeRO shards of another world size are re-partitioned
     limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    if args.labels_per_class is not None:
+        # A few labels may not fill one global batch (the sampler drops partial batches): repeat the subset within
+        # the epoch instead of refusing, since fewer videos than a batch is the point of the low-label regime.
+        train_set.repeats = subset_repeats(len(train_set.ids), world * micro * accumulation)
     steps = 1 if args.eval_only else epoch_steps(len(train_set), world, micro, accumulation, limit)
     total = steps * args.epochs
     warmup = warmup_steps(args.warm_up, total)
@@ -433,10 +477,13 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             total_steps=total,
             warmup_steps=warmup,
             resumed=resumed,
+            label_subset=label_subset_record(train_set),
         )
         source = f"weights of {export_folder(args.load)}" if args.load else "scratch (no --load)"
         print(f"fine-tuning from {source}: {num_classes} classes, model {describe_shape(config)}", flush=True)
         print(f"train {train_split}: views {views_train}; eval {eval_split}: views {views_test}", flush=True)
+        if train_set.labels_per_class is not None:
+            print(label_subset_line(train_set, trainer.global_batch), flush=True)
         print(steps_summary(trainer), flush=True)
     trainer.fit()
     return 0
