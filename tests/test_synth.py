@@ -319,6 +319,27 @@ def test_same_seed_gives_identical_frames_and_subsets_keep_their_clips(tmp_path)
     assert np.array_equal(S.render_video(long_a[1].scene), S.render_video(long_b[1].scene))
 
 
+def test_object_scale_and_smooth_background_change_only_the_look(tmp_path):
+    """--object-scale multiplies every object's size and keeps the motion; --smooth-background trades the busy
+    texture for one with far less detail (smaller frame-to-frame pixel differences along a row)."""
+    small = dict(size=(64, 80), fps=8, clip_seconds=(1.0, 1.5), train_per_class=1, val_per_class=0, unlabeled=0)
+    classes = ("right", "grow")
+    base = S.plan_labeled(S.SynthConfig(out=tmp_path, seed=2, classes=classes, **small))
+    big = S.plan_labeled(S.SynthConfig(out=tmp_path, seed=2, classes=classes, object_scale=1.5, **small))
+    for a, b in zip(base, big):
+        main_a, main_b = (next(o for o in p.scene.objects if o.role == "main") for p in (a, b))
+        for t in (0.0, a.scene.t_last):
+            sa, sb = main_a.track.at(t), main_b.track.at(t)
+            assert np.isclose(float(sb["size"]), 1.5 * float(sa["size"]))
+
+    def detail(smooth: bool) -> float:
+        cfg = S.SynthConfig(out=tmp_path, seed=4, classes=classes, calm=True, smooth_background=smooth, **small)
+        backgrounds = [S.render_background(p.scene.background, 64, 80, 0.0) for p in S.plan_labeled(cfg)]
+        return float(np.mean([np.abs(np.diff(bg, axis=-1)).mean() for bg in backgrounds]))
+
+    assert detail(True) < detail(False) / 3
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Unlabeled long videos
 
@@ -510,6 +531,8 @@ def test_cli_writes_a_corpus_and_prints_the_next_commands(tmp_path, capsys):
         (["--ext", "webm", "--codec", "libx264"], "cannot write .webm with codec libx264"),
         (["--codec", "nosuchcodec"], "unknown video encoder"),
         (["--unlabeled", "0", "--train-per-class", "0", "--val-per-class", "0"], "nothing to generate"),
+        (["--object-scale", "2.5"], "must be in (0, 2.0]"),
+        (["--object-scale", "1.5"], "bounce, through need room on both sides"),
     ],
 )
 def test_cli_rejects_bad_settings_with_a_clear_message(tmp_path, capsys, extra, message):

@@ -312,13 +312,15 @@ def _timed_frames(
         yield previous
 
 
+def resize_frame(frame: av.VideoFrame, shorter: int) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of `frame` with its shorter side scaled to `shorter` (resized_size rule, area filter)."""
+    h, w = resized_size(frame.height, frame.width, shorter)
+    return frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
+
+
 def _resize(frame: av.VideoFrame, sides: Sequence[int]) -> dict[int, np.ndarray]:
-    """{shorter: uint8 [h, w, 3] RGB} with the shorter side scaled to each of `sides` (resized_size rule)."""
-    out = {}
-    for shorter in sides:
-        h, w = resized_size(frame.height, frame.width, shorter)
-        out[shorter] = frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
-    return out
+    """{shorter: resize_frame(frame, shorter)} for each of `sides`."""
+    return {shorter: resize_frame(frame, shorter) for shorter in sides}
 
 
 def iter_frames(

@@ -264,18 +264,18 @@ def render_background(bg: Background, height: int, width: int, t: float) -> np.n
     return c0 + (c1 - c0) * g[None]
 
 
-def draw_object(image: np.ndarray, obj: SceneObject, t: float) -> None:
-    """Composite `obj` at time t onto image (float32 [3, H, W], modified in place), over its bounding box only."""
+def _coverage(obj: SceneObject, t: float, height: int, width: int) -> tuple[slice, slice, np.ndarray] | None:
+    """(rows, cols, cover): the share of each pixel that `obj` covers at time t (float32 in 0..1, alpha
+    included) over its bounding box rows × cols; None when it covers nothing."""
     s = obj.track.at(t)
     size, alpha = float(s["size"]), float(s["alpha"])
     if size <= 0 or alpha <= 0:
-        return
-    height, width = image.shape[1:]
+        return None
     reach = SHAPE_REACH * size * max(1.0, obj.aspect) + 2
     x0, x1 = max(int(s["x"] - reach), 0), min(int(s["x"] + reach) + 1, width)
     y0, y1 = max(int(s["y"] - reach), 0), min(int(s["y"] + reach) + 1, height)
     if x0 >= x1 or y0 >= y1:
-        return
+        return None
     dy = (np.arange(y0, y1, dtype=np.float32) + 0.5)[:, None] - np.float32(s["y"])
     dx = (np.arange(x0, x1, dtype=np.float32) + 0.5)[None, :] - np.float32(s["x"])
     cos, sin = np.float32(np.cos(s["angle"])), np.float32(np.sin(s["angle"]))
@@ -283,9 +283,17 @@ def draw_object(image: np.ndarray, obj: SceneObject, t: float) -> None:
     u = (cos * dx + sin * dy) / np.float32(size * obj.aspect)
     v = (-sin * dx + cos * dy) / np.float32(size)
     distance_px = SHAPES[obj.shape](u, v) * np.float32(size * min(1.0, obj.aspect))
-    cover = np.clip(distance_px + 0.5, 0.0, 1.0) * np.float32(alpha)
-    patch = image[:, y0:y1, x0:x1]
-    patch += (s["colour"].astype(np.float32)[:, None, None] - patch) * cover
+    return slice(y0, y1), slice(x0, x1), np.clip(distance_px + 0.5, 0.0, 1.0) * np.float32(alpha)
+
+
+def draw_object(image: np.ndarray, obj: SceneObject, t: float) -> None:
+    """Composite `obj` at time t onto image (float32 [3, H, W], modified in place), over its bounding box only."""
+    covered = _coverage(obj, t, *image.shape[1:])
+    if covered is None:
+        return
+    rows, cols, cover = covered
+    patch = image[:, rows, cols]
+    patch += (obj.track.at(t)["colour"].astype(np.float32)[:, None, None] - patch) * cover
 
 
 def render_frame(scene: Scene, t: float) -> np.ndarray:
@@ -298,6 +306,33 @@ def render_frame(scene: Scene, t: float) -> np.ndarray:
     for channel in range(3):  # channel-wise copies beat a transpose + copy by ~3x
         frame[..., channel] = planes[channel]
     return frame
+
+
+# Objects that carry what a clip is about; walls and distractors are scenery.
+SUBJECT_ROLES = frozenset({"main", "left", "right", "actor"})
+
+
+def render_subjects(scene: Scene, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the frame at time t shows of its subjects (objects of SUBJECT_ROLES), for measuring how well a tokenizer
+    keeps them: (coverage float32 [H, W] in 0..1: how much of each pixel the visible subjects cover, after the
+    objects drawn in front of them; colour float32 [H, W, 3]: the colour of the front-most subject at each pixel;
+    scenery float32 [H, W, 3]: the frame with the subjects left out)."""
+    scenery = render_background(scene.background, scene.height, scene.width, t)
+    coverage = np.zeros((scene.height, scene.width), dtype=np.float32)
+    colour = np.zeros((3, scene.height, scene.width), dtype=np.float32)
+    for obj in scene.objects:
+        covered = _coverage(obj, t, scene.height, scene.width)
+        if covered is None:
+            continue
+        rows, cols, cover = covered
+        if obj.role in SUBJECT_ROLES:
+            coverage[rows, cols] += (1.0 - coverage[rows, cols]) * cover
+            rgb = obj.track.at(t)["colour"].astype(np.float32)[:, None, None]
+            colour[:, rows, cols] += (rgb - colour[:, rows, cols]) * cover
+        else:
+            coverage[rows, cols] *= 1.0 - cover
+            draw_object(scenery, obj, t)
+    return coverage, colour.transpose(1, 2, 0), scenery.transpose(1, 2, 0)
 
 
 def iter_frames(scene: Scene) -> Iterator[np.ndarray]:
@@ -317,12 +352,15 @@ def render_video(scene: Scene) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Canvas:
-    """Frame geometry for samplers: height, width (px), fps, num_frames; m = shorter side; T = last frame time."""
+    """Frame geometry and look for samplers: height, width (px), fps, num_frames; m = shorter side; T = last frame
+    time; object_scale multiplies every object size; smooth: backgrounds of long waves and low contrast."""
 
     height: int
     width: int
     fps: int
     num_frames: int
+    object_scale: float = 1.0
+    smooth: bool = False
 
     @property
     def m(self) -> float:
@@ -334,15 +372,18 @@ class Canvas:
 
 
 def _sample_background(rng: np.random.Generator, c: Canvas, speed: float) -> Background:
-    """Desaturated two-colour texture drifting in a uniform direction (so reversal leaves its law unchanged)."""
-    kind = str(rng.choice(["stripes", "checker", "blobs"]))
+    """Desaturated two-colour texture drifting in a uniform direction (so reversal leaves its law unchanged).
+    Smooth (`c.smooth`): soft blobs of waves 0.6–1.5 frame sides long and half the contrast, so the objects hold
+    most of a frame's detail (a small tokenizer then spends its codes on them, not on the texture)."""
+    kind = "blobs" if c.smooth else str(rng.choice(["stripes", "checker", "blobs"]))
     grey = rng.uniform(70, 185)
     tint = rng.uniform(-18, 18, size=3)
-    contrast = rng.uniform(20, 55) * rng.choice([-1, 1])
+    contrast = rng.uniform(10, 28) if c.smooth else rng.uniform(20, 55)
+    contrast *= rng.choice([-1, 1])
     colour0 = tuple(float(v) for v in np.clip(grey + tint - contrast / 2, 0, 255))
     colour1 = tuple(float(v) for v in np.clip(grey + tint + contrast / 2, 0, 255))
     directions = rng.uniform(0, 2 * np.pi, size=4)
-    wavelengths = rng.uniform(0.08, 0.4, size=4) * c.m
+    wavelengths = rng.uniform(0.6, 1.5, size=4) * c.m if c.smooth else rng.uniform(0.08, 0.4, size=4) * c.m
     k = 2 * np.pi / wavelengths
     waves = np.stack(
         [k * np.cos(directions), k * np.sin(directions), rng.uniform(0, 2 * np.pi, 4), rng.uniform(0.3, 1, 4)], 1
@@ -367,7 +408,7 @@ def _colour(rng: np.random.Generator, exclude: Sequence[str] = ()) -> tuple[str,
 
 
 def _main_size(rng: np.random.Generator, c: Canvas) -> float:
-    return float(rng.uniform(0.07, 0.12) * c.m)
+    return float(rng.uniform(0.07, 0.12) * c.m * c.object_scale)
 
 
 def _margin(size: float) -> float:
@@ -378,7 +419,7 @@ def _distractors(rng: np.random.Generator, c: Canvas) -> list[SceneObject]:
     """0–2 small objects drifting slowly in uniform directions: the same law for every class and under reversal."""
     out = []
     for _ in range(int(rng.integers(0, 3))):
-        size = float(rng.uniform(0.035, 0.06) * c.m)
+        size = float(rng.uniform(0.035, 0.06) * c.m * c.object_scale)
         margin = _margin(size)
         x, y = rng.uniform(margin, c.width - margin), rng.uniform(margin, c.height - margin)
         heading, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.05) * c.m
@@ -442,7 +483,7 @@ def _rotate(rng: np.random.Generator, c: Canvas) -> list[SceneObject]:
 
 def _grow(rng: np.random.Generator, c: Canvas) -> list[SceneObject]:
     """Size from 4–6 % to 11–15 % of the shorter side, linear in time, fixed position."""
-    small, big = rng.uniform(0.04, 0.06) * c.m, rng.uniform(0.11, 0.15) * c.m
+    small, big = (rng.uniform(lo, hi) * c.m * c.object_scale for lo, hi in ((0.04, 0.06), (0.11, 0.15)))
     margin = _margin(big)
     x, y = rng.uniform(margin, c.width - margin), rng.uniform(margin, c.height - margin)
     _, rgb = _colour(rng)
@@ -775,7 +816,7 @@ def unlabeled_scene(rng: np.random.Generator, canvas: Canvas) -> Scene:
     keys = np.arange(0.0, canvas.T + 0.25, 0.25)
     objects = []
     for _ in range(int(rng.integers(2, 5))):
-        base = rng.uniform(0.05, 0.12) * canvas.m
+        base = rng.uniform(0.05, 0.12) * canvas.m * canvas.object_scale
         margin = _margin(base * 1.2)
         _, rgb = _colour(rng)
         spin = np.deg2rad(rng.uniform(-60, 60))
@@ -853,6 +894,12 @@ _SPLIT_CODES = {"train": 0, "validation": 1}
 _PART_LABELED, _PART_UNLABELED = 0, 1
 
 
+# Largest object scales: the biggest growing object must fit the frame with its margins twice, and an object
+# meeting a wall at 0.42 of the width needs its own width of room on the wall's side.
+MAX_OBJECT_SCALE = 2.0
+MAX_CONTACT_SCALE = 1.25
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """What to generate. size: (height, width) px, even; clip_seconds: labeled clip length range; codec None =
@@ -866,6 +913,8 @@ class SynthConfig:
     unlabeled: int = 3
     unlabeled_seconds: float = 30.0
     calm: bool = False  # labeled clips without background drift and distractors (see labeled_scene)
+    object_scale: float = 1.0  # every object's size × this
+    smooth_background: bool = False  # soft, low-contrast backgrounds (see _sample_background)
     clip_seconds: tuple[float, float] = (2.0, 4.0)
     fps: int = 12
     size: tuple[int, int] = (160, 192)
@@ -881,6 +930,10 @@ class SynthConfig:
 
     def codec_name(self) -> str:
         return self.codec or DEFAULT_CODECS[self.ext]
+
+    def canvas(self, num_frames: int) -> Canvas:
+        height, width = self.size
+        return Canvas(height, width, self.fps, num_frames, self.object_scale, self.smooth_background)
 
 
 def validate_config(cfg: SynthConfig) -> None:
@@ -901,6 +954,17 @@ def validate_config(cfg: SynthConfig) -> None:
         unknown = sorted(set(cfg.classes) - set(CLASS_KEYS))
         if unknown or not cfg.classes:
             raise UsageError(f"--classes: unknown {', '.join(unknown) or '(empty)'}; valid: {', '.join(CLASS_KEYS)}")
+    if not 0 < cfg.object_scale <= MAX_OBJECT_SCALE:
+        raise UsageError(
+            f"--object-scale {cfg.object_scale}: must be in (0, {MAX_OBJECT_SCALE}] "
+            "(larger objects leave no room to move)"
+        )
+    contact = {"bounce", "through"} & {spec.key for spec in cfg.chosen_classes()}
+    if contact and cfg.object_scale > MAX_CONTACT_SCALE:
+        raise UsageError(
+            f"--object-scale {cfg.object_scale}: the classes {', '.join(sorted(contact))} need room on both sides of "
+            f"their wall, so at most {MAX_CONTACT_SCALE}; pass --classes without them for larger objects"
+        )
     if cfg.codec is None and cfg.ext not in DEFAULT_CODECS:
         raise UsageError(f"--ext {cfg.ext}: no default codec; pass --codec or use one of {', '.join(DEFAULT_CODECS)}")
     if not (cfg.train_per_class + cfg.val_per_class) and not cfg.unlabeled:
@@ -947,14 +1011,13 @@ def plan_labeled(cfg: SynthConfig) -> list[PlannedVideo]:
     """Every labeled clip, sampled (not rendered). Clip k of class c in split s comes from its own generator
     (seed, labeled, s, catalogue index of c, k), so subsets and worker counts never change a clip. Ids are a seeded
     shuffle of 1..N as strings, like SSV2's numeric ids (the id says nothing about the class)."""
-    height, width = cfg.size
     planned = []
     for split, count in (("train", cfg.train_per_class), ("validation", cfg.val_per_class)):
         for spec in cfg.chosen_classes():
             for k in range(count):
                 rng = _rng(cfg.seed, _PART_LABELED, _SPLIT_CODES[split], CLASS_KEYS.index(spec.key), k)
                 seconds = rng.uniform(*cfg.clip_seconds)
-                canvas = Canvas(height, width, cfg.fps, max(2, round(seconds * cfg.fps)))
+                canvas = cfg.canvas(max(2, round(seconds * cfg.fps)))
                 scene, placeholders = labeled_scene(spec, rng, canvas, cfg.calm)
                 planned.append(PlannedVideo("", split, spec.key, scene, tuple(placeholders)))
     ids = _rng(cfg.seed, _PART_LABELED, 99).permutation(len(planned)) + 1
@@ -963,8 +1026,7 @@ def plan_labeled(cfg: SynthConfig) -> list[PlannedVideo]:
 
 def plan_unlabeled(cfg: SynthConfig) -> list[PlannedVideo]:
     """The long videos: synth_long_000, ... each from generator (seed, unlabeled, index)."""
-    height, width = cfg.size
-    canvas = Canvas(height, width, cfg.fps, max(2, round(cfg.unlabeled_seconds * cfg.fps)))
+    canvas = cfg.canvas(max(2, round(cfg.unlabeled_seconds * cfg.fps)))
     return [
         PlannedVideo(
             f"synth_long_{i:03d}", "unlabeled", "", unlabeled_scene(_rng(cfg.seed, _PART_UNLABELED, i), canvas)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -315,11 +315,19 @@ def train(
 
 
 def train_from_videos(
-    videos_dir: str | Path, out: str | Path, settings: TrainSettings, log: Callable[[str], None] = tqdm.write
+    videos_dir: str | Path,
+    out: str | Path,
+    settings: TrainSettings,
+    log: Callable[[str], None] = tqdm.write,
+    exclude: Collection[Path] = (),
 ) -> TrainResult:
-    """Sample frames from the videos under `videos_dir`, then `train` into `out`."""
+    """Sample frames from the videos under `videos_dir` except those in `exclude` (kept unseen, e.g. to measure the
+    tokenizer on them afterwards), then `train` into `out`."""
     settings.validate()
-    videos = find_videos(videos_dir)
+    excluded = {Path(p).resolve() for p in exclude}
+    videos = [v for v in find_videos(videos_dir) if v.resolve() not in excluded]
+    if not videos:
+        raise UsageError(f"every video under {videos_dir} is held out; nothing is left to train the tokenizer on")
     log(f"sampling up to {settings.pool_size} frames at {settings.fps} fps from {len(videos)} video(s)")
     train_frames, holdout_frames = sample_frames(videos, settings, warn=log)
     log(f"{len(train_frames)} training frames, {len(holdout_frames)} held out")
