@@ -6,6 +6,7 @@ from vimpac.commands import (
     demo,
     model_info,
     pretrain_eval,
+    probe,
     synth,
     tokenize,
     train_tokenizer,
@@ -21,5 +22,6 @@ COMMANDS = [
     db.register,
     model_info.register,
     pretrain_eval.register,
+    probe.register,
     visualize.register,
 ]

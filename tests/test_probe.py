@@ -1,0 +1,269 @@
+"""Frozen-feature probes (vimpac.probe, `vimpac probe`): hand-checkable separable and random-label cases for the
+linear probe and kNN, more than two classes, the subsets, features against a clip-by-clip loop, the command on a
+tiny labeled database (pre-trained and random models), its errors, and a 2-rank run under torchrun."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.synthetic_codes import write_code_database
+from tests.test_finetune import VOCAB, write_labeled
+from tests.test_pretrain_runs import environment
+from vimpac import probe
+from vimpac.checkpoint import export_weights
+from vimpac.cli import main
+from vimpac.code_db import CodeDatabaseWriter
+from vimpac.commands import probe as probe_command
+from vimpac.config import VimpacConfig
+from vimpac.dist_setup import free_port
+from vimpac.finetune_data import FinetuneTestClips, label_subset
+from vimpac.modeling import VimpacBackbone, VimpacForPretraining
+from vimpac.probe import (
+    extract_features,
+    fit_logistic_regression,
+    holdout_split,
+    knn_accuracy,
+    linear_probe,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = VimpacConfig(vocab_size=VOCAB, hidden_size=32, heads=2, layers=1, clip_len=3, grid=(4, 4), nce_proj_hid_dim=32)
+
+
+def clusters(centres, per_class, spread, seed):
+    """Gaussian clusters: features [C·per_class, D] around `centres` [C, D] (std `spread`), labels [C·per_class]."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.as_tensor(centres, dtype=torch.float32)
+    x = centres.repeat_interleave(per_class, 0) + spread * torch.randn(
+        len(centres) * per_class, centres.shape[1], generator=gen
+    )
+    return x, torch.arange(len(centres)).repeat_interleave(per_class)
+
+
+# -------------------------------------------------------------------------------------------- the probes
+
+
+def test_well_separated_clusters_are_classified_perfectly():
+    centres = [[5.0] * 8, [-5.0] * 8]
+    train_x, train_y = clusters(centres, 20, 1.0, seed=0)
+    test_x, test_y = clusters(centres, 20, 1.0, seed=1)
+    result = linear_probe(train_x, train_y, test_x, test_y)
+    assert result["accuracy"] == 1.0
+    assert set(result["holdout_accuracy"]) == {str(wd) for wd in probe.DEFAULT_WEIGHT_DECAYS}
+    # Every penalty separates the held-out fifth: the tie goes to the strongest one.
+    assert result["weight_decay"] == max(probe.DEFAULT_WEIGHT_DECAYS)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=5) == 1.0
+
+
+def test_random_labels_give_chance_accuracy():
+    gen = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    train_y, test_y = torch.randint(0, 2, (300,), generator=gen), torch.randint(0, 2, (300,), generator=gen)
+    # 300 test videos: the standard deviation of a chance accuracy is sqrt(0.25 / 300) ≈ 0.03.
+    assert abs(linear_probe(train_x, train_y, test_x, test_y)["accuracy"] - 0.5) < 0.1
+    assert abs(knn_accuracy(train_x, train_y, test_x, test_y, k=20) - 0.5) < 0.1
+
+
+def test_linear_probe_separates_three_classes_on_a_line():
+    """Classes at x = -3, 0 and 3 on the line y = 3: no single threshold separates the middle one, a softmax over
+    three linear scores does (and the cosine kNN tells the directions apart)."""
+    centres = [[-3.0, 3.0], [0.0, 3.0], [3.0, 3.0]]
+    train_x, train_y = clusters(centres, 30, 0.3, seed=0)
+    test_x, test_y = clusters(centres, 30, 0.3, seed=1)
+    result = linear_probe(train_x, train_y, test_x, test_y, weight_decays=[1e-4])
+    assert result == {"accuracy": 1.0, "weight_decay": 1e-4, "holdout_accuracy": None}
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=10, num_classes=3) == 1.0
+
+
+def test_logistic_regression_reaches_the_optimum():
+    """At the minimum the gradient of mean cross-entropy + λ/2·||W||² vanishes (checked independently)."""
+    x, y = clusters([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], 10, 0.7, seed=2)
+    x = x.double()
+    weight, bias = fit_logistic_regression(x, y, 4, weight_decay=1e-2)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5e-2 * w.pow(2).sum()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-6 and b.grad.abs().max() < 1e-6
+
+
+def test_holdout_is_stratified():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 6)
+    fit, held = holdout_split(labels, 0.2, seed=0)
+    assert sorted(fit + held) == list(range(len(labels))) and not set(fit) & set(held)
+    assert np.bincount(labels[held].numpy()).tolist() == [2, 1, 1]
+    assert holdout_split(torch.tensor([0, 1, 2]), 0.2)[1] == []  # one video per class: nothing to hold out
+    # ... so the linear probe falls back to a fixed penalty.
+    x = torch.eye(3)
+    assert linear_probe(x, torch.arange(3), x, torch.arange(3))["weight_decay"] == probe.FALLBACK_WEIGHT_DECAY
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def test_features_are_clip_means_of_cls_and_non_pad_token_means(tmp_path):
+    """Two views × 2 clips per video, videos of 1-4 frames in clips of 3 (PAD-padded), against a loop over clips."""
+    db = write_labeled(tmp_path / "db", 3, 0, 2, frames=4, views=("r32_top_f0", "r32_center_f0"))
+    dataset = FinetuneTestClips(
+        db, "train", 3, pad_id=CONFIG.pad_id, views=["r32_top_f0", "r32_center_f0"], num_clips=2
+    )
+    torch.manual_seed(0)
+    backbone = VimpacBackbone(CONFIG).train()
+    cls, mean = extract_features(backbone, dataset, pad_id=CONFIG.pad_id, clips_per_forward=5)
+    assert backbone.training and cls.shape == mean.shape == (len(dataset), 32)
+    backbone.eval()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            clips = dataset[i]["tokens"]
+            assert clips.shape[0] == 4
+            expected_cls, expected_mean = [], []
+            for clip in clips:
+                c, hidden = backbone(clip[None])
+                expected_cls.append(c[0])
+                real = clip != CONFIG.pad_id
+                expected_mean.append(hidden[0][real].mean(0))
+            assert torch.allclose(cls[i], torch.stack(expected_cls).mean(0), atol=1e-5)
+            assert torch.allclose(mean[i], torch.stack(expected_mean).mean(0), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A labeled database (4 classes, 6 train + 3 val videos each) and a 'pre-trained' export."""
+    root = tmp_path_factory.mktemp("probe")
+    db = write_labeled(root / "db", videos_per_class=6, val_per_class=3, frames=5)
+    torch.manual_seed(1)
+    export_weights(VimpacForPretraining(CONFIG).state_dict(), CONFIG, root / "run")
+    return root, db
+
+
+def test_cli_probes_the_pretrained_and_the_random_model(setup, tmp_path, capsys):
+    root, db = setup
+    out = tmp_path / "probe.json"
+    argv = ["probe", "--model", str(root / "run"), "--data", str(db), "--device", "cpu", "--k", "5"]
+    assert main([*argv, "--num-test-clips", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe" in printed and "kNN (k=5)" in printed and "random" in printed
+
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"pretrained", "random"}
+    for model in report["results"].values():
+        assert set(model) == {"cls", "mean"}
+        for feature in model.values():
+            assert 0.0 <= feature["linear"]["accuracy"] <= 1.0 and 0.0 <= feature["knn"] <= 1.0
+            assert feature["linear"]["weight_decay"] in probe.DEFAULT_WEIGHT_DECAYS
+    # A class's videos share 13 of their 16 codes: even random features tell the classes apart.
+    assert report["results"]["random"]["mean"]["knn"] >= 0.75
+    assert (report["train_videos"], report["eval_videos"], report["num_classes"]) == (24, 12, 4)
+    assert report["chance"] == 0.25 and report["majority_class_accuracy"] == 0.25
+    settings = report["settings"]
+    assert (settings["train_split"], settings["eval_split"], settings["num_test_clips"]) == ("train", "val", 2)
+    assert settings["eval_views"] == ["r32_center_f0"] and settings["world_size"] == 1
+
+    # The kNN number of the pre-trained model, recomputed from the exported backbone.
+    backbone = probe_command.pretrained_backbone(root / "run" / "export", CONFIG)
+    sets = [
+        FinetuneTestClips(db, split, 3, pad_id=CONFIG.pad_id, views=["r32_center_f0"], num_clips=2)
+        for split in ("train", "val")
+    ]
+    (train_cls, _), (val_cls, _) = (extract_features(backbone, s, pad_id=CONFIG.pad_id) for s in sets)
+    knn = knn_accuracy(train_cls, sets[0].labels, val_cls, sets[1].labels, k=5, num_classes=4)
+    assert report["results"]["pretrained"]["cls"]["knn"] == knn
+
+
+def test_cli_subset_and_no_baseline(setup, tmp_path, capsys):
+    root, db = setup
+    out = tmp_path / "probe.json"
+    argv = ["probe", "--model", str(root / "run" / "export"), "--data", str(db), "--device", "cpu"]
+    argv += ["--labels-per-class", "2", "--no-random-baseline", "--weight-decays", "1e-3", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["pretrained"] and "random" not in capsys.readouterr().out
+    assert report["train_videos"] == 8 and report["train_videos_per_class"] == {"min": 2, "max": 2}
+    # The videos fine-tuning's --labels-per-class 2 --labels-seed 0 trains on.
+    train = FinetuneTestClips(db, "train", 3, pad_id=CONFIG.pad_id, views=["r32_center_f0"])
+    expected = label_subset(train.ids, train.labels.tolist(), 2, 0)
+    assert report["settings"]["label_subset"] == {"labels_per_class": 2, "seed": 0, "ids": expected}
+    assert report["results"]["pretrained"]["cls"]["linear"]["holdout_accuracy"] is None
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    root, db = setup
+    model = ["probe", "--model", str(root / "run")]
+    assert main([*model, "--data", str(tmp_path / "nodb")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["probe", "--model", str(tmp_path / "nowhere"), "--data", str(db)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main([*model, "--data", str(db), "--eval-split", "nope"]) == 2
+    assert "unknown split 'nope'" in capsys.readouterr().err
+    unlabeled = write_code_database(tmp_path / "unlabeled", videos=2, frames=2, grid=(4, 4))
+    assert main([*model, "--data", str(unlabeled)]) == 2
+    assert "lists no classes" in capsys.readouterr().err
+    assert main([*model, "--data", str(db), "--k", "0"]) == 2
+    assert "--k must be >= 1" in capsys.readouterr().err
+
+    config = VimpacConfig.from_dict({**CONFIG.to_dict(), "vocab_size": 32})
+    export_weights(VimpacForPretraining(config).state_dict(), config, tmp_path / "run32")
+    assert main(["probe", "--model", str(tmp_path / "run32"), "--data", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert f"{VOCAB} codes" in err and "vocab_size 32" in err
+
+
+def test_cli_help_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["probe", "--help"])
+    assert exit_info.value.code == 0
+    assert "example:" in capsys.readouterr().out
+    assert probe_command.DEFAULT_K == probe.DEFAULT_K
+    assert probe_command.DEFAULT_TEMPERATURE == probe.DEFAULT_TEMPERATURE
+    assert probe_command.DEFAULT_WEIGHT_DECAYS == probe.DEFAULT_WEIGHT_DECAYS
+
+
+def write_noisy(path, noise, classes=3, train=5, val=3, frames=4):
+    """A labeled database that is hard to classify: a video is its class pattern with `noise` of its 16 codes
+    replaced at random (the same in every frame)."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, VOCAB, size=(classes, 4, 4))
+    manifest = {
+        "dataset": "synthetic",
+        "fps": 2,
+        "frame_size": 32,
+        "grid": [4, 4],
+        "tokenizer": {"name": "synthetic", "vocab_size": VOCAB, "fingerprint": "0" * 16},
+        "views": ["r32_center_f0"],
+        "classes": [f"class{c}" for c in range(classes)],
+    }
+    splits = {"train": [], "val": []}
+    with CodeDatabaseWriter(path, manifest) as writer:
+        for c in range(classes):
+            for i in range(train + val):
+                base = patterns[c].copy()
+                base.flat[rng.choice(16, noise, replace=False)] = rng.integers(0, VOCAB, noise)
+                codes = np.repeat(base[None], frames, 0).astype(np.int16)
+                writer.add(f"c{c}_v{i:02d}", {"r32_center_f0": codes}, label=c, duration=frames / 2, fps=2.0)
+                splits["train" if i < train else "val"].append(f"c{c}_v{i:02d}")
+        writer.finalize(splits)
+    return path
+
+
+def test_two_ranks_under_torchrun_give_the_single_process_numbers(setup, tmp_path):
+    """15 training and 9 validation videos (odd: rank 1 repeats one) over 2 ranks: each rank embeds its share,
+    rank 0 fits the probes on the gathered features and gets the numbers of the plain run."""
+    root, _ = setup
+    db = write_noisy(tmp_path / "db", noise=13)
+    flags = ["--model", str(root / "run"), "--data", str(db), "--device", "cpu", "--k", "5", "--seed", "3"]
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["probe", *flags, "--out", str(single)]) == 0
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port"]
+    command = [*torchrun, str(free_port()), "-m", "vimpac.cli", "probe", *flags, "--out", str(double)]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert two["settings"].pop("world_size") == 2 and one["settings"].pop("world_size") == 1
+    assert two["settings"] == one["settings"] and two["results"] == one["results"]

@@ -1,0 +1,280 @@
+"""Frozen-feature evaluation (`vimpac probe`): how linearly separable and how clustered a model's video features are.
+
+The standard measure of self-supervised features, run on a labeled code database with the backbone frozen:
+  features   per clip, the CLS vector (cls) and the mean of the T·h·w token vectors over the non-PAD positions
+             (mean), from the last layer, in eval mode; per video, the mean of its clip features over the V
+             evaluation views × K uniformly spaced clips (vimpac.finetune_data.FinetuneTestClips, the clips that
+             fine-tuning evaluates), so a video's feature does not depend on a random draw;
+  linear     multinomial logistic regression on features standardised with the training set's mean and std,
+             with an L2 penalty, fitted full-batch by L-BFGS in float64 from zero weights (deterministic). The
+             penalty is chosen from a small fixed grid by the accuracy on a stratified held-out fifth of the
+             training videos (ties go to the stronger penalty), then the model is refitted on every training video;
+  kNN        the weighted vote of the pre-training monitor (vimpac.knn.knn_predict): cosine similarity of the raw
+             features, the k nearest training videos vote for their class with weight exp(sim / 0.07).
+Both are reported as top-1 accuracy over the evaluation videos. The numbers mean most next to those of the same
+architecture at random initialisation, which `vimpac probe` computes too: a random transformer's features are
+already far above chance on many video datasets.
+
+Under a launcher every rank embeds its `vimpac.knn.shard_positions` share of the videos and the features are
+all-gathered in video order (`extract_features`), so the result does not depend on the number of ranks; the
+probes themselves are fitted on one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from vimpac.knn import all_gather_rows, assemble_shards, knn_predict, shard_positions
+
+FEATURES = ("cls", "mean")
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+# L2 penalty on the weights, relative to the mean cross-entropy of standardised features. 1e-4 is about
+# scikit-learn's default C = 1 for 10k videos; 1e-1 about that for 10 videos.
+DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Used when the grid cannot be searched: every class has a single training video, so none can be held out.
+FALLBACK_WEIGHT_DECAY = 1e-3
+DEFAULT_HOLDOUT = 0.2
+DEFAULT_MAX_ITER = 300
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def clip_features(backbone: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens int64 [B, T, h, w] → (cls [B, D], mean [B, D]) in float32.
+
+    mean averages the last hidden states over the non-PAD positions only: a short video's clip is right-padded
+    with PAD along time, and those positions (never attended to as keys) would otherwise dilute the mean."""
+    cls, hidden = backbone(tokens)  # [B, D], [B, T, h, w, D]
+    real = (tokens != pad_id).unsqueeze(-1).to(hidden.dtype)  # [B, T, h, w, 1]
+    mean = (hidden * real).sum(dim=(1, 2, 3)) / real.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    return cls.float(), mean.float()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    clips: Dataset,
+    *,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    clips_per_forward: int = 32,
+    num_workers: int = 0,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every video of `clips`: (cls [N, D], mean [N, D]), float32 on the CPU, in item order.
+
+    Item i of `clips` holds "tokens" int64 [C, T, h, w] (C = views × clips, the same for every video, e.g.
+    FinetuneTestClips); video i's feature is the mean over its C clips of `clip_features`. `backbone` maps
+    tokens [B, T, h, w] to (cls [B, D], hidden [B, T, h, w, D]); it runs in eval mode, without gradients, and
+    its mode is restored. About `clips_per_forward` clips go through it at once (whole videos, at least one).
+    Each rank embeds its shard_positions share and the features are all-gathered: a collective, every rank of
+    the process group calls it. A tqdm bar (rank 0, on a terminal) counts this rank's videos, titled `desc`.
+    """
+    from tqdm import tqdm
+
+    positions, valid = shard_positions(len(clips), rank, world)
+    per_video = int(clips[0]["tokens"].shape[0])
+    loader = DataLoader(
+        Subset(clips, positions.tolist()),
+        batch_size=max(1, clips_per_forward // per_video),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),  # no draw from the global RNG (nothing is shuffled anyway)
+    )
+    was_training = backbone.training
+    backbone.eval()
+    rows = []
+    bar = tqdm(total=len(positions), desc=desc, unit="video", disable=None if rank == 0 else True)
+    try:
+        for batch in loader:
+            tokens = batch["tokens"]  # [B, C, T, h, w]
+            cls, mean = clip_features(backbone, tokens.flatten(0, 1).to(device), pad_id)  # [B·C, D] each
+            feats = torch.cat([cls, mean], dim=1).view(tokens.shape[0], per_video, -1).mean(dim=1)  # [B, 2D]
+            rows.append(feats)
+            bar.update(tokens.shape[0])
+    finally:
+        bar.close()
+        backbone.train(was_training)
+    local = torch.cat(rows)
+    gathered = all_gather_rows(local, world)
+    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
+    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
+    both = assemble_shards(pos, keep, gathered, len(clips)).cpu()
+    return both[:, : both.shape[1] // 2], both[:, both.shape[1] // 2 :]
+
+
+def holdout_split(
+    labels: torch.Tensor, fraction: float = DEFAULT_HOLDOUT, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """(fit, held-out) indices: round(fraction · n_c) items of every class c with n_c >= 2 go to held-out (at
+    least 1, never all of them), drawn by a generator of `seed`; held-out is empty when no class has 2 items."""
+    labels_np = labels.numpy()
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for label in np.unique(labels_np):
+        members = np.flatnonzero(labels_np == label)
+        if len(members) >= 2:
+            count = min(len(members) - 1, max(1, round(fraction * len(members))))
+            held += members[rng.permutation(len(members))[:count]].tolist()
+    fit = sorted(set(range(len(labels_np))) - set(held))
+    return fit, sorted(held)
+
+
+# ----------------------------------------------------------------------------------------------- probes
+
+
+def _check(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+    if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D]; got {tuple(train_x.shape)}, {tuple(test_x.shape)}")
+    if train_y.shape != (train_x.shape[0],) or test_y.shape != (test_x.shape[0],):
+        raise ValueError("labels must be [N] and [M], one per feature row")
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("no training or no test features")
+
+
+def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Subtract the training mean and divide by the training std (per dimension; constant dimensions are only
+    centred) from `train_x` [N, D] and every tensor of `others` [M, D]."""
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, correction=0)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return [(x - mean) / std for x in (train_x, *others)]
+
+
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = DEFAULT_MAX_ITER
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: (weight [D, C], bias [C]) minimising
+    mean cross-entropy(x @ weight + bias, y) + weight_decay / 2 · ||weight||² (the bias is not penalised),
+    by full-batch L-BFGS (strong Wolfe line search) from zeros, in x's dtype and on its device."""
+    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    # Tolerances for float64: torch's defaults (meant for float32) stop while the gradient is still ~1e-5.
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _fit_and_score(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int,
+) -> float:
+    train_x, test_x = standardize(train_x, test_x)
+    weight, bias = fit_logistic_regression(train_x, train_y, num_classes, weight_decay, max_iter)
+    return float(((test_x @ weight + bias).argmax(dim=1) == test_y).double().mean())
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    holdout: float = DEFAULT_HOLDOUT,
+    seed: int = 0,
+    max_iter: int = DEFAULT_MAX_ITER,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Top-1 accuracy of a linear classifier of train_x [N, D] (labels train_y [N] in [0, C)) on test_x [M, D].
+
+    Logistic regression on standardised features (module docstring). With several `weight_decays` the penalty
+    is the one with the best accuracy on `holdout_split(train_y, holdout, seed)` when fitted on the rest (ties:
+    the larger penalty), or FALLBACK_WEIGHT_DECAY when nothing can be held out; the final model is fitted on all
+    of train_x. Computed in float64 on `device`. Returns {"accuracy", "weight_decay", "holdout_accuracy" ({str(λ):
+    accuracy} of the search, None without one)}.
+    """
+    _check(train_x, train_y, test_x, test_y)
+    if not weight_decays or min(weight_decays) < 0:
+        raise ValueError(f"weight_decays must be a non-empty list of values >= 0; got {list(weight_decays)}")
+    classes = int(num_classes if num_classes is not None else max(int(train_y.max()), int(test_y.max())) + 1)
+    x, y = train_x.to(device, torch.float64), train_y.to(device, torch.long)
+    tx, ty = test_x.to(device, torch.float64), test_y.to(device, torch.long)
+    searched: dict[str, float] | None = None
+    chosen = float(weight_decays[0])
+    if len(weight_decays) > 1:
+        fit, held = holdout_split(train_y.cpu(), holdout, seed)
+        if held:
+            fit_t, held_t = torch.tensor(fit, device=device), torch.tensor(held, device=device)
+            searched = {
+                str(float(wd)): _fit_and_score(x[fit_t], y[fit_t], x[held_t], y[held_t], classes, float(wd), max_iter)
+                for wd in weight_decays
+            }
+            # max over (accuracy, penalty): among equally accurate penalties the strongest, the simplest model.
+            chosen = max((acc, float(wd)) for wd, acc in searched.items())[1]
+        else:
+            chosen = FALLBACK_WEIGHT_DECAY
+    accuracy = _fit_and_score(x, y, tx, ty, classes, chosen, max_iter)
+    return {"accuracy": accuracy, "weight_decay": chosen, "holdout_accuracy": searched}
+
+
+def knn_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    k: int = DEFAULT_K,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: int | None = None,
+) -> float:
+    """Top-1 accuracy of the weighted kNN vote (vimpac.knn.knn_predict: cosine similarity, the min(k, N) nearest
+    of train_x [N, D] vote for their label train_y [N] with weight exp(sim / temperature)) on test_x [M, D]."""
+    _check(train_x, train_y, test_x, test_y)
+    classes = int(num_classes if num_classes is not None else max(int(train_y.max()), int(test_y.max())) + 1)
+    probs = knn_predict(test_x, train_x, train_y, classes, k=k, temperature=temperature)  # [M, C]
+    return float((probs.argmax(dim=1).cpu() == test_y.cpu()).double().mean())
+
+
+def majority_accuracy(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy of always answering the most frequent training class (ties: the smallest label): the floor that
+    a probe must beat on an unbalanced split."""
+    majority = int(torch.bincount(train_y.long()).argmax())
+    return float((test_y == majority).double().mean())
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def format_table(results: dict[str, dict[str, dict[str, Any]]], k: int) -> str:
+    """Aligned rows feature × classifier, one column per model, from
+    results[model][feature] = {"linear": {"accuracy", "weight_decay", ...}, "knn": accuracy}."""
+    models = list(results)
+    rows = [("feature", "classifier", *models)]
+    for feature in FEATURES:
+        rows.append((feature, "linear probe", *(f"{results[m][feature]['linear']['accuracy']:.3f}" for m in models)))
+        rows.append((feature, f"kNN (k={k})", *(f"{results[m][feature]['knn']:.3f}" for m in models)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
