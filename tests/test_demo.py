@@ -24,6 +24,7 @@ STAGES = (
     "finetune_pretrained",
     "finetune_scratch",
     "pretrain-eval",
+    "probe",
     "pictures",
 )
 
@@ -73,9 +74,41 @@ def test_tiny_demo_writes_every_artefact_and_reruns_from_its_cache(tmp_path):
         assert sum(1 for _ in ImageSequence.Iterator(gif)) == report["budget"]["clip_len"]
     with Image.open(pictures["curves"]) as curves:
         assert curves.format == "PNG"
-    for line in ("pictures", "curves", "fine-tuning top-1", "masked-token accuracy"):
+    objects = report["stages"]["tokenizer"]["objects"]
+    assert objects["videos"] == 4 and objects["subject_pixels"] > 0  # the 4 validation videos, unseen in training
+    probe = report["probe"]
+    assert set(probe["results"]) == {"pretrained", "random"} and probe["eval_videos"] == 4
+    for model in probe["results"].values():
+        for feature in ("cls", "mean"):
+            assert 0.0 <= model[feature]["linear"]["accuracy"] <= 1.0 and 0.0 <= model[feature]["knn"] <= 1.0
+    for line in (
+        "pictures",
+        "curves",
+        "top-1 on held-out videos",
+        "masked-token accuracy",
+        "inside the moving objects",
+    ):
         assert line in first.stdout
 
     again = demo(run)
     assert again.stdout.count("done earlier") == len(STAGES)
     assert json.loads((run / "report.json").read_text())["finetuning"] == report["finetuning"]
+
+
+def test_seed_changes_the_corpus_and_a_run_keeps_its_seed(tmp_path, capsys):
+    from vimpac.commands.demo import BUDGETS, DemoPaths, Stages, make_data
+    from vimpac.errors import UsageError
+
+    def corpus(seed: int, name: str) -> dict[str, bytes]:
+        paths = DemoPaths(tmp_path / name)
+        paths.run.mkdir()
+        stages = Stages(paths, "tiny", BUDGETS["tiny"], seed)
+        stages.needed = lambda stage: stage == "synth"  # the corpus alone: no tokenizer, no databases
+        make_data(paths, BUDGETS["tiny"], stages, "cpu", 1, seed)
+        return {p.name: p.read_bytes() for p in sorted((paths.corpus / "videos").iterdir())}
+
+    zero, again, one = corpus(0, "a"), corpus(0, "b"), corpus(1, "c")
+    assert zero == again  # the same seed writes the same videos
+    assert zero.keys() == one.keys() and all(zero[name] != one[name] for name in zero)
+    with pytest.raises(UsageError, match=r"seed 0.*--fresh.*seed 1"):
+        Stages(DemoPaths(tmp_path / "a"), "tiny", BUDGETS["tiny"], 1)

@@ -57,7 +57,7 @@ class SubjectFidelity:
             return f"PSNR {self.psnr:.1f} dB (flat mean colour {self.flat_psnr:.1f} dB); no object pixels to measure"
         return (
             f"PSNR {self.psnr:.1f} dB (flat mean colour {self.flat_psnr:.1f} dB); inside the objects "
-            f"{self.subject_psnr:.1f} dB (flat {self.flat_subject_psnr:.1f} dB, +{self.subject_gain:.1f} dB), "
+            f"{self.subject_psnr:.1f} dB (flat {self.flat_subject_psnr:.1f} dB, {self.subject_gain:+.1f} dB), "
             f"{self.subject_kept:.0%} of object pixels nearer the object's colour than the background's "
             f"({self.videos} held-out videos, {self.frames} frames)"
         )

@@ -47,6 +47,8 @@ class Budget:
     unlabeled_seconds: float
     video_size: tuple[int, int]
     calm: bool  # labeled clips without background drift and distractors (SynthConfig.calm)
+    object_scale: float  # every object's size × this (SynthConfig.object_scale)
+    smooth_background: bool  # soft, low-contrast backgrounds (SynthConfig.smooth_background)
     # tokenizer and code databases
     vocab_size: int
     tokenizer_steps: int
@@ -67,6 +69,7 @@ class Budget:
     finetune_epochs: int
     finetune_batch: int
     finetune_lr: float
+    labels_per_class: int | None  # labeled training videos per class fine-tuning sees (None: all of them)
     test_clips: str  # the K of the final multi-view evaluation
 
 
@@ -79,6 +82,8 @@ BUDGETS = {
         unlabeled_seconds=6.0,
         video_size=(64, 80),
         calm=True,
+        smooth_background=True,
+        object_scale=1.5,
         vocab_size=64,
         tokenizer_steps=20,
         tokenizer_crop=32,
@@ -96,18 +101,21 @@ BUDGETS = {
         finetune_epochs=2,
         finetune_batch=4,
         finetune_lr=1e-3,
+        labels_per_class=None,
         test_clips="1,2",
     ),
     "default": Budget(
         classes=MOTION_CLASSES,
         train_per_class=32,
-        val_per_class=8,
+        val_per_class=16,
         unlabeled=0,
         unlabeled_seconds=20.0,
         video_size=(96, 112),
         calm=True,
+        smooth_background=True,
+        object_scale=1.5,
         vocab_size=256,
-        tokenizer_steps=400,
+        tokenizer_steps=1200,
         tokenizer_crop=32,
         frame_size=64,
         fps=4.0,
@@ -123,6 +131,7 @@ BUDGETS = {
         finetune_epochs=20,
         finetune_batch=16,
         finetune_lr=1e-3,
+        labels_per_class=4,
         test_clips="1,3",
     ),
     "long": Budget(
@@ -133,6 +142,8 @@ BUDGETS = {
         unlabeled_seconds=30.0,
         video_size=(160, 192),
         calm=False,
+        smooth_background=False,
+        object_scale=1.0,
         vocab_size=512,
         tokenizer_steps=1500,
         tokenizer_crop=64,
@@ -150,6 +161,7 @@ BUDGETS = {
         finetune_epochs=30,
         finetune_batch=32,
         finetune_lr=5e-4,
+        labels_per_class=None,
         test_clips="1,3,5",
     ),
 }
@@ -199,6 +211,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
     p.add_argument("--ranks", type=int, default=None, help="training processes (default: 2 on CPU, 1 on a GPU)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of everything random: the corpus, the tokenizer, pre-training, fine-tuning and the probes (0). "
+        "Results that hold only for one seed prove nothing: compare a few",
+    )
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
     p.set_defaults(func=run)
 
@@ -209,17 +228,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 class Stages:
     """stages.json: what is finished, with each stage's summary. A stage is recorded only after it completed."""
 
-    def __init__(self, paths: DemoPaths, budget_name: str, budget: Budget) -> None:
+    def __init__(self, paths: DemoPaths, budget_name: str, budget: Budget, seed: int) -> None:
         self.path = paths.run / "stages.json"
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
-        wanted = json.loads(json.dumps({"name": budget_name, **asdict(budget)}))  # tuples as JSON lists
+        wanted = json.loads(json.dumps({"name": budget_name, "seed": seed, **asdict(budget)}))  # tuples as lists
         recorded = self.done.get("budget")
         if recorded is not None and recorded != wanted:
             from vimpac.errors import UsageError
 
             raise UsageError(
-                f"{paths.run} was made with other settings (budget {recorded['name']!r} as it was then); pass --fresh "
-                f"to redo it with the {budget_name!r} budget, or choose another --out"
+                f"{paths.run} was made with other settings (budget {recorded['name']!r} as it was then, seed "
+                f"{recorded.get('seed', 0)}); pass --fresh to redo it with the {budget_name!r} budget and seed {seed}, "
+                "or choose another --out"
             )
         self.done["budget"] = wanted
 
@@ -313,20 +333,22 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and paths.run.exists():
         shutil.rmtree(paths.run)
     paths.run.mkdir(parents=True, exist_ok=True)
-    stages = Stages(paths, args.budget, budget)
+    stages = Stages(paths, args.budget, budget, args.seed)
     started = time.perf_counter()
-    print(f"vimpac demo ({args.budget} budget) on {device} into {paths.run}", flush=True)
+    print(f"vimpac demo ({args.budget} budget, seed {args.seed}) on {device} into {paths.run}", flush=True)
 
-    make_data(paths, budget, stages, device, workers)
-    train_models(paths, budget, stages, device, ranks)
-    report = make_report(paths, budget, stages, device)
+    make_data(paths, budget, stages, device, workers, args.seed)
+    train_models(paths, budget, stages, device, ranks, args.seed)
+    report = make_report(paths, stages, device, args.seed)
     print_report(paths, report, time.perf_counter() - started)
     return 0
 
 
-def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, workers: int) -> None:
+def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, workers: int, seed: int) -> None:
     from vimpac.tokenization.extract import ExtractConfig, extract
+    from vimpac.tokenization.fidelity import measure_subject_fidelity, synth_holdout
     from vimpac.tokenization.synth import SynthConfig, generate
+    from vimpac.tokenization.tokenizer import load_tokenizer
     from vimpac.tokenization.train_vqvae import TrainSettings, train_from_videos
     from vimpac.tokenization.vqvae import VQVAEConfig
 
@@ -334,6 +356,7 @@ def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, wor
         generate(
             SynthConfig(
                 out=paths.corpus,
+                seed=seed,
                 classes=budget.classes,
                 train_per_class=budget.train_per_class,
                 val_per_class=budget.val_per_class,
@@ -341,6 +364,8 @@ def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, wor
                 unlabeled_seconds=budget.unlabeled_seconds,
                 size=budget.video_size,
                 calm=budget.calm,
+                object_scale=budget.object_scale,
+                smooth_background=budget.smooth_background,
                 workers=workers,
             )
         )
@@ -353,12 +378,22 @@ def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, wor
             frame_size=budget.frame_size,
             crop_size=budget.tokenizer_crop,
             fps=budget.fps,
+            seed=seed,
             device=device,
         )
-        result = train_from_videos(paths.corpus, paths.tokenizer, settings, log=print)
+        # The validation videos stay unseen, so the object-fidelity numbers are held-out ones.
+        holdout = synth_holdout(paths.corpus)
+        result = train_from_videos(paths.corpus, paths.tokenizer, settings, log=print, exclude=holdout.files)
+        tokenizer = load_tokenizer(paths.tokenizer, device=device)
+        fidelity = measure_subject_fidelity(tokenizer, paths.corpus, budget.frame_size, budget.fps, holdout.videos)
         stages.mark(
             "tokenizer",
-            {"psnr_db": result.psnr, "baseline_psnr_db": result.baseline_psnr, "codes_used": result.used_fraction},
+            {
+                "psnr_db": result.psnr,
+                "baseline_psnr_db": result.baseline_psnr,
+                "codes_used": result.used_fraction,
+                "objects": fidelity.to_dict(),
+            },
         )
 
     labeled = sorted(paths.corpus.glob("something-something-v2-*.json"))
@@ -412,33 +447,48 @@ def engine_config(device: str, finetune: bool) -> str:
     return str(REPO / "ds_configs" / ("finetune_small.json" if finetune else "small.json"))
 
 
-def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, ranks: int) -> None:
-    common = ["--num-workers", "0", "--frame-rate", str(budget.frame_rate)]
-    if stages.needed("pretrain"):
-        started = time.perf_counter()
-        flags = [
-            *("--deepspeed_config", engine_config(device, finetune=False)),
-            *("--data", str(paths.db(budget.pretrain_data))),
-            *model_flags(budget),
-            *common,
-            *("--epochs", str(budget.pretrain_epochs), "--batch-size", str(budget.pretrain_batch)),
-            *("--bs-per-gpu", str(micro_batch(budget.pretrain_batch, ranks))),
-            *("--lr", str(budget.pretrain_lr), "--warm-up", "0.05"),
-            *("--save-epochs", str(max(1, budget.pretrain_epochs // 4))),
-        ]
-        launch("pretrain.py", flags, ranks, paths.training("pretrain"), paths.log("pretrain"), device)
-        stages.mark("pretrain", {"seconds": time.perf_counter() - started, "ranks": ranks})
+def pretrain_flags(paths: DemoPaths, budget: Budget, device: str, ranks: int, seed: int) -> list[str]:
+    """Flags of the demo's pre-training run (vimpac/pretrain.py), without --output."""
+    return [
+        *("--deepspeed_config", engine_config(device, finetune=False)),
+        *("--data", str(paths.db(budget.pretrain_data))),
+        *model_flags(budget),
+        *("--num-workers", "0", "--frame-rate", str(budget.frame_rate), "--seed", str(seed)),
+        *("--epochs", str(budget.pretrain_epochs), "--batch-size", str(budget.pretrain_batch)),
+        *("--bs-per-gpu", str(micro_batch(budget.pretrain_batch, ranks))),
+        *("--lr", str(budget.pretrain_lr), "--warm-up", "0.05"),
+        *("--save-epochs", str(max(1, budget.pretrain_epochs // 4))),
+    ]
 
-    finetune = [
+
+def finetune_flags(
+    paths: DemoPaths, budget: Budget, device: str, ranks: int, seed: int, labels_per_class: int | None
+) -> list[str]:
+    """Flags of a demo fine-tuning run (vimpac/finetune.py) without --output and without the weights' source
+    (--load EXPORT, or the model flags for a run from scratch). labels_per_class None: every training video."""
+    flags = [
         *("--deepspeed_config", engine_config(device, finetune=True)),
         *("--data", str(paths.db("labeled_train")), "--eval-data", str(paths.db("labeled_test"))),
-        *common,
+        *("--num-workers", "0", "--frame-rate", str(budget.frame_rate), "--seed", str(seed)),
         *("--epochs", str(budget.finetune_epochs), "--batch-size", str(budget.finetune_batch)),
         *("--bs-per-gpu", str(micro_batch(budget.finetune_batch, ranks))),
         *("--lr", str(budget.finetune_lr), "--beta2", "0.999", "--weight-decay", "0.01"),
         *("--eval-per-epochs", str(max(1, budget.finetune_epochs // 4)), "--last-test-clips", budget.test_clips),
         *("--save-epochs", str(max(1, budget.finetune_epochs // 4))),
     ]
+    if labels_per_class is not None:
+        flags += ["--labels-per-class", str(labels_per_class)]
+    return flags
+
+
+def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, ranks: int, seed: int) -> None:
+    if stages.needed("pretrain"):
+        started = time.perf_counter()
+        flags = pretrain_flags(paths, budget, device, ranks, seed)
+        launch("pretrain.py", flags, ranks, paths.training("pretrain"), paths.log("pretrain"), device)
+        stages.mark("pretrain", {"seconds": time.perf_counter() - started, "ranks": ranks})
+
+    finetune = finetune_flags(paths, budget, device, ranks, seed, budget.labels_per_class)
     sources = {
         "finetune_pretrained": ["--load", str(paths.training("pretrain") / "export")],
         "finetune_scratch": model_flags(budget),
@@ -450,7 +500,7 @@ def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, 
             stages.mark(name, {"seconds": time.perf_counter() - started, "ranks": ranks})
 
 
-def make_report(paths: DemoPaths, budget: Budget, stages: Stages, device: str) -> dict:
+def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dict:
     from vimpac.code_db import CodeDatabase
     from vimpac.commands import visualize
     from vimpac.metrics import read_metrics
@@ -472,6 +522,16 @@ def make_report(paths: DemoPaths, budget: Budget, stages: Stages, device: str) -
     report["pretraining"] = json.loads((paths.run / "pretrain_eval.json").read_text())
     last = read_metrics(paths.training("pretrain"))
     report["pretraining"]["final_training_step"] = last[max(last)] if last else None
+
+    if stages.needed("probe"):
+        from vimpac.commands import probe
+
+        out = paths.run / "probe.json"
+        flags = ["--model", str(paths.training("pretrain")), "--data", str(paths.db("labeled_train"))]
+        flags += ["--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)]
+        run_command(probe.register, ["probe", *flags, "--device", device])
+        stages.mark("probe", {"result": str(out)})
+    report["probe"] = json.loads((paths.run / "probe.json").read_text())
 
     report["finetuning"], report["finetuning_train_accuracy"] = {}, {}
     for name in ("finetune_pretrained", "finetune_scratch"):
@@ -528,6 +588,12 @@ def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:
         f"tokenizer      {paths.tokenizer}: held-out PSNR {tok['psnr_db']:.1f} dB (flat mean colour "
         f"{tok['baseline_psnr_db']:.1f} dB), {100 * tok['codes_used']:.0f}% of codes used"
     )
+    objects = tok["objects"]
+    print(
+        f"  inside the moving objects of {objects['videos']} unseen videos: {objects['subject_psnr']:.1f} dB (flat "
+        f"{objects['flat_subject_psnr']:.1f} dB, {objects['subject_psnr'] - objects['flat_subject_psnr']:+.1f}); "
+        f"{100 * objects['subject_kept']:.0f}% of object pixels look like the object"
+    )
     for name in ("unlabeled", "labeled_train", "labeled_test"):
         info = stages.get(f"tokenize:{name}")
         if info is None:
@@ -536,7 +602,17 @@ def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:
     print(f"pre-training   {paths.training('pretrain')} ({stages['pretrain']['seconds']:.0f} s)")
     print("held-out pre-training objectives (validation videos, centre view):")
     print("  " + format_report(report["pretraining"]).replace("\n", "\n  "))
-    print(f"fine-tuning top-1 (chance {report['chance_top1']:.3f}):")
+    from vimpac.probe import format_table
+
+    probe = report["probe"]
+    print(
+        f"frozen-feature probes, top-1 (fitted on {probe['train_videos']} training videos, scored on "
+        f"{probe['eval_videos']} held-out; chance {probe['chance']:.3f}):"
+    )
+    print("  " + format_table(probe["results"], probe["settings"]["k"]).replace("\n", "\n  "))
+    labels = report["budget"]["labels_per_class"]
+    subset = f"{labels} labeled videos per class" if labels is not None else "every labeled training video"
+    print(f"fine-tuning on {subset}, top-1 on held-out videos (chance {report['chance_top1']:.3f}):")
     pre, scratch = report["finetuning"]["finetune_pretrained"], report["finetuning"]["finetune_scratch"]
     for k in sorted(pre, key=int):
         views = pre[k]["views_per_video"]

@@ -1,0 +1,247 @@
+"""Does pre-training transfer? The demo's protocol over seeds, label budgets and the paper's ablation.
+
+    python scripts/bench/transfer.py                          # CPU-sized: seeds 0 1 2, 4 and all labels per class
+    python scripts/bench/transfer.py --labels 2 4 8 all --seeds 0 1 2 3 4
+    python scripts/bench/transfer.py --budget long            # on a GPU: the demo's `long` corpus and model
+
+For each seed S the demo's data stages run once (`vimpac demo --seed S`: synthetic corpus, VQ-VAE tokenizer with
+the validation videos held out, code databases). Then, on those codes:
+  pre-training   one run per variant: both losses (MLM + CL, the paper's default), masked tokens only
+                 (--nce-weight 0), contrastive only (--mlm-weight 0); the same schedule for all
+  probes         `vimpac probe` on every pre-trained model and on the same architecture at random
+                 initialisation: linear probe and kNN on frozen CLS and mean-pooled features
+  fine-tuning    every variant and a model from scratch, with N labeled training videos per class for each N of
+                 --labels (`--labels-per-class`, the same subset for every variant), evaluated on the held-out
+                 validation videos with multi-view testing (top-1 at the largest K of the budget)
+Everything goes under --work (the per-seed run directories are caches: a rerun skips finished runs). The results
+go to --out as JSON (every number, the settings, the machine), a markdown table (mean ± std over seeds per
+variant and label budget, and the probe accuracies) and a plot (top-1 against labels per class, one line per
+variant, chance dashed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
+if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vimpac.bench_env import environment
+from vimpac.commands import probe as probe_command
+from vimpac.commands.demo import (
+    BUDGETS,
+    DemoPaths,
+    Stages,
+    finetune_flags,
+    launch,
+    make_data,
+    model_flags,
+    pretrain_flags,
+    run_command,
+)
+
+# Pre-training variants: the paper's ablation (Table 7), as extra trainer flags.
+VARIANTS = {"mlm+cl": [], "mlm": ["--nce-weight", "0"], "cl": ["--mlm-weight", "0"]}
+SCRATCH = "scratch"
+
+
+def parse_labels(values: list[str]) -> list[int | None]:
+    """'all' → None (every training video), else a positive count per class."""
+    out: list[int | None] = []
+    for value in values:
+        if value == "all":
+            out.append(None)
+        elif value.isdigit() and int(value) > 0:
+            out.append(int(value))
+        else:
+            raise SystemExit(f"--labels: {value!r} is neither a positive count nor 'all'")
+    return out
+
+
+def label_name(labels: int | None) -> str:
+    return "all" if labels is None else str(labels)
+
+
+def final_top1(run_dir: Path) -> dict[str, Any]:
+    """Top-1 of a finished fine-tuning run at the largest K of its final evaluation."""
+    records = [json.loads(p.read_text()) for p in (run_dir / "eval").glob("final_clips*.json")]
+    if not records:
+        raise RuntimeError(f"{run_dir} has no final evaluation; see its log")
+    best = max(records, key=lambda r: r["num_test_clips"])
+    return {"top1": best["top1"], "num_test_clips": best["num_test_clips"], "num_videos": best["num_videos"]}
+
+
+def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> list[dict[str, Any]]:
+    """Every run of one seed; returns one row per (variant, label budget) and per probed model."""
+    budget = BUDGETS[args.budget]
+    paths = DemoPaths(args.work / f"seed{seed}")
+    paths.run.mkdir(parents=True, exist_ok=True)
+    stages = Stages(paths, args.budget, budget, seed)
+    make_data(paths, budget, stages, args.device, args.workers, seed)
+    rows: list[dict[str, Any]] = []
+
+    for variant in args.variants:
+        if variant == SCRATCH:
+            continue
+        run_dir = paths.run / f"pretrain_{variant}"
+        if stages.needed(f"pretrain:{variant}"):
+            started = time.perf_counter()
+            flags = [*pretrain_flags(paths, budget, args.device, args.ranks, seed), *VARIANTS[variant]]
+            launch("pretrain.py", flags, args.ranks, run_dir, paths.log(f"pretrain_{variant}"), args.device)
+            stages.mark(f"pretrain:{variant}", {"seconds": time.perf_counter() - started})
+        out = paths.run / f"probe_{variant}.json"
+        if stages.needed(f"probe:{variant}"):
+            flags = ["--model", str(run_dir), "--data", str(paths.db("labeled_train"))]
+            flags += ["--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)]
+            run_command(probe_command.register, ["probe", *flags, "--device", args.device])
+            stages.mark(f"probe:{variant}", {"result": str(out)})
+        rows.append({"seed": seed, "variant": variant, "probe": json.loads(out.read_text())})
+
+    for variant in args.variants:
+        for n in labels:
+            name = f"finetune_{variant}_{label_name(n)}"
+            run_dir = paths.run / name
+            if stages.needed(name):
+                started = time.perf_counter()
+                source = (
+                    model_flags(budget)
+                    if variant == SCRATCH
+                    else ["--load", str(paths.run / f"pretrain_{variant}" / "export")]
+                )
+                flags = [*finetune_flags(paths, budget, args.device, args.ranks, seed, n), *source]
+                launch("finetune.py", flags, args.ranks, run_dir, paths.log(name), args.device)
+                stages.mark(name, {"seconds": time.perf_counter() - started})
+            rows.append({"seed": seed, "variant": variant, "labels": label_name(n), **final_top1(run_dir)})
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "—"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def probe_numbers(row: dict[str, Any]) -> dict[str, float]:
+    """{'pretrained linear cls': acc, ...} flattened from a `vimpac probe` JSON."""
+    out = {}
+    for model, by_feature in row["probe"]["results"].items():
+        for feature, by_classifier in by_feature.items():
+            for classifier, value in by_classifier.items():
+                out[f"{model} {classifier} {feature}"] = float(value["accuracy"] if isinstance(value, dict) else value)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], labels: list[int | None], variants: list[str], chance: float) -> str:
+    """The fine-tuning table (variant × label budget, mean ± std over seeds) and the probe table."""
+    names = [label_name(n) for n in labels]
+    lines = ["| variant | " + " | ".join(f"{n} labels/class" for n in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for variant in variants:
+        cells = []
+        for n in names:
+            values = [r["top1"] for r in rows if r["variant"] == variant and r.get("labels") == n]
+            cells.append(mean_std(values))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines.append(f"\nFine-tuning top-1 on the held-out videos (chance {chance:.3f}), mean ± std over seeds.\n")
+    probes = [r for r in rows if "probe" in r]
+    if probes:
+        keys = sorted({k for r in probes for k in probe_numbers(r)})
+        lines.append("| pre-training | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for variant in variants:
+            chosen = [probe_numbers(r) for r in probes if r["variant"] == variant]
+            if chosen:
+                cells = [mean_std([c[k] for c in chosen if k in c]) for k in keys]
+                lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append("\nFrozen-feature probes (`vimpac probe`), mean ± std over seeds; 'random' is the same")
+        lines.append("architecture at random initialisation.\n")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], labels: list[int | None], variants: list[str], chance: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [label_name(n) for n in labels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in variants:
+        means, stds = [], []
+        for n in names:
+            values = [r["top1"] for r in rows if r["variant"] == variant and r.get("labels") == n]
+            means.append(statistics.mean(values) if values else float("nan"))
+            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.errorbar(range(len(names)), means, yerr=stds, marker="o", capsize=3, label=variant)
+    ax.axhline(chance, linestyle="--", color="grey", label="chance")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel("labeled training videos per class")
+    ax.set_ylabel("top-1 on held-out videos")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=("default", "long"), default="default", help="the demo budget to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each: its own corpus too)")
+    parser.add_argument("--labels", nargs="+", default=["4", "all"], help="labeled videos per class, or 'all'")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*VARIANTS, SCRATCH],
+        choices=[*VARIANTS, SCRATCH],
+        help="pre-training variants to compare (default: all four)",
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_transfer"), help="run directories (cache)")
+    parser.add_argument("--out", type=Path, default=None, help="result stem (default benchmarks/transfer_<budget>)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--ranks", type=int, default=None, help="training processes (default: 2 on CPU, 1 on GPU)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.ranks = args.ranks or (1 if args.device == "cuda" else 2)
+    device_name = "cpu" if args.device == "cpu" else "gpu"
+    out = args.out or Path("benchmarks") / f"transfer_{args.budget}_{device_name}"
+    labels = parse_labels(args.labels)
+
+    started = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        rows += run_seed(args, seed, labels)
+    budget = BUDGETS[args.budget]
+    classes = len(budget.classes) if budget.classes else 16
+    chance = 1.0 / classes
+    result = {
+        "settings": {**vars(args), "work": str(args.work), "out": str(out), "labels": args.labels},
+        "budget": {"name": args.budget, **json.loads(json.dumps(budget.__dict__))},
+        "chance_top1": chance,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+        "environment": environment(torch.device(args.device)),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows, labels, args.variants, chance)
+    out.with_suffix(".md").write_text(f"# Transfer benchmark ({args.budget} budget, {args.device})\n\n{table}\n")
+    plot(rows, labels, args.variants, chance, out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
