@@ -2,10 +2,13 @@
 
 Each public function dispatches per call on its inputs' device (DESIGN §5):
   VIMPAC_KERNELS unset       Triton for CUDA tensors when Triton imports (and supports the shape), else the
-                             PyTorch reference;
+                             PyTorch reference; the first Triton call of each shape class in a process is
+                             checked against the reference, and a mismatch or a compile/launch error switches
+                             that class to the reference with one KernelFallbackWarning (kernels/first_call.py);
   VIMPAC_KERNELS=reference   always the reference;
-  VIMPAC_KERNELS=triton      always Triton: an error where it cannot run, never a silent fallback. CPU tensors
-                             need TRITON_INTERPRET=1 (the interpreter, which is how CI tests the kernels).
+  VIMPAC_KERNELS=triton      always Triton: an error where it cannot run, never a fallback, no first-call
+                             check. CPU tensors need TRITON_INTERPRET=1 (the interpreter, which is how CI tests
+                             the kernels).
 The Triton modules are imported lazily, so machines without Triton (or without a GPU) never load them.
 """
 
@@ -16,10 +19,15 @@ import os
 
 import torch
 
+from vimpac.kernels import first_call
 from vimpac.kernels.axial_attention_reference import axial_attention_reference
+from vimpac.kernels.first_call import KernelFallbackWarning
 from vimpac.kernels.vq_reference import argmax_scores_reference, nearest_code_reference
 
 BACKENDS = ("triton", "reference")
+# Device types that default to Triton. Tests add "cpu" (with TRITON_INTERPRET=1) to run the default dispatch,
+# first-call check included, without a GPU.
+_TRITON_DEVICE_TYPES = ("cuda",)
 
 
 def triton_available() -> bool:
@@ -38,6 +46,7 @@ def kernel_backend(device: torch.device | None = None) -> str:
     """The backend for tensors on `device` ("triton" | "reference"), following `VIMPAC_KERNELS`."""
     choice = requested_backend()
     on_cuda = device is not None and device.type == "cuda"
+    default_triton = device is not None and device.type in _TRITON_DEVICE_TYPES
     if choice == "reference":
         return "reference"
     if choice == "triton":
@@ -49,7 +58,7 @@ def kernel_backend(device: torch.device | None = None) -> str:
                 "TRITON_INTERPRET=1 before Python starts, or unset VIMPAC_KERNELS to use the PyTorch reference"
             )
         return "triton"
-    return "triton" if on_cuda and triton_available() else "reference"
+    return "triton" if default_triton and triton_available() else "reference"
 
 
 def argmax_scores(
@@ -57,18 +66,36 @@ def argmax_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax_k (x·w_k + b_k) per row: x [N, D], weight [K, D], bias [K] | None → (idx int64 [N], score fp32 [N])."""
     if kernel_backend(x.device) == "triton":
-        from vimpac.kernels.vq_triton import argmax_scores_triton
+        from vimpac.kernels import vq_triton
 
-        return argmax_scores_triton(x, weight, bias)
+        if requested_backend() == "triton":
+            return vq_triton.argmax_scores_triton(x, weight, bias)
+        return first_call.vq_checked(
+            "argmax_scores",
+            x,
+            weight,
+            bias,
+            lambda: vq_triton.argmax_scores_triton(x, weight, bias),
+            lambda: argmax_scores_reference(x, weight, bias),
+        )
     return argmax_scores_reference(x, weight, bias)
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code per row: x [N, D], codebook [K, D] → (idx int64 [N], dist fp32 [N] = ‖x − e_idx‖²)."""
     if kernel_backend(x.device) == "triton":
-        from vimpac.kernels.vq_triton import nearest_code_triton
+        from vimpac.kernels import vq_triton
 
-        return nearest_code_triton(x, codebook)
+        if requested_backend() == "triton":
+            return vq_triton.nearest_code_triton(x, codebook)
+        return first_call.vq_checked(
+            "nearest_code",
+            x,
+            codebook,
+            None,
+            lambda: vq_triton.nearest_code_triton(x, codebook),
+            lambda: nearest_code_reference(x, codebook),
+        )
     return nearest_code_reference(x, codebook)
 
 
@@ -88,21 +115,34 @@ def axial_attention(
 
     See kernels/axial_attention_reference.py for the exact semantics (axis 'T'|'H'|'W', PAD mask, CLS averaging).
     Unset VIMPAC_KERNELS falls back to the reference for shapes the kernel does not cover (head dim not in
-    16/32/64/128, lines longer than 255 tokens); VIMPAC_KERNELS=triton raises for them instead.
+    16/32/64/128, lines longer than 255 tokens) and for shape classes that failed their first-call check;
+    VIMPAC_KERNELS=triton raises for the former and skips the check.
     """
     if kernel_backend(q.device) == "triton":
-        from vimpac.kernels.axial_attention_triton import axial_attention_triton, check_supported
+        from vimpac.kernels import axial_attention_triton as triton_module
 
         try:
-            check_supported(q, axis)
+            triton_module.check_supported(q, axis)
         except ValueError:
             if requested_backend() == "triton":
                 raise
         else:
-            # The CLS path may run in another precision (autocast); the kernel wants one dtype (autograd-tracked).
-            cls_q, cls_k, cls_v = (c.to(q.dtype) for c in (cls_q, cls_k, cls_v))
-            return axial_attention_triton(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale)
+            checked = requested_backend() != "triton"
+            if not checked or first_call.axial_attention_passes(q, axis, key_padding_mask, dropout_p, scale):
+                # The CLS path may run in another precision (autocast); the kernel wants one dtype (autograd-tracked).
+                cls_q, cls_k, cls_v = (c.to(q.dtype) for c in (cls_q, cls_k, cls_v))
+                return triton_module.axial_attention_triton(
+                    q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale
+                )
     return axial_attention_reference(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale)
 
 
-__all__ = ["BACKENDS", "argmax_scores", "axial_attention", "kernel_backend", "nearest_code", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "KernelFallbackWarning",
+    "argmax_scores",
+    "axial_attention",
+    "kernel_backend",
+    "nearest_code",
+    "triton_available",
+]
