@@ -70,13 +70,14 @@ class Comparison:
     bwd_tol: float | None = None
     error: str | None = None  # exception from the Triton side
     mismatch: str | None = None  # a failure other than an error over tolerance (VQ: a worse pick)
+    skipped: str | None = None  # why Triton did not run (`vimpac selfcheck` only)
     triton_s: float | None = None
     reference_s: float | None = None
 
     @property
     def ok(self) -> bool:
         # `not err <= tol` so a NaN error fails.
-        if self.error is not None or self.mismatch is not None:
+        if self.error is not None or self.mismatch is not None or self.skipped is not None:
             return False
         if self.fwd_err is None or not self.fwd_err <= self.fwd_tol:
             return False

@@ -7,6 +7,7 @@ from vimpac.commands import (
     model_info,
     pretrain_eval,
     probe,
+    selfcheck,
     synth,
     tokenize,
     train_tokenizer,
@@ -24,4 +25,5 @@ COMMANDS = [
     pretrain_eval.register,
     probe.register,
     visualize.register,
+    selfcheck.register,
 ]
