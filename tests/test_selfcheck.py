@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,3 +111,20 @@ def test_startup_line_names_the_forced_backends(monkeypatch):
         warnings.simplefilter("error", KernelFallbackWarning)
         line = startup_line(CONFIG, torch.device("cpu"), torch.float32)
     assert "FAILED" in line and "no fallback" in line and first_call.results() == {}
+
+
+def build_trainer(tmp_path):
+    from vimpac.trainer import PretrainTrainer, TrainSettings
+
+    engine = SimpleNamespace(module=None, device=torch.device("cpu"))
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1}
+    ds.update(zero_optimization={"stage": 0}, fp16={"enabled": False}, bf16={"enabled": False})
+    return PretrainTrainer(engine, CONFIG, [0, 1], TrainSettings(epochs=1), tmp_path, ds)
+
+
+def test_trainer_start_up_prints_the_kernel_line_only_where_triton_runs(tmp_path, monkeypatch, capsys):
+    build_trainer(tmp_path)
+    assert "kernel" not in capsys.readouterr().out  # CPU: the reference; nothing to say
+    monkeypatch.setattr(kernels, "_TRITON_DEVICE_TYPES", ("cuda", "cpu"))  # as on a GPU
+    build_trainer(tmp_path)
+    assert "kernel self-check on cpu, float32: axial_attention T/3 ok" in capsys.readouterr().out

@@ -61,6 +61,7 @@ from vimpac.data import (
 )
 from vimpac.errors import NonFiniteLossError, UsageError
 from vimpac.flops import pretrain_train_flops
+from vimpac.kernels.selfcheck import startup_line
 from vimpac.losses import info_nce, masked_token_loss
 from vimpac.metrics import MetricsWriter, StepAccumulator
 
@@ -186,6 +187,18 @@ class PretrainTrainer:
         self.epoch_bad_records = 0
         self._step_bad_records, self._step_bad_log = 0, []
         self._warned_bad: set[tuple] = set()
+        # Check the Triton kernels at this model's shapes on this GPU before the first step, so a kernel that is
+        # wrong here falls back to the reference (with its warning) before it trains anything; every rank checks
+        # its own GPU, rank 0 reports. Nothing on CPU, where the reference runs.
+        half = torch.float16 if ds_config["fp16"]["enabled"] else torch.bfloat16
+        kernel_line = startup_line(
+            config,
+            getattr(engine, "device", None),
+            torch.float32 if self.fp32 else half,
+            compiled=bool(getattr(engine, "is_compiled", False)),
+        )
+        if kernel_line is not None and self.rank == 0:
+            print(kernel_line, flush=True)
 
     # ---------------------------------------------------------------------------------------------- sizes
     def full_epoch_steps(self) -> int:
