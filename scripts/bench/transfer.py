@@ -73,6 +73,14 @@ def label_name(labels: int | None) -> str:
     return "all" if labels is None else str(labels)
 
 
+def pretrain_run(paths: DemoPaths, variant: str) -> tuple[Path, str]:
+    """(run directory, stage name) of a variant's pre-training. MLM + CL is the demo's own run, so a
+    `vimpac demo --seed S --out WORK/seedS` directory already holds it (and the data)."""
+    if variant == "mlm+cl":
+        return paths.training("pretrain"), "pretrain"
+    return paths.run / f"pretrain_{variant}", f"pretrain:{variant}"
+
+
 def final_top1(run_dir: Path) -> dict[str, Any]:
     """Top-1 of a finished fine-tuning run at the largest K of its final evaluation."""
     records = [json.loads(p.read_text()) for p in (run_dir / "eval").glob("final_clips*.json")]
@@ -94,12 +102,12 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
     for variant in args.variants:
         if variant == SCRATCH:
             continue
-        run_dir = paths.run / f"pretrain_{variant}"
-        if stages.needed(f"pretrain:{variant}"):
+        run_dir, stage = pretrain_run(paths, variant)
+        if stages.needed(stage):
             started = time.perf_counter()
             flags = [*pretrain_flags(paths, budget, args.device, args.ranks, seed), *VARIANTS[variant]]
-            launch("pretrain.py", flags, args.ranks, run_dir, paths.log(f"pretrain_{variant}"), args.device)
-            stages.mark(f"pretrain:{variant}", {"seconds": time.perf_counter() - started})
+            launch("pretrain.py", flags, args.ranks, run_dir, paths.log(run_dir.name), args.device)
+            stages.mark(stage, {"seconds": time.perf_counter() - started})
         out = paths.run / f"probe_{variant}.json"
         if stages.needed(f"probe:{variant}"):
             flags = ["--model", str(run_dir), "--data", str(paths.db("labeled_train"))]
@@ -117,7 +125,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
                 source = (
                     model_flags(budget)
                     if variant == SCRATCH
-                    else ["--load", str(paths.run / f"pretrain_{variant}" / "export")]
+                    else ["--load", str(pretrain_run(paths, variant)[0] / "export")]
                 )
                 flags = [*finetune_flags(paths, budget, args.device, args.ranks, seed, n), *source]
                 launch("finetune.py", flags, args.ranks, run_dir, paths.log(name), args.device)
@@ -220,27 +228,39 @@ def main() -> None:
     labels = parse_labels(args.labels)
 
     started = time.perf_counter()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         rows += run_seed(args, seed, labels)
-    budget = BUDGETS[args.budget]
-    classes = len(budget.classes) if budget.classes else 16
-    chance = 1.0 / classes
+        write_results(args, out, labels, rows, time.perf_counter() - started)  # a crash keeps finished seeds
+    print(markdown(rows, labels, args.variants, chance_of(args.budget)))
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+def chance_of(budget_name: str) -> float:
+    budget = BUDGETS[budget_name]
+    return 1.0 / (len(budget.classes) if budget.classes else 16)
+
+
+def write_results(
+    args: argparse.Namespace, out: Path, labels: list[int | None], rows: list[dict[str, Any]], seconds: float
+) -> None:
+    """JSON (every row, the settings, the machine), markdown table and plot of the rows so far."""
+    chance = chance_of(args.budget)
     result = {
         "settings": {**vars(args), "work": str(args.work), "out": str(out), "labels": args.labels},
-        "budget": {"name": args.budget, **json.loads(json.dumps(budget.__dict__))},
+        "budget": {"name": args.budget, **json.loads(json.dumps(BUDGETS[args.budget].__dict__))},
         "chance_top1": chance,
         "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
         "environment": environment(torch.device(args.device)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(rows, labels, args.variants, chance)
-    out.with_suffix(".md").write_text(f"# Transfer benchmark ({args.budget} budget, {args.device})\n\n{table}\n")
+    seeds = sorted({row["seed"] for row in rows})
+    title = f"# Transfer benchmark ({args.budget} budget, {args.device}, seeds {', '.join(map(str, seeds))})"
+    out.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
     plot(rows, labels, args.variants, chance, out.with_suffix(".png"))
-    print(table)
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
