@@ -14,6 +14,14 @@ Both are written without Python loops over lines: permute the attended axes to t
 one batched attention, split CLS off and average it. Dropout goes through SDPA's own RNG, except when an explicit
 `torch.Generator` is given: SDPA takes none, so that case computes softmax and the keep mask explicitly, which
 makes dropout reproducible for tests.
+
+CPU speed (the demo trains on 2 CPU cores, where these small tensors make per-op overhead count): with dropout on
+a CPU, SDPA falls back to its unfused "math" path anyway, which also scales q and k separately (two copies) and
+checks for fully masked rows (three more passes; CLS is always a key, so there are none). There the attention is
+written out instead (`_cpu_dropout_attention`): the same operations, and `F.dropout` on the probabilities draws
+the keep mask from the global RNG exactly as SDPA's math path does, so a seeded run gives the same losses. Views
+are cut from one tensor with `split`, never by indexing: the backward of `x[..., 0, :]` or `x[..., 1:, :]`
+allocates a zero-filled tensor of x's full size per piece, while `split`'s backward is one `cat`.
 """
 
 from __future__ import annotations
@@ -95,6 +103,8 @@ def _attention(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Batched attention on [N, heads, S, d]; explicit softmax + keep mask when a generator is given."""
+    if generator is None and dropout_p > 0.0 and q.device.type == "cpu":
+        return _cpu_dropout_attention(q, k, v, allowed, dropout_p, scale)
     if generator is None or dropout_p == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -105,6 +115,66 @@ def _attention(
     keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32) >= dropout_p
     probs = probs * keep.to(probs.dtype) / (1.0 - dropout_p)
     return torch.matmul(probs, v)
+
+
+class _ScaledScores(torch.autograd.Function):
+    """scale · q @ kᵀ with disallowed keys at -inf: q, k [..., S, d], allowed bool (broadcastable) | None → [..., S, S].
+
+    The backward computes dk as scale · dsᵀ @ q. Autograd's own matmul backward computes it as (qᵀ @ ds)ᵀ: a batch of
+    [d, S] products, which MKL runs about 6× slower than [S, d] ones for the short lines here (S = 6 to 9 tokens,
+    d = 64: ~3.4 ms against ~0.5 ms for 2048 lines). Same products, same sums; only the batched-GEMM layout
+    differs. The mask is applied in here, in place: an in-place op on a custom Function's output is refused under
+    torch.compile, and a separate masked_fill would copy the scores.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        allowed: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(q, k, allowed)
+        ctx.scale = scale
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        return scores if allowed is None else scores.masked_fill_(~allowed, float("-inf"))
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        q, k, allowed = ctx.saved_tensors
+        grad = grad * ctx.scale
+        if allowed is not None:
+            # A masked score is a constant (-inf): no gradient flows through it to q or k.
+            grad = grad.masked_fill_(~allowed, 0.0)
+        grad_q = torch.matmul(grad, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, None, None
+
+
+def _cpu_dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
+) -> torch.Tensor:
+    """SDPA's CPU math path with dropout, minus its extra passes: q, k, v [N, heads, S, d] → [N, heads, S, d].
+
+    allowed: bool, broadcastable to [N, heads, S, S] (True = may attend). The keep mask comes from `F.dropout` on
+    the [N, heads, S, S] probabilities, the same call (hence the same draws from the global RNG) as SDPA's math
+    path makes on CPU; the scores differ from SDPA's only by rounding (SDPA scales q and k by √scale each).
+    """
+    out_dtype = q.dtype
+    # 16-bit inputs run in fp32, as SDPA's CPU math path does; fp32 and fp64 stay as they are (no copy).
+    work = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    scores = _ScaledScores.apply(q, k, scale, allowed)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p, training=True)
+    return torch.matmul(probs, v).to(out_dtype)
 
 
 def joint_attention(
@@ -150,8 +220,10 @@ def joint_attention(
         generator,
     ).view(batch, -1, heads, seq, dim)
 
-    cls_out = out[:, :, :, 0, :].mean(dim=1)
-    tokens = out[:, :, :, 1:, :].reshape(batch, *line_sizes, heads, *attn_sizes, dim)
+    # split, not indexing: see the module docstring (backward is one cat instead of two zero-filled full copies).
+    cls_out, tokens = out.split([1, seq - 1], dim=3)
+    cls_out = cls_out.squeeze(3).mean(dim=1)
+    tokens = tokens.reshape(batch, *line_sizes, heads, *attn_sizes, dim)
     # Invert the permutation (0, *line_dims, 4, *attn_dims, 5) used to build the lines.
     line_dims = tuple(d for d in (1, 2, 3) if d not in attn_dims)
     order = (0, *line_dims, 4, *attn_dims, 5)

@@ -10,9 +10,10 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vimpac.kernels import axial_attention
-from vimpac.kernels.axial_attention_reference import axial_attention_reference, joint_attention
+from vimpac.kernels.axial_attention_reference import _attention, axial_attention_reference, joint_attention
 
 SHAPES = [(2, 1, 3, 4), (1, 7, 2, 5), (2, 3, 5, 2)]  # (B, T, H, W): T=1, T=7, H != W
 
@@ -195,6 +196,46 @@ def test_dropout_backward_uses_the_forward_mask():
         return axial_attention_reference(*split(fused, cls), "H", pad, dropout_p=0.5, generator=gen)
 
     assert torch.autograd.gradcheck(fn, (fused, cls), fast_mode=True)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_path_draws_sdpa_s_mask(masked, dtype):
+    """Dropout on a CPU without a generator skips SDPA (its math path there) but keeps its RNG use: with the same
+    seed, outputs and gradients equal SDPA's up to rounding, so a seeded training run keeps its losses."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(24, 2, 7, 16, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    allowed = (torch.rand(24, 1, 1, 7, generator=gen) > 0.3) if masked else None
+    if allowed is not None:
+        allowed[..., 0] = True  # CLS: no row is fully masked
+    g_out = torch.randn(24, 2, 7, 16, generator=gen).to(dtype)
+
+    def run(fn):
+        torch.manual_seed(3)
+        out = fn()
+        return (out, *torch.autograd.grad(out, [q, k, v], g_out))
+
+    got = run(lambda: _attention(q, k, v, allowed, 0.3, 0.25, None))
+    want = run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=0.3, scale=0.25))
+    # A different keep mask would differ by whole dropped terms (order 1), far above these tolerances.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+def test_cpu_dropout_path_gradcheck():
+    """The explicit CPU attention with dropout (and its hand-written score backward) against finite differences;
+    the seed is reset in every call, so the keep mask is fixed."""
+    fused, cls = fused_inputs((1, 2, 3, 2), heads=2, dim=3, seed=10)
+    pad = torch.zeros(1, 2, 3, 2, dtype=torch.bool)
+    pad[0, 0, 1, 1] = True
+
+    def fn(fused, cls):
+        torch.manual_seed(4)
+        return axial_attention_reference(*split(fused, cls), "W", pad, dropout_p=0.5)
+
+    assert torch.autograd.gradcheck(fn, (fused, cls))
 
 
 def test_rejects_bad_inputs():

@@ -100,3 +100,19 @@ def test_cli_refuses_unknown_configs_and_unusable_kernels(bench, capsys, monkeyp
     monkeypatch.setenv("VIMPAC_KERNELS", "reference")  # main() sets it; monkeypatch restores it afterwards
     assert bench.main(["--configs", "tiny", "--attention", "triton", "--device", "cpu"]) == 2
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_demo_preset_is_the_demo_s_pretraining_model_and_micro_batch(bench):
+    """The `demo` preset follows `vimpac demo`'s default budget: the model pretrain.py builds from the demo's flags,
+    pretrain.py's default mask blocks, the CPU engine json and the per-rank micro-batch on 2 CPU ranks."""
+    from vimpac.commands.demo import BUDGETS, engine_config, micro_batch, model_flags
+    from vimpac.config import config_from_args
+    from vimpac.pretrain import build_parser
+
+    budget = BUDGETS["default"]
+    args = build_parser().parse_args(["--deepspeed_config", "x", "--data", "y", "--output", "z", *model_flags(budget)])
+    preset = bench.PRESETS["demo"]
+    assert preset.config() == config_from_args(args)
+    assert preset.mask_blocks == args.mask_blocks
+    assert bench.REPO / preset.ds_config == Path(engine_config("cpu", finetune=False))
+    assert bench.DEFAULT_CPU_BATCH["demo"] == micro_batch(budget.pretrain_batch, ranks=2)

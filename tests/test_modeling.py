@@ -193,6 +193,46 @@ def test_attention_block_matches_naive_per_line(layout, pre_ln):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
+def naive_attend(block: AttentionBlock, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """The block's attention before the output projection, from its definition (as naive_block, which indexes
+    channel slices): [B, 1 + N, attention_width]."""
+    batch = x.shape[0]
+    t, h, w = block.shape
+    qkv = x @ block.qkv.weight.T + block.qkv.bias
+    width = qkv.shape[-1] // 3
+    q, k, v = qkv[..., :width], qkv[..., width : 2 * width], qkv[..., 2 * width :]
+    part = width // len(block.patterns)
+    heads = block.heads // len(block.patterns)
+    token_parts, cls_parts = [], []
+    for i, axes in enumerate(block.patterns):
+        channels = slice(i * part, (i + 1) * part)
+        grid = [z[:, 1:, channels].reshape(batch, t, h, w, heads, part // heads) for z in (q, k, v)]
+        cls = [z[:, 0, channels].reshape(batch, heads, part // heads) for z in (q, k, v)]
+        out, cls_out = naive_attention(*grid, *cls, axes, pad=pad)
+        token_parts.append(out.reshape(batch, t * h * w, part))
+        cls_parts.append(cls_out.reshape(batch, 1, part))
+    return torch.cat([torch.cat(cls_parts, dim=-1), torch.cat(token_parts, dim=-1)], dim=1)
+
+
+@pytest.mark.parametrize("layout", ["T", "H|W", "T|H|W", "HW"])
+def test_attention_block_gradients_match_naive_per_line(layout):
+    """The QKV pieces are cut by split/unbind (whose backward is one cat/stack, not indexing's zero-filled
+    full-size gradients): input and QKV-weight gradients still equal the naive loop's."""
+    torch.manual_seed(3)
+    config = tiny_config(layout=layout, grid=(3, 4), hidden_size=24, dropout=0.0)
+    block = AttentionBlock(config, parse_layout(layout)[0]).double().train()
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(2, 1 + math.prod(config.shape), config.hidden_size, dtype=torch.float64, requires_grad=True)
+    pad = torch.rand(2, *config.shape) < 0.3
+    g = torch.randn(2, 1 + math.prod(config.shape), config.attention_width, dtype=torch.float64)
+    leaves = [x, block.qkv.weight, block.qkv.bias]
+    got = torch.autograd.grad((block.attend(x, pad) * g).sum(), leaves)
+    want = torch.autograd.grad((naive_attend(block, x, pad) * g).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 def test_pre_ln_residual_adds_the_raw_stream():
     """With zeroed output projections every pre-LN block is the identity (the original added LN(x), facts §3.5)."""
     config = tiny_config(pre_ln=True, dropout=0.0)

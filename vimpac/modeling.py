@@ -107,23 +107,30 @@ class AttentionBlock(nn.Module):
         """Multi-pattern attention without the output projection: [B, 1 + N, D] → [B, 1 + N, attention_width]."""
         batch = x.shape[0]
         t, h, w = self.shape
-        qkv = self.qkv(x)
-        # Views only: [B, T, h, w, (q|k|v), heads, d] for tokens and [B, (q|k|v), heads, d] for CLS.
-        tokens = qkv[:, 1:].view(batch, t, h, w, 3, self.heads, self.head_dim)
-        cls = qkv[:, 0].view(batch, 3, self.heads, self.head_dim)
+        qkv = self.qkv(x)  # [B, 1 + N, (q|k|v) · heads · d]
         dropout_p = self.attention_dropout if self.training else 0.0
-        per = self.heads // len(self.patterns)
+        patterns = len(self.patterns)
+        per = self.heads // patterns
+        # Views only, cut by split and unbind: [B, T, h, w, per, d] per token piece, [B, per, d] per CLS piece.
+        # Their backward is one cat (rows) and one stack (pieces), where indexing (qkv[:, 0], [..., 0, hs, :]) made
+        # every piece's backward allocate and zero-fill a gradient of qkv's full size, then sum them (a third of
+        # this block's CPU time at the demo's size). The view comes before the unbind so that the backward
+        # stacks the attention's strided gradients in one pass instead of first copying each to a contiguous one.
+        # Piece s·P + i is q (s=0), k (1) or v (2) of pattern i, i.e. heads [i·per, (i+1)·per).
+        cls_rows, token_rows = qkv.split([1, t * h * w], dim=1)
+        cls_pieces = cls_rows.view(batch, 3 * patterns, per, self.head_dim).unbind(1)
+        token_pieces = token_rows.view(batch, t, h, w, 3 * patterns, per, self.head_dim).unbind(4)
         outs, cls_outs = [], []
         for i, pattern in enumerate(self.patterns):
-            hs = slice(i * per, (i + 1) * per)
-            args = (tokens[..., 0, hs, :], tokens[..., 1, hs, :], tokens[..., 2, hs, :])
-            args += (cls[:, 0, hs], cls[:, 1, hs], cls[:, 2, hs], pattern)
+            picks = (i, patterns + i, 2 * patterns + i)
+            args = tuple(token_pieces[j] for j in picks) + tuple(cls_pieces[j] for j in picks)
             attention = axial_attention if len(pattern) == 1 else joint_attention
-            out, cls_out = attention(*args, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+            out, cls_out = attention(*args, pattern, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
             outs.append(out)
             cls_outs.append(cls_out)
-        token_out = torch.cat(outs, dim=-2).reshape(batch, t * h * w, -1)
-        cls_out = torch.cat(cls_outs, dim=-2).reshape(batch, 1, -1)
+        # One pattern: no cat of a single tensor (a copy); reshape gathers the strided view in one copy either way.
+        token_out = (outs[0] if patterns == 1 else torch.cat(outs, dim=-2)).reshape(batch, t * h * w, -1)
+        cls_out = (cls_outs[0] if patterns == 1 else torch.cat(cls_outs, dim=-2)).reshape(batch, 1, -1)
         return torch.cat([cls_out, token_out], dim=1)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

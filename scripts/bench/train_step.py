@@ -3,6 +3,7 @@
     python scripts/bench/train_step.py                                   # small (f128) and large-half (f256)
     python scripts/bench/train_step.py --configs small --batch-size 2 --precision bf16 --json bench.json
     python scripts/bench/train_step.py --attention triton --precision fp16   # on a GPU
+    python scripts/bench/train_step.py --configs demo --threads 1            # one of the demo's 2 CPU ranks
 
 One step = what one rank does per micro-step in `vimpac/pretrain.py`: the real VimpacForPretraining on a batch
 of B videos × 2 block-masked clips (vimpac.masking, 5 blocks at f128 / 6 at f256, as the launch scripts), one
@@ -89,6 +90,15 @@ PRESETS = {
         6,
         "ds_configs/large_frame256.json",
         dict(hidden_size=1024, layers=24, halve_att=True, halve_mlp=True, nce_proj_layers=3, nce_proj_hid_dim=4096),
+    ),
+    # `vimpac demo`'s default budget (vimpac/commands/demo.py): 2 × 128, 2 heads, 5 frames of 64 px (8 × 8 codes),
+    # vocab 256, projection 4 × 128, fp32 on the CPU engine (no activation checkpointing), pretrain.py's default 5
+    # mask blocks. Its CPU default batch is the demo's micro-batch: 16 videos over 2 ranks = 8 per rank.
+    "demo": Preset(
+        64,
+        5,
+        "ds_configs/cpu.json",
+        dict(vocab_size=256, hidden_size=128, layers=2, heads=2, clip_len=5, nce_proj_hid_dim=512),
     ),
     # A toy size for tests and smoke runs.
     "tiny": Preset(
@@ -378,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="videos per step (2 clips each); default: the launch scripts' --bs-per-gpu on a GPU (small 8, "
-        "large-half 1), 1 on a CPU",
+        "large-half 1), 1 on a CPU except demo (8, the demo's per-rank micro-batch)",
     )
     parser.add_argument("--precision", choices=tuple(DTYPES), default="fp16" if cuda else "fp32")
     parser.add_argument(
@@ -415,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULT_GPU_BATCH = {"small": 8, "large-half": 1, "tiny": 2}  # the launch scripts' --bs-per-gpu
+DEFAULT_GPU_BATCH = {"small": 8, "large-half": 1, "demo": 8, "tiny": 2}  # the launch scripts' --bs-per-gpu
+DEFAULT_CPU_BATCH = {"demo": 8}  # the demo's --bs-per-gpu on 2 CPU ranks; other presets: 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = []
     for name in names:
-        batch = args.batch_size or (DEFAULT_GPU_BATCH[name] if device.type == "cuda" else 1)
+        default_batch = DEFAULT_GPU_BATCH[name] if device.type == "cuda" else DEFAULT_CPU_BATCH.get(name, 1)
+        batch = args.batch_size or default_batch
         row = measure(
             name,
             batch,
