@@ -319,8 +319,9 @@ def axial_attention_passes(
         return _verdicts.get(key, True)  # a dict read traces (guarded); running the check would not
 
     def compare() -> Comparison:
-        # The caller may be inside no_grad, inference_mode, autocast, or a non-reentrant checkpoint (whose
-        # saved-tensor hooks would turn the check's autograd into a recompute): isolate the check from all.
+        # The caller may be inside no_grad, inference_mode, autocast, or a non-reentrant checkpoint: isolate the
+        # check from all. The checkpoint's saved-tensor hooks would make the check's backward recompute the
+        # caller's forward, which re-enters this check under its lock (a deadlock): identity hooks shadow them.
         with (
             torch.inference_mode(False),
             torch.enable_grad(),

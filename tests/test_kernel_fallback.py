@@ -224,3 +224,32 @@ def test_vq_correct_kernel_passes():
     assert torch.equal(idx, nearest_code_reference(x, codebook)[0])
     assert torch.equal(idx_scores, idx), "nearest code = argmax of x·e − ½‖e‖²"
     assert len(first_call.results()) == 2 and all(r.ok for r in first_call.results().values())
+
+
+def test_compiled_calls_read_the_verdict_without_a_graph_break(monkeypatch):
+    calls = patched(monkeypatch, "correct")
+    leaves = [t.detach() for t in inputs()]
+
+    def loss(fused, cls):
+        out, cls_out = kernels.axial_attention(*fused.unbind(4), *cls.unbind(1), "W")
+        return out.sum() + cls_out.sum()
+
+    q = leaves[0].unbind(4)[0]
+    first_call._verdicts[first_call.axial_key(q, "W", None, 0.0)] = False  # as a failed start-up check leaves it
+    compiled = torch.compile(loss, backend="eager", fullgraph=True)  # fullgraph: a break would raise
+    torch.testing.assert_close(compiled(*leaves), loss(*leaves), atol=1e-5, rtol=0)
+    assert calls[0] == 0, "the failed verdict holds under tracing too"
+
+
+def test_first_call_inside_activation_checkpointing(monkeypatch):
+    # A non-reentrant checkpoint's saved-tensor hooks must not capture the check's own autograd graph.
+    from torch.utils.checkpoint import checkpoint
+
+    patched(monkeypatch, "correct")
+
+    def attend(*args):
+        return kernels.axial_attention(*args, "W")
+
+    got = run(lambda *args: checkpoint(attend, *args[:-1], use_reentrant=False))
+    assert next(iter(first_call.results().values())).ok
+    assert_close(got, run(reference))
