@@ -116,3 +116,14 @@ def test_demo_preset_is_the_demo_s_pretraining_model_and_micro_batch(bench):
     assert preset.mask_blocks == args.mask_blocks
     assert bench.REPO / preset.ds_config == Path(engine_config("cpu", finetune=False))
     assert bench.DEFAULT_CPU_BATCH["demo"] == micro_batch(budget.pretrain_batch, ranks=2)
+
+
+def test_profile_steps_record_top_ops_and_cpu_times(bench):
+    row = bench.measure("tiny", 1, "fp32", "cpu", warmup=0, steps=2, profile_steps=1)
+    assert len(row["process_cpu_times_s"]) == 2 and all(t > 0 for t in row["process_cpu_times_s"])
+    ops = row["profile_top_ops"]
+    assert row["profile_steps"] == 1 and 0 < len(ops) <= 25
+    assert any(op["op"] in ("aten::mm", "aten::addmm") for op in ops)
+    shares = [op["self_cpu_share"] for op in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert "profile_top_ops" not in bench.measure("tiny", 1, "fp32", "cpu", warmup=0, steps=1)

@@ -41,6 +41,7 @@ if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").pa
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -248,9 +249,12 @@ def measure(
     peak_tflops: float | None = None,
     seed: int = 0,
     compile_backend: str | None = None,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Time `steps` steps of preset `name` after `warmup` untimed ones; returns one result row (JSON-ready).
-    compile_backend: run the model under torch.compile with that backend (the warm-up steps compile it)."""
+    compile_backend: run the model under torch.compile with that backend (the warm-up steps compile it).
+    profile_steps: after the timed steps, run this many more under torch.profiler and add the top ops by self
+    time ("profile_top_ops", per step) to the row."""
     preset = PRESETS[name]
     device = torch.device(device)
     dtype = DTYPES[precision]
@@ -282,16 +286,20 @@ def measure(
     _sync(device)
     memory.start()
     load_before = os.getloadavg()[0]
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(steps):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         values = train_step(runner, batch, optimizer, loss_scale)
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         losses.append({k: float(v) for k, v in values.items()})
     peak = memory.stop()
     load_after = os.getloadavg()[0]
+    top_ops = profile_top_ops(
+        functools.partial(train_step, runner, batch, optimizer, loss_scale), profile_steps, device
+    )
 
     clips = 2 * batch_size
     t, h, w = config.shape
@@ -326,6 +334,9 @@ def measure(
         "warmup_steps": warmup,
         "timed_steps": steps,
         "step_times_s": times,
+        # CPU time of this process (all its threads) per step: less sensitive than the wall time to other
+        # processes taking the cores, though not immune (caches, memory bandwidth).
+        "process_cpu_times_s": cpu_times,
         "median_step_s": median,
         "tokens_per_s": tokens / median,
         "clips_per_s": clips / median,
@@ -338,7 +349,34 @@ def measure(
         # Runnable processes on the machine (1-minute average) around the timed steps: above the cores used here,
         # other work shared the CPU and the times are pessimistic.
         "load_average_before_after": [load_before, load_after],
+        **({"profile_steps": profile_steps, "profile_top_ops": top_ops} if profile_steps else {}),
     }
+
+
+def profile_top_ops(step, steps: int, device: torch.device, top: int = 25) -> list[dict[str, Any]]:
+    """Run `step` `steps` times under torch.profiler; the `top` ops by self time, per step (ms, calls). The
+    profiler's times are wall-clock: on a loaded machine they include time spent waiting for a core."""
+    if steps < 1:
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "self_cpu_share": e.self_cpu_time_total / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:top]
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -421,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for the MFU (default: known GPUs only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, profile this many steps (torch.profiler) and print/record the top ops by self time",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write settings, environment and results here")
     return parser
 
@@ -463,10 +507,19 @@ def main(argv: list[str] | None = None) -> int:
             peak_tflops=args.peak_tflops,
             seed=args.seed,
             compile_backend=args.compile,
+            profile_steps=args.profile_steps,
         )
         rows.append(row)
         print(f"{name}: median step {row['median_step_s']:.3f} s over {args.steps} steps", file=sys.stderr, flush=True)
     print(table(rows))
+    for row in rows:
+        if row.get("profile_top_ops"):
+            print(f"\n{row['config']}: top ops by self time over {row['profile_steps']} profiled steps (per step)")
+            for op in row["profile_top_ops"][:15]:
+                print(
+                    f"  {op['self_cpu_ms_per_step']:9.2f} ms  {100 * op['self_cpu_share']:5.1f}%  "
+                    f"{op['calls_per_step']:6.1f} calls  {op['op']}"
+                )
     if all(r["mfu"] is None for r in rows):
         print("MFU: no peak known for this device; pass --peak-tflops to compute it")
     if args.json:
