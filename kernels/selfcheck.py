@@ -65,11 +65,14 @@ def attention_cases(
     return cases
 
 
-def _unsupported(shape: tuple[int, ...], axis: str, dtype: torch.dtype) -> str | None:
+def _unsupported(shape: tuple[int, ...], axis: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the dispatcher would not send this call to Triton (None: it would). The probe is one element expanded
+    to `shape` on `device`, requiring grad as the checked calls do (support may depend on device and backward)."""
     from vimpac.kernels.axial_attention_triton import check_supported
 
+    probe = torch.empty((1,) * 6, dtype=dtype, device=device, requires_grad=True)
     try:
-        check_supported(torch.empty((1,) * 6, dtype=dtype).expand(shape), axis)
+        check_supported(probe.expand(shape), axis)
     except ValueError as err:
         return str(err)
     return None
@@ -93,7 +96,7 @@ def run_selfcheck(
     rows: list[Comparison] = []
     for axis, shape, has_pad, dropout_p in attention_cases(config, batch):
         detail = f"axis {axis}, {'PAD' if has_pad else 'no PAD'}, dropout {dropout_p:g}"
-        skip = unusable or _unsupported(shape, axis, dtype)
+        skip = unusable or _unsupported(shape, axis, dtype, device)
         if skip is None:
             run_shape = first_call.check_shape(shape, axis, dropout_p) if small else shape
             result = first_call.compare_axial(run_shape, axis, dtype, device, has_pad, dropout_p, repeats=repeats)
@@ -187,7 +190,7 @@ def startup_line(config: Any, device: torch.device | None, dtype: torch.dtype, c
     parts, failed, worst = [], [], [0.0, 0.0]
     for axis, shape, has_pad, dropout_p in attention_cases(config, 1, ((compiled, float(config.dropout)),)):
         label = f"{axis}/{1 + shape[1 + 'THW'.index(axis)]}"
-        reason = _unsupported(shape, axis, dtype)
+        reason = _unsupported(shape, axis, dtype, device)
         if reason is not None:
             parts.append(f"{label} reference (unsupported)")
             continue
