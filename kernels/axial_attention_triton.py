@@ -248,12 +248,48 @@ def _tile(seq: int, has_dropout: bool, block_rows: int | None) -> tuple[int, int
     """(BLOCK_M, lines per program) for lines of `seq` rows."""
     smallest = max(16, triton.next_power_of_2(seq))
     if block_rows is None:
-        # Without dropout, pack lines up to 64 rows (one well-shaped tl.dot); with dropout the per-element Philox
-        # draws over the whole tile dominate, so keep the tile as small as tl.dot allows.
-        block_rows = smallest if has_dropout else max(64, smallest)
+        # Pack lines up to 32 rows without dropout: 64-row packings spilled registers (backward, and forward at
+        # d=64, when the strides are not known 16-divisible; scripts/bench/kernels_static.py). With dropout the
+        # per-element Philox draws over the whole tile dominate, so keep the tile as small as tl.dot allows.
+        block_rows = smallest if has_dropout else max(32, smallest)
     if block_rows < smallest or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two ≥ {smallest} for lines of {seq}; got {block_rows}")
     return block_rows, block_rows // seq
+
+
+# Opt-in shared memory per block when the device cannot be asked (CPU, the interpreter): the A100's 163 KB, the
+# smallest of the GPUs the kernels target (H100/H200: 227 KB).
+STATIC_SHARED_LIMIT = 163 * 1024
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (opt-in limit; STATIC_SHARED_LIMIT off CUDA)."""
+    if device.type != "cuda":
+        return STATIC_SHARED_LIMIT
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or STATIC_SHARED_LIMIT)
+
+
+def _shared_bytes(block_m: int, dim: int, dtype: torch.dtype, backward: bool) -> int:
+    """An upper bound on the shared memory of one program: the dot operands staged through shared memory
+    (3 [BLOCK_M, d] tiles forward, 6 backward) plus one BLOCK_M² probability tile, in the dot's input dtype.
+    The static report (scripts/bench/kernels_static.py) checks that it bounds what Triton allocates."""
+    elem = 4 if dtype == torch.float32 else 2
+    return elem * block_m * ((6 if backward else 3) * dim + block_m)
+
+
+def _check_fits(seq: int, dim: int, dtype: torch.dtype, has_dropout: bool, block_rows, backward: bool, device):
+    """(BLOCK_M, lines per program), or ValueError when that tile needs more shared memory than `device` has."""
+    block_m, lpp = _tile(seq, has_dropout, block_rows)
+    need, limit = _shared_bytes(block_m, dim, dtype, backward), _shared_memory_limit(device)
+    if need > limit:
+        raise ValueError(
+            f"axial_attention_triton: lines of {seq} tokens (tile of {block_m} rows, d={dim}, {dtype}) need up to "
+            f"{need // 1024} KB of shared memory in the {'backward' if backward else 'forward'} kernel, over the "
+            f"{limit // 1024} KB this device allows per block; use the PyTorch reference for such lines "
+            "(vimpac.kernels.axial_attention does when VIMPAC_KERNELS is unset)"
+        )
+    return block_m, lpp
 
 
 def _compute_dtype(dtype: torch.dtype, on_cuda: bool):
@@ -266,8 +302,9 @@ def _compute_dtype(dtype: torch.dtype, on_cuda: bool):
 
 
 def _num_warps(block_m: int, dim: int) -> int:
-    # Backward holds ~5 [BLOCK_M, d] and ~4 [BLOCK_M, BLOCK_M] tiles live; spread big ones over more threads.
-    return 4 if block_m * max(block_m, dim) <= 64 * 64 else 8
+    # Backward holds ~5 [BLOCK_M, d] and ~4 [BLOCK_M, BLOCK_M] tiles live; spread big ones over more threads
+    # (4 warps spilled at 64 rows, 8 do not: scripts/bench/kernels_static.py).
+    return 4 if block_m * max(block_m, dim) <= 32 * 64 else 8
 
 
 def _line_strides(x: torch.Tensor, a: int, d1: int, d2: int) -> tuple[int, ...]:
@@ -276,7 +313,8 @@ def _line_strides(x: torch.Tensor, a: int, d1: int, d2: int) -> tuple[int, ...]:
 
 
 def check_supported(q: torch.Tensor, axis: str) -> None:
-    """Raise ValueError unless the kernels handle q's dtype, head dim and axis length (1 + L ≤ MAX_SEQ)."""
+    """Raise ValueError unless the kernels handle q's dtype, head dim and axis length (1 + L ≤ MAX_SEQ, and the
+    tile for lines of 1 + L fits the device's shared memory: `_check_fits`)."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"axial_attention_triton supports fp32/fp16/bf16 inputs; got {q.dtype}")
     dim = q.shape[-1]
@@ -285,6 +323,10 @@ def check_supported(q: torch.Tensor, axis: str) -> None:
     a, *_ = _geometry(q.shape, axis)
     if 1 + q.shape[a] > MAX_SEQ:
         raise ValueError(f"axial_attention_triton supports 1 + axis length ≤ {MAX_SEQ}; got 1 + {q.shape[a]}")
+    # The default tile must fit the device's shared memory (both passes when a gradient will be needed). Not while
+    # torch.compile traces (no device query in the graph): the launch checks again, then with a clear error.
+    if not torch.compiler.is_compiling():
+        _check_fits(1 + q.shape[a], dim, q.dtype, False, None, q.requires_grad, q.device)
 
 
 def _pad_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor, a: int, d1: int, d2: int):
@@ -300,7 +342,7 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
     batch, heads, dim = q.shape[0], q.shape[4], q.shape[5]
     seq = 1 + length
     total_lines = batch * lines_per_b
-    block_m, lpp = _tile(seq, dropout_p > 0.0, block_rows)
+    block_m, lpp = _check_fits(seq, dim, q.dtype, dropout_p > 0.0, block_rows, False, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cls_part = torch.empty(batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or total_lines == 0 or heads == 0:
@@ -329,7 +371,7 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
     batch, heads, dim = q.shape[0], q.shape[4], q.shape[5]
     seq = 1 + length
     total_lines = batch * lines_per_b
-    block_m, lpp = _tile(seq, dropout_p > 0.0, block_rows)
+    block_m, lpp = _check_fits(seq, dim, q.dtype, dropout_p > 0.0, block_rows, True, q.device)
     grads = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]
     cls_part = torch.zeros(3, batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
     if grads[0].numel() == 0 or total_lines == 0 or heads == 0:

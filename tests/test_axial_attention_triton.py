@@ -422,3 +422,44 @@ def test_gpu_real_size_dropout_matches_reference_with_mask(axis):
         lambda f, c: reference_with_keep(*split(f, c), axis, None, keep, p), fp32_leaves([fused, cls])
     )
     assert_all_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_refuses_a_tile_beyond_the_shared_memory_limit(monkeypatch):
+    """A line whose tile needs more shared memory than the device allows is refused before any launch, with a
+    message that says why; `vimpac.kernels.axial_attention` then takes the reference (VIMPAC_KERNELS unset)."""
+    from vimpac.kernels import axial_attention as dispatch
+    from vimpac.kernels import axial_attention_triton as module
+
+    shape = (1, 40, 2, 1)  # lines of 41 tokens: a 64-row tile
+    fused, cls = fused_inputs(shape, dim=32)
+    # Backward at 64 rows, d=32, fp32: 4 · 64 · (6 · 32 + 64) B = 64 KB; forward 40 KB. Allow 48 KB.
+    assert module._shared_bytes(64, 32, torch.float32, backward=True) == 64 * 1024
+    monkeypatch.setattr(module, "_shared_memory_limit", lambda device: 48 * 1024)
+    with pytest.raises(ValueError, match=r"lines of 41 tokens .* 64 KB of shared memory .* over the 48 KB"):
+        module.check_supported(split(fused, cls)[0], "T")
+    with pytest.raises(ValueError, match="shared memory"):
+        axial_attention_triton(*split(fused, cls), "T")
+    # Without a gradient only the forward tile must fit: it runs.
+    with torch.no_grad():
+        out, _ = axial_attention_triton(*(t.detach() for t in split(fused, cls)), "T")
+    torch.testing.assert_close(out, axial_attention_reference(*split(fused, cls), "T")[0].detach())
+    # An explicit packing that does not fit is refused too.
+    with pytest.raises(ValueError, match="shared memory"), torch.no_grad():
+        short = fused_inputs((1, 3, 2, 1), dim=32)
+        axial_attention_triton(*split(*short), "T", block_rows=128)
+    # The dispatcher falls back to the reference with VIMPAC_KERNELS unset, raises with VIMPAC_KERNELS=triton.
+    monkeypatch.setattr("vimpac.kernels.kernel_backend", lambda device: "triton")
+    monkeypatch.delenv("VIMPAC_KERNELS", raising=False)
+    got = dispatch(*split(fused, cls), "T")
+    torch.testing.assert_close(got[0], axial_attention_reference(*split(fused, cls), "T")[0])
+    monkeypatch.setenv("VIMPAC_KERNELS", "triton")
+    with pytest.raises(ValueError, match="shared memory"):
+        dispatch(*split(fused, cls), "T")
+
+
+def test_shared_memory_limit_has_a_static_fallback():
+    from vimpac.kernels import axial_attention_triton as module
+
+    assert module._shared_memory_limit(torch.device("cpu")) == module.STATIC_SHARED_LIMIT == 163 * 1024
+    if torch.cuda.is_available():
+        assert module._shared_memory_limit(torch.device("cuda")) >= 96 * 1024
