@@ -384,7 +384,7 @@ def compare_table(before: list[dict[str, Any]], after: list[dict[str, Any]], eve
         if not everything and r["kernel"] != "vq_argmax" and (r["pad"] or r["spec"] != "unaligned"):
             continue
         if r["kernel"] == "vq_argmax":
-            case = f"{r['dtype']} config {r['config']}"
+            case = f"{r['dtype']} config {r['config']}" + (" [launch]" if r["spec"] == "launch" else "")
         else:
             flags = "+".join(f for f, on in (("dropout", r["dropout"]), ("pad", r["pad"])) if on) or "—"
             case = f"line {r['seq']} d{r['dim']} {flags}" + (" (shipped)" if r.get("shipped") else "")
