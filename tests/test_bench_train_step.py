@@ -85,7 +85,7 @@ def test_cli_prints_the_table_and_writes_json(bench, tmp_path, capsys, monkeypat
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "tiny" in printed and "pass --peak-tflops" in printed
     payload = json.loads(out.read_text())
-    assert {"date", "machine", "versions", "git_commit", "settings", "results"} <= set(payload)
+    assert {"date", "machine", "versions", "git_commit", "settings", "cpu_env", "results"} <= set(payload)
     assert payload["versions"]["torch"] == torch.__version__ and payload["machine"]["cpu_count"] >= 1
     (row,) = payload["results"]
     assert row["config"] == "tiny" and row["timed_steps"] == 2 and row["batch_videos"] == 1

@@ -469,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Environment that changes CPU speed without changing results: threads, OpenMP waiting (on a shared machine a
+# spinning thread waits out other processes' time slices: OMP_WAIT_POLICY=PASSIVE), glibc malloc returning memory
+# (every fresh page is a fault, ~20% of a demo-size step: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_), torch's
+# transparent huge pages. Recorded in the JSON because they are read at start-up, not set by this script.
+CPU_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "THP_MEM_ALLOC_ENABLE",
+)
+
 DEFAULT_GPU_BATCH = {"small": 8, "large-half": 1, "demo": 8, "tiny": 2}  # the launch scripts' --bs-per-gpu
 DEFAULT_CPU_BATCH = {"demo": 8}  # the demo's --bs-per-gpu on 2 CPU ranks; other presets: 1
 
@@ -523,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     if all(r["mfu"] is None for r in rows):
         print("MFU: no peak known for this device; pass --peak-tflops to compute it")
     if args.json:
-        payload = {**environment(device), "settings": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+        payload = {
+            **environment(device),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "cpu_env": {name: os.environ.get(name) for name in CPU_ENV},
+            "results": rows,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
