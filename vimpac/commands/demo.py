@@ -35,6 +35,14 @@ REPO = Path(__file__).resolve().parents[2]
 MOTION_CLASSES = ("right", "left", "down", "up", "grow", "shrink")
 
 
+# Process settings for CPU training ranks (a user's own values win).
+CPU_TRAINING_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "MALLOC_MMAP_THRESHOLD_": "1000000000",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+}
+
+
 @dataclass(frozen=True)
 class Budget:
     """Everything the demo's size decides. Frame sizes in pixels, rates in frames per second."""
@@ -274,6 +282,10 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
+        # Measured at the demo's size (benchmarks/README.md): spinning OpenMP threads starve the other rank, and
+        # glibc returning freed activations to the OS costs thousands of page faults per step.
+        for name, value in CPU_TRAINING_ENV.items():
+            env.setdefault(name, value)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         out.write(" ".join(command) + "\n\n")
