@@ -1,6 +1,6 @@
 """Interleaved before/after runs of scripts/bench/train_step.py on a CPU, collected into one JSON.
 
-    python benchmarks/train_step_ab.py --before REV --after REV --rounds 5 --out benchmarks/NAME.json
+    python scripts/bench/train_step_ab.py --before REV --after REV --rounds 5 --out benchmarks/NAME.json
 
 Each revision is checked out into a temporary shared clone (vimpac/kernels and vimpac/tokenization linked to
 ../kernels and ../tokenization, as setup.py maps them) and run with PYTHONPATH pointing at it; both get this
@@ -18,18 +18,23 @@ median over rounds of tokens/s and of process CPU time per step.
 
 from __future__ import annotations
 
+import sys
+
+# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
+if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "scripts" / "bench" / "train_step.py"
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}

@@ -1,6 +1,6 @@
 """Paired before/after train steps in one process, alternating step by step, at the demo's model size on a CPU.
 
-    python benchmarks/train_step_paired.py --before REV --threads 1 --rounds 20 --json out.json
+    python scripts/bench/train_step_paired.py --before REV --threads 1 --rounds 20 --json out.json
 
 On a shared machine the load drifts between separate runs by more than a 10% change; here the two versions
 take turns (order swapped every round) on the same batch, seed and weights, so both see the same conditions.
@@ -16,6 +16,12 @@ time goes and which part a change can reach. Use --threads 1 with it (thread CPU
 
 from __future__ import annotations
 
+import sys
+
+# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
+if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import collections
 import importlib.util
@@ -23,7 +29,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vimpac.bench_env import environment
 from vimpac.modeling import VimpacForPretraining
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Op kinds for --op-budget, in priority order (first match wins); the rest is "other".
 CATEGORIES = (
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     diff = max(abs(a[k] - b[k]) for a, b in zip(losses["before"], losses["after"]) for k in a)
     result: dict[str, Any] = {
-        "what": "benchmarks/train_step_paired.py: before/after train steps alternating in one process",
+        "what": "scripts/bench/train_step_paired.py: before/after train steps alternating in one process",
         "command": " ".join(["python", *sys.argv]),
         "before_commit": before_commit.stdout.strip(),
         **environment(torch.device("cpu")),
