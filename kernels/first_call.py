@@ -157,7 +157,7 @@ def _decide(key: tuple, compare: Callable[[], Comparison | None]) -> bool | None
     return comparison.ok
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median seconds of `repeats` runs of fn (CUDA: synchronised around each)."""
     times = []
     for _ in range(repeats):
@@ -299,10 +299,10 @@ def compare_axial(
     result.bwd_err, bwd_scale = _max_abs(got_bwd, want_bwd)
     result.fwd_tol, result.bwd_tol = tol * fwd_scale, tol * bwd_scale
     if repeats > 0:
-        result.triton_s = _timed(lambda: run(triton_fn, triton_leaves), device, repeats)
+        result.triton_s = median_seconds(lambda: run(triton_fn, triton_leaves), device, repeats)
         # The reference as the fallback runs it: in the input dtype, with its own (SDPA) dropout.
         ref_leaves = [fused.clone().requires_grad_(), cls.clone().requires_grad_()]
-        result.reference_s = _timed(
+        result.reference_s = median_seconds(
             lambda: run(lambda *t: axial_attention_reference(*t, axis, pad, dropout_p, scale), ref_leaves),
             device,
             repeats,
@@ -488,8 +488,8 @@ def vq_comparison(
     result = compare_vq(kind, x, weight, bias, got)
     assert result is not None  # synthetic rows are finite
     if repeats > 0:
-        result.triton_s = _timed(triton_fn, device, repeats)
-        result.reference_s = _timed(reference_fn, device, repeats)
+        result.triton_s = median_seconds(triton_fn, device, repeats)
+        result.reference_s = median_seconds(reference_fn, device, repeats)
     return result
 
 

@@ -34,8 +34,6 @@ if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").pa
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ import torch
 from vimpac.bench_env import environment
 from vimpac.flops import peak_bandwidth, peak_flops
 from vimpac.kernels.axial_attention_reference import axial_attention_reference
+from vimpac.kernels.first_call import median_seconds
 
 # (B, T, H, W, heads, head dim)
 ATTENTION_SHAPES = {
@@ -68,16 +67,7 @@ def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: i
     """Median wall time of fn() in milliseconds, synchronising CUDA around each call."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return 1e3 * median_seconds(fn, device, iters)
 
 
 def attention_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
