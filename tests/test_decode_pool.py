@@ -27,7 +27,7 @@ def collect(pool: DecodePool, expect: int, timeout: float = 60) -> dict[str, lis
     ended = 0
     deadline = time.monotonic() + timeout
     while ended < expect and time.monotonic() < deadline:
-        kind, video_id, *rest = pool.results.get(timeout=timeout)
+        kind, video_id, *rest = pool.get(timeout=timeout)
         if kind == "chunk":
             got.setdefault(video_id, []).append(pool.take(rest[0]))
         elif kind in ("done", "fail"):
@@ -60,10 +60,10 @@ def test_killed_worker_is_reported_and_replaced(tmp_path):
     pool = DecodePool(1, 8.0, views, 64, chunk=1)  # one frame per chunk: the worker soon waits for a free slot
     try:
         pool.submit("long", long_video)
-        kind, video_id, worker = pool.results.get(timeout=30)
+        kind, video_id, worker = pool.get(timeout=30)
         assert (kind, video_id) == ("start", "long")
         pool.current[worker] = video_id
-        stale = pool.results.get(timeout=30)  # a chunk of the doomed worker, not yet taken
+        stale = pool.get(timeout=30)  # a chunk of the doomed worker, not yet taken
         os.kill(pool._procs[worker].pid, signal.SIGKILL)
         pool._procs[worker].join(timeout=10)
         lost = pool.crashed()

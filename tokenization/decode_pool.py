@@ -6,16 +6,21 @@ travels through the result queue: no pickling and no pipe copy of pixel data, wh
 frames per second would make the main process, not decoding, the limit. The main process copies a chunk out
 and hands the slot back; a worker with no free slot waits, which bounds memory however long a video is.
 
-Messages on `results`: ("start", video_id, worker), ("chunk", video_id, (worker, generation, slot, n)),
-("done", video_id, duration_s, source_fps), ("fail", video_id, stage, reason). A restarted worker gets fresh
+Messages, read with `DecodePool.get`: ("start", video_id, worker), ("chunk", video_id, (worker, generation, slot,
+n)), ("done", video_id, duration_s, source_fps), ("fail", video_id, stage, reason). A restarted worker gets fresh
 slots and a new generation, so a message left over from its dead predecessor can never read a reused slot.
+
+Each worker sends its messages through a pipe of its own, not a queue shared by all: a worker killed while
+writing to a shared queue dies holding that queue's lock, and every other writer then waits on it forever.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -37,6 +42,7 @@ def chunk_frames(num_views: int, size: int, wanted: int) -> int:
 def _decode_worker(
     tasks, results, free, shm_name: str, slot_shape: tuple, fps: float, views, out: int, worker: int, generation: int
 ):
+    """Decode the videos of `tasks` into this worker's slots; `results` is the write end of its own pipe."""
     shm = SharedMemory(name=shm_name)
     slots = np.ndarray((SLOTS_PER_WORKER, *slot_shape), dtype=np.uint8, buffer=shm.buf)
     chunk = slot_shape[1]
@@ -46,7 +52,7 @@ def _decode_worker(
             if task is None:
                 return
             video_id, path = task
-            results.put(("start", video_id, worker))
+            results.send(("start", video_id, worker))
             try:
                 info = probe(path)
                 frames = 0
@@ -54,15 +60,15 @@ def _decode_worker(
                     slot = free.get()
                     n = frames_chunk.shape[1]
                     slots[slot, :, :n] = frames_chunk
-                    results.put(("chunk", video_id, (worker, generation, slot, n)))
+                    results.send(("chunk", video_id, (worker, generation, slot, n)))
                     frames += n
                 if frames == 0:
                     raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
-                results.put(("done", video_id, float(info.duration), float(info.fps)))
+                results.send(("done", video_id, float(info.duration), float(info.fps)))
             except DecodeError as err:
-                results.put(("fail", video_id, err.stage, err.reason))
+                results.send(("fail", video_id, err.stage, err.reason))
             except Exception as err:  # a decoder bug must cost one video, not the run
-                results.put(("fail", video_id, "decode", f"unexpected {type(err).__name__}: {err}"))
+                results.send(("fail", video_id, "decode", f"unexpected {type(err).__name__}: {err}"))
     finally:
         del slots
         shm.close()
@@ -80,7 +86,6 @@ class DecodePool:
     def __init__(self, workers: int, fps: float, views: Sequence[View], out: int, chunk: int):
         self._ctx = mp.get_context("forkserver")
         self.tasks = self._ctx.Queue()
-        self.results = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)
         self._args = (fps, list(views), out)
         self.current: dict[int, str] = {}  # worker → the video it is decoding
@@ -88,6 +93,7 @@ class DecodePool:
         self._shm: list = [None] * workers
         self._slots: list = [None] * workers
         self._free: list = [None] * workers
+        self._results: list = [None] * workers  # the read end of each worker's pipe
         self._generation = [0] * workers
         for i in range(workers):
             self._start(i)
@@ -103,11 +109,14 @@ class DecodePool:
         self._free[i] = self._ctx.Queue()
         for slot in range(SLOTS_PER_WORKER):
             self._free[i].put(slot)
+        if self._results[i] is not None:
+            self._results[i].close()  # what a dead worker left in its pipe is stale anyway
+        self._results[i], writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_decode_worker,
             args=(
                 self.tasks,
-                self.results,
+                writer,
                 self._free[i],
                 shm.name,
                 self._slot_shape,
@@ -119,6 +128,7 @@ class DecodePool:
             name=f"decode-{i}",
         )
         proc.start()
+        writer.close()  # the worker holds the only write end, so its death reads as end-of-file here
         self._procs[i] = proc
 
     def _release(self, i: int) -> None:
@@ -126,6 +136,16 @@ class DecodePool:
         self._shm[i].close()
         self._shm[i].unlink()
         self._shm[i] = None
+
+    def get(self, timeout: float) -> tuple:
+        """The next message from any worker; queue.Empty when none arrives within `timeout` seconds (or a dead
+        worker's pipe is all there is to read: `crashed()` restarts it)."""
+        for reader in wait(self._results, timeout):
+            try:
+                return reader.recv()
+            except (EOFError, OSError):
+                continue
+        raise queue.Empty
 
     def submit(self, video_id: str, path: Path) -> None:
         self.tasks.put((video_id, str(path)))
@@ -163,3 +183,4 @@ class DecodePool:
                 proc.join()
         for i in range(len(self._procs)):
             self._release(i)
+            self._results[i].close()

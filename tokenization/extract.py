@@ -279,7 +279,7 @@ def _run_pool(cfg, pool, views, tokenizer, todo, entries, writer) -> tuple[int, 
     try:
         while outstanding:
             try:
-                msg = pool.results.get(timeout=0.5)
+                msg = pool.get(timeout=0.5)
             except queue.Empty:  # decoders are slow or stuck: encode what waits, look for crashed workers
                 assembler.encode_ready(flush=True)
                 msg = None
