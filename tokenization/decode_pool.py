@@ -2,7 +2,7 @@
 
 Each worker takes one video at a time from a task queue and decodes it into chunks of view frames
 `[V, n, S, S, 3]`. A chunk is written into one of the worker's few shared-memory slots and only its slot number
-travels through the result queue: no pickling and no pipe copy of pixel data, which at tens of thousands of
+travels through the worker's result pipe: no pickling and no pipe copy of pixel data, which at tens of thousands of
 frames per second would make the main process, not decoding, the limit. The main process copies a chunk out
 and hands the slot back; a worker with no free slot waits, which bounds memory however long a video is.
 
