@@ -304,7 +304,7 @@ class KnnMonitor:
 
 def add_knn_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation flags of pre-training: --eval-per-epochs and the kNN monitor's --knn-*."""
-    g = parser.add_argument_group("evaluation (kNN monitor, facts §4.8; off unless --knn-monitor is given)")
+    g = parser.add_argument_group("evaluation (kNN monitor of CLS features; off unless --knn-monitor is given)")
     g.add_argument(
         "--eval-per-epochs",
         type=int,

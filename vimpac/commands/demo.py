@@ -336,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.errors import UsageError
 
     budget = BUDGETS[args.budget]
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: seeds are non-negative integers (0, 1, 2, ...)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; leave --device out to use the CPU")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tokenize",
         help="turn videos into a code database (LMDB per view) with a tokenizer",
         description="Decode videos with PyAV, resample to --fps, cut the spatial views, encode every frame to a "
-        "grid of VQ codes and store them in a code database (DESIGN §3).",
+        "grid of VQ codes and store them in a code database (one LMDB per view).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
