@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 from safetensors import safe_open
@@ -99,16 +101,26 @@ def test_seed_changes_the_corpus_and_a_run_keeps_its_seed(tmp_path, capsys):
     from vimpac.commands.demo import BUDGETS, DemoPaths, Stages, make_data
     from vimpac.errors import UsageError
 
-    def corpus(seed: int, name: str) -> dict[str, bytes]:
+    def corpus(seed: int, name: str) -> dict[str, np.ndarray]:
         paths = DemoPaths(tmp_path / name)
         paths.run.mkdir()
         stages = Stages(paths, "tiny", BUDGETS["tiny"], seed)
         stages.needed = lambda stage: stage == "synth"  # the corpus alone: no tokenizer, no databases
         make_data(paths, BUDGETS["tiny"], stages, "cpu", 1, seed)
-        return {p.name: p.read_bytes() for p in sorted((paths.corpus / "videos").iterdir())}
+        return {p.name: decoded(p) for p in sorted((paths.corpus / "videos").iterdir())}
 
+    def decoded(path: Path) -> np.ndarray:
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32)
+
+    def gap(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).mean()) if a.shape == b.shape else float("inf")
+
+    # libx264's bytes vary run to run (even single-threaded), so the same seed is judged on decoded pixels: a
+    # re-encode of the same frames moves them by a fraction of a level, a different scene by tens of levels.
     zero, again, one = corpus(0, "a"), corpus(0, "b"), corpus(1, "c")
-    assert zero == again  # the same seed writes the same videos
-    assert zero.keys() == one.keys() and all(zero[name] != one[name] for name in zero)
+    assert zero.keys() == again.keys() == one.keys()
+    assert all(gap(zero[name], again[name]) < 1.0 for name in zero)
+    assert all(gap(zero[name], one[name]) > 5.0 for name in zero)
     with pytest.raises(UsageError, match=r"seed 0.*--fresh.*seed 1"):
         Stages(DemoPaths(tmp_path / "a"), "tiny", BUDGETS["tiny"], 1)
