@@ -1,7 +1,7 @@
 """vimpac: VIMPAC video pre-training (masked token prediction + contrastive) on DeepSpeed with Triton kernels.
 
 `kernels/` and `tokenization/` install as `vimpac.kernels` and `vimpac.tokenization`: top-level names like
-`kernels` clash with existing PyPI packages (DESIGN §2).
+`kernels` clash with existing PyPI packages (docs/design.md §2).
 """
 
 from setuptools import setup
@@ -21,7 +21,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        # triton 3.6.0's interpreter breaks on numpy 2.4 (platform-notes §2, gotcha 7)
+        # triton 3.6.0's interpreter breaks on numpy 2.4 (docs/design.md §11.1)
         "numpy>=1.24,<2.4",
         "einops>=0.7",
         "lmdb>=1.4",

@@ -1,6 +1,6 @@
 """Compute kernels (Triton on CUDA, PyTorch references elsewhere); imported as `vimpac.kernels`.
 
-Each public function dispatches per call on its inputs' device (DESIGN §5):
+Each public function dispatches per call on its inputs' device (docs/design.md §5.3):
   VIMPAC_KERNELS unset       Triton for CUDA tensors when Triton imports (and supports the shape), else the
                              PyTorch reference; the first Triton call of each shape class in a process is
                              checked against the reference, and a mismatch or a compile/launch error switches

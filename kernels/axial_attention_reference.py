@@ -1,9 +1,9 @@
 """Axial attention with a CLS token in every line: the PyTorch reference of `vimpac.kernels.axial_attention`.
 
-DESIGN §5 fixes the API; the Triton kernel (a later issue) implements the same function. For one axis of the
-clip tensor `[B, T, H, W]`, every 1-D line of tokens along that axis is one attention sequence, with the CLS
-token prepended as query, key and value (length 1 + axis length). Every token therefore sees CLS, CLS sees every
-token of the line, and the CLS query's outputs are averaged over all lines (facts §3.4, TimeSformer style).
+docs/design.md §5.1 fixes the API; the Triton kernel (`axial_attention_triton.py`) implements the same function. For one
+axis of the clip tensor `[B, T, H, W]`, every 1-D line of tokens along that axis is one attention sequence, with the CLS
+token prepended as query, key and value (length 1 + axis length). Every token therefore sees CLS, CLS sees every token
+of the line, and the CLS query's outputs are averaged over all lines (docs/reference.md §4.4, TimeSformer style).
 
 `joint_attention` generalises the line to several axes at once ("HW": one sequence per frame, as in divided
 space-time attention; "THW": one sequence per clip, full joint attention). CLS is prepended in the same way and
@@ -248,7 +248,7 @@ def axial_attention_reference(
     scale: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axial attention along one axis ('T' | 'H' | 'W') with CLS in every line (DESIGN §5).
+    """Axial attention along one axis ('T' | 'H' | 'W') with CLS in every line (docs/design.md §5.1).
 
     q, k, v: [B, T, H, W, heads, d], any strides with a contiguous last dim (views into one fused QKV output).
     cls_q, cls_k, cls_v: [B, heads, d]. key_padding_mask: bool [B, T, H, W], True = PAD (never a key); CLS always

@@ -1,6 +1,6 @@
 """Axial attention with a CLS token in every line: the Triton kernels behind `vimpac.kernels.axial_attention`.
 
-Semantics are those of `axial_attention_reference` (DESIGN §5): for one axis of the clip `[B, T, H, W]`, every
+Semantics are those of `axial_attention_reference` (docs/design.md §5.1): for one axis of the clip `[B, T, H, W]`, every
 1-D line of tokens along that axis is one sequence with CLS prepended as query, key and value; PAD tokens are
 never keys (CLS always is); the CLS query's output is averaged over all lines.
 

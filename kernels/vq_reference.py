@@ -1,4 +1,4 @@
-"""PyTorch reference for the nearest-code / argmax-of-scores kernel (DESIGN §5).
+"""PyTorch reference for the nearest-code / argmax-of-scores kernel (docs/design.md §5.2).
 
 `argmax_scores` finds, for every row x_n, the index k maximising x_n·w_k + b_k. `nearest_code` is the special
 case that serves vector quantisation: argmin_k ‖x − e_k‖² = argmax_k (x·e_k − ½‖e_k‖²), because ‖x‖² is the

@@ -1,4 +1,4 @@
-"""Triton kernel for argmax-of-scores / nearest-code search (DESIGN §5); semantics of `vq_reference.py`.
+"""Triton kernel for argmax-of-scores / nearest-code search (docs/design.md §5.2); semantics of `vq_reference.py`.
 
 One program owns BLOCK_N rows of x and streams the whole codebook past them in [BLOCK_K, BLOCK_D] tiles,
 keeping a running (best, argmax, second-best) per row, so the [N, K] score matrix never exists in memory.
@@ -84,7 +84,7 @@ def _argmax_scores_kernel(
             xt = tl.load(x_rows + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             wt = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
-                # The interpreter does bf16 arithmetic on raw bits and fp16 dots in fp16 (platform notes §2).
+                # The interpreter does bf16 arithmetic on raw bits and fp16 dots in fp16 (docs/design.md §11.1).
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)

@@ -4,7 +4,7 @@
 # --deepspeed_config ds_configs/cpu.json after it: later flags win).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# One JIT build of DeepSpeed's ops per environment (platform-notes §3), reused by every later run.
+# One JIT build of DeepSpeed's ops per environment (docs/design.md §11.2), reused by every later run.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python3 -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 launch() {

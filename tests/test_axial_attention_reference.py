@@ -1,6 +1,6 @@
 """The axial-attention reference against a naive per-line loop with an explicit softmax (float64).
 
-The naive version builds every line (and every joint sequence) one at a time from the DESIGN §5 definition:
+The naive version builds every line (and every joint sequence) one at a time from the docs/design.md §5.1 definition:
 CLS prepended as query/key/value, PAD keys excluded, CLS query outputs averaged over the lines.
 """
 

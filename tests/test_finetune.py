@@ -132,7 +132,8 @@ def test_classification_metrics():
     assert m["mean_class_accuracy"] == pytest.approx(2 / 3)
 
 
-def test_label_smoothing_matches_the_facts_formula():
+def test_label_smoothing_matches_the_original_formula():
+    """torch's label_smoothing is the original's (1 - ε)·NLL + ε·mean(−log p) (docs/reference.md §6.2)."""
     logits, labels, eps = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), 0.1
     logp = torch.log_softmax(logits, 1)
     expected = (1 - eps) * -logp[torch.arange(6), labels].mean() + eps * (-logp).mean()

@@ -234,7 +234,8 @@ def test_attention_block_gradients_match_naive_per_line(layout):
 
 
 def test_pre_ln_residual_adds_the_raw_stream():
-    """With zeroed output projections every pre-LN block is the identity (the original added LN(x), facts §3.5)."""
+    """With zeroed output projections every pre-LN block is the identity (the original added LN(x), docs/reference.md
+    §4.5)."""
     config = tiny_config(pre_ln=True, dropout=0.0)
     backbone = VimpacBackbone(config).eval()
     for layer in backbone.layers:

@@ -33,7 +33,7 @@ def test_decay_only_on_weight_matrices_and_the_token_embedding(model):
     expected_decay = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     expected_decay = {f"{name}.weight" for name in expected_decay} | {"backbone.token_embedding.weight"}
     assert set(decay["names"]) == expected_decay
-    # What the original wrongly decayed (facts §8.16) is excluded here.
+    # What the original wrongly decayed (docs/reference.md §8.12) is excluded here.
     for name in ("backbone.cls", "backbone.positional_embedding.cls", "backbone.positional_embedding.temporal"):
         assert name in keep["names"]
     assert "mlm_head.norm.weight" in keep["names"] and "mlm_head.bias" in keep["names"]

@@ -36,7 +36,7 @@ LOSSES = ("loss/total", "loss/mlm", "loss/nce", "accuracy/mlm", "accuracy/nce")
 
 def environment() -> dict[str, str]:
     env = dict(os.environ)
-    # One build of DeepSpeed's shm op per venv (platform-notes §3), one thread per rank on the 2-core machine.
+    # One build of DeepSpeed's shm op per venv (docs/design.md §11.2), one thread per rank on the 2-core machine.
     env["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

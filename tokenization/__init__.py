@@ -1,6 +1,6 @@
 """Video files → VQ codes: decoding, views, tokenizers, extraction; imported as `vimpac.tokenization`.
 
-`load_tokenizer` is importable from here (DESIGN §4) but resolved lazily, so that decode workers, which import
+`load_tokenizer` is importable from here (docs/design.md §4) but resolved lazily, so that decode workers, which import
 `vimpac.tokenization.decode`, do not pay for importing torch.
 """
 

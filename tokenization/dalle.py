@@ -1,4 +1,4 @@
-"""The DALL-E discrete-VAE encoder used by the VIMPAC paper as its video tokenizer (facts §1.1).
+"""The DALL-E discrete-VAE encoder used by the VIMPAC paper as its video tokenizer (docs/reference.md §2.1).
 
 Every frame becomes a grid of integers in [0, 8192): a 7×7 input conv, four groups of two residual bottleneck
 blocks (widths 256, 512, 1024, 2048; a 2× max-pool after groups 1–3, so 8× downsampling), then ReLU and a 1×1

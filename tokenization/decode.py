@@ -1,6 +1,6 @@
 """Streaming video decoding with PyAV: probe, constant-rate resampling by timestamps, shorter-side resize, views.
 
-The original decoded whole videos into memory through an ffmpeg `fps` filter (vimpac-facts §1.2). Here frames are
+The original decoded whole videos into memory through an ffmpeg `fps` filter (docs/reference.md §2.2). Here frames are
 decoded one at a time and resampled by presentation timestamps, so a 10-minute video never sits in memory: at most
 two full-resolution frames are held (the frame being shown and the one that ends it), plus the decoder's own
 reference frames.
@@ -229,7 +229,7 @@ def _declared_end(container: av.container.InputContainer, stream: av.video.strea
     """Time (s, on the stream's clock) at which the file says the video ends; None when it does not say.
 
     Sources, best first: the stream header's duration (counted from the stream start); Matroska's per-stream
-    DURATION tag (WebM/MKV store no stream duration, platform-notes §5), which like Matroska's segment duration is
+    DURATION tag (WebM/MKV store no stream duration, docs/design.md §11.3), which like Matroska's segment duration is
     counted from time 0; the container's duration, which also covers audio.
     """
     if stream.duration and stream.time_base:

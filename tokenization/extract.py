@@ -1,4 +1,4 @@
-"""Extraction: video files + annotations → code database (DESIGN §3), in parallel, resumable, soft on bad input.
+"""Extraction: video files + annotations → code database (docs/design.md §3), in parallel, resumable, soft on bad input.
 
 Decoding is the slow part, so it runs in `workers` processes (`decode_pool.DecodePool`) that each take one
 video at a time and stream chunks of view frames `[V, n, S, S, 3]` back through shared memory (back-pressure
@@ -28,7 +28,7 @@ from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
 from vimpac.tokenization.views import View, views_for
 
 VIEW_KINDS = ("center", "test", "train")
-# Datasets where left/right carries the label: no flipped training views (facts §5.3).
+# Datasets where left/right carries the label: no flipped training views (docs/reference.md §6.3).
 NO_FLIP_DATASETS = ("ssv2",)
 
 

@@ -836,7 +836,7 @@ def unlabeled_scene(rng: np.random.Generator, canvas: Canvas) -> Scene:
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding
 
-# Default codec per container extension; every one is in PyAV's bundled FFmpeg (platform notes §5).
+# Default codec per container extension; every one is in PyAV's bundled FFmpeg (docs/design.md §11.3).
 DEFAULT_CODECS = {"mp4": "libx264", "mkv": "libx264", "mov": "libx264", "webm": "libvpx-vp9", "avi": "mpeg4"}
 _CODEC_OPTIONS = {
     "libx264": {"crf": "18", "preset": "veryfast", "threads": "1"},

@@ -1,7 +1,7 @@
 """Spatial views of a video: shorter-side resize, square crop (top-left / centre / bottom-right), optional hflip.
 
 VIMPAC bakes spatial augmentation in at extraction time: every view is stored separately and fine-tuning picks one
-per sample (vimpac-facts §1.2, §5.3). The arithmetic here reproduces the original exactly (integer truncation).
+per sample (docs/reference.md §2.2, §6.3). The arithmetic here reproduces the original exactly (integer truncation).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def large_resize(frame_size: int) -> int:
 
 
 def views_for(kind: str, frame_size: int, hflip: bool = True) -> list[View]:
-    """The paper's view sets for square frames of side `frame_size` (vimpac-facts §5.3).
+    """The paper's view sets for square frames of side `frame_size` (docs/reference.md §2.2).
 
     "center": 1 view; "test": 3 crops at S, no flip; "train": {S, 1.25S} × 3 crops × {no flip, flip} = 12 views,
     or 6 without flips when `hflip` is False (SSV2, where left/right carries the label). Order: resize, then crop,

@@ -1,7 +1,7 @@
 """Activation checkpointing per transformer layer, non-reentrant so that every parameter trains.
 
 The reentrant variant (`deepspeed.checkpointing.checkpoint`, torch's `use_reentrant=True`) silently gives no
-gradient to the parameters of a block when none of its *inputs* requires grad (platform-notes §3). The
+gradient to the parameters of a block when none of its *inputs* requires grad (docs/design.md §11.2). The
 non-reentrant torch implementation records the block's graph through saved-tensor hooks instead, so parameters
 always get gradients, and it restores the RNG state for recomputation, so dropout masks match the first pass.
 

@@ -1,4 +1,4 @@
-"""Run checkpoints (exact resume) and exported weights (fine-tuning), DESIGN §6.
+"""Run checkpoints (exact resume) and exported weights (fine-tuning), docs/design.md §8.
 
 Layout of a run directory:
 
@@ -28,8 +28,8 @@ deleted, and stale `.partial-*` directories of earlier, killed saves are deleted
 `latest` naming a complete checkpoint (the previous one until the new one is published) and at most some
 `.partial-*` debris, which the next save removes. `latest_tag` and `load_checkpoint` accept complete tags only.
 
-Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume` on a 128 px run; facts §3.10, §4.7).
-When the newest checkpoint's model differs from the requested one only in clip_len / grid (resize_source), the
+Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume` on a 128 px run; docs/reference.md §4.9,
+§5.7). When the newest checkpoint's model differs from the requested one only in clip_len / grid (resize_source), the
 checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own loader (load_resized_checkpoint):
   ZeRO 1-3  DeepSpeed's universal-checkpoint converter (deepspeed.checkpoint.ds_to_universal) turns the
             partitioned, flattened optimizer state into one folder per parameter (fp32 master, exp_avg,

@@ -1,6 +1,6 @@
 """The code database: the one module that owns its on-disk format, writing, reading, inspection and merging.
 
-Layout (DESIGN §3)::
+Layout (docs/design.md §3)::
 
     <db>/manifest.json      configuration, splits, counts, "complete" (written atomically: tmp + os.replace)
     <db>/views/<view>/      one LMDB environment per spatial view; key = video id (UTF-8), value = one record
@@ -57,7 +57,7 @@ from vimpac.errors import UsageError
 SCHEMA_VERSION = 1
 RECORD_VERSION = 1
 MAGIC = b"VPCR"
-# Sparse on Linux: the file only grows with the data actually written (platform-notes §5).
+# Sparse on Linux: the file only grows with the data actually written (docs/design.md §11.3).
 DEFAULT_MAP_SIZE = 1 << 40
 # Keys whose values must agree for two runs (resume) or two databases (merge) to share one database.
 CONFIG_KEYS = ("schema_version", "dataset", "fps", "frame_size", "grid", "tokenizer", "views", "classes")

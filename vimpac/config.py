@@ -1,9 +1,9 @@
-"""VimpacConfig: everything needed to build the model, saved as `config.json` beside the weights (DESIGN §6).
+"""VimpacConfig: everything needed to build the model, saved as `config.json` beside the weights (docs/design.md §6).
 
 Special ids. Codes are 0..V-1. The "compact" layout (ours) puts PAD = V and MASK = V+1 (V+2 embedding rows).
 The "original" layout reproduces the released VIMPAC table: PAD = V+1, MASK = V+4, V+5 rows (8197 for V=8192;
 V, V+2 and V+3 are unused rows), so paper Table 3's parameter counts and the original checkpoints line up.
-CLS is not an id: it is a separate learned vector (facts §3.1).
+CLS is not an id: it is a separate learned vector (docs/reference.md §4.1).
 
 Layout strings (the paper's and the seed's `--model "efflayoutT,H|W"`; the bare "T,H|W" is accepted too):
 `,` separates attention blocks that run one after the other, each with its own residual and LayerNorm; `|`
@@ -83,7 +83,7 @@ class VimpacConfig:
 
     heads None → hidden_size // 64 (the original's rule). halve_att: attention width hidden/2 (Q/K/V and the
     output projection's input); halve_mlp: MLP width 2·hidden instead of 4·hidden. pre_ln: a correct pre-LN block
-    (the original's pre-LN attention residual is buggy, facts §3.5). grid: code grid (h, w) per frame.
+    (the original's pre-LN attention residual is buggy, docs/reference.md §4.5). grid: code grid (h, w) per frame.
     nce_*: contrastive projection head (nce_proj_layers − 1 hidden Linear-BN-ReLU layers of nce_proj_hid_dim, then
     Linear → nce_dim without bias). Invalid values raise UsageError at construction.
     """

@@ -1,4 +1,4 @@
-"""Clips of codes from a code database (vimpac-facts §2), pre-training samples, and a resumable sampler.
+"""Clips of codes from a code database (docs/reference.md §3), pre-training samples, and a resumable sampler.
 
 Window arithmetic (all in database frames). A video has n frames at the database's fps; a clip takes T frames,
 one every r = db_fps / frame_rate frames. The clip starting at `start` reads frames start, start + r, ...,
@@ -170,8 +170,8 @@ def pair_starts(delta: int, rng: np.random.Generator, relevance_range: int | Non
 
 
 def evaluation_starts(delta: int, num_clips: int) -> list[int]:
-    """K uniformly spread test starts: int(delta·k / (K - 1)), k = 0..K-1, so the first and last clips touch the
-    video's ends. For K = 1 the clip is centred (delta // 2); the original put it at the start (facts §8.9)."""
+    """K uniformly spread test starts: int(delta·k / (K - 1)), k = 0..K-1, so the first and last clips touch the video's
+    ends. For K = 1 the clip is centred (delta // 2); the original put it at the start (docs/reference.md §8.6)."""
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     if num_clips == 1:
@@ -189,7 +189,7 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int, clip: int = 0) ->
 
 
 class PretrainClips(Dataset):
-    """Two masked clips of the same video and view per sample (vimpac-facts §2, §4.1–§4.2).
+    """Two masked clips of the same video and view per sample (docs/reference.md §3, §5.1–5.2).
 
     Item key: an index, or an (epoch, index) pair as yielded by `ResumableDistributedSampler` (so the masks follow
     the epoch even in persistent workers, which never see `set_epoch` on the parent's copy). An item is

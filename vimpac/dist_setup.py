@@ -1,7 +1,7 @@
 """Process-group setup for the trainers, under a launcher (deepspeed, torchrun) or as one plain process.
 
 Without a launcher `deepspeed.init_distributed()` falls back to MPI discovery and fails without mpi4py
-(platform-notes §3), so a plain `python vimpac/pretrain.py` first fills in the environment of a one-process
+(docs/design.md §11.2), so a plain `python vimpac/pretrain.py` first fills in the environment of a one-process
 world (RANK 0, WORLD_SIZE 1, a free local MASTER_PORT). On a machine without CUDA the CPU accelerator is chosen
 explicitly (DS_ACCELERATOR=cpu; the backend is then gloo), and each rank gets its share of the cores instead of
 every rank using all of them.

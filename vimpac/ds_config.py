@@ -1,4 +1,4 @@
-"""DeepSpeed configuration: read a `ds_configs/*.json`, apply the command line, validate, record (DESIGN §7).
+"""DeepSpeed configuration: read a `ds_configs/*.json`, apply the command line, validate, record (docs/design.md §10).
 
 The json holds engine settings (precision and loss scaling, ZeRO stage, activation checkpointing, micro-batch);
 the command line holds the experiment. Where both name a value the command line wins:
@@ -13,11 +13,11 @@ the command line holds the experiment. Where both name a value the command line 
     --zero-stage              zero_optimization.stage
     --grad-checkpoint         presence of the "activation_checkpointing" section (per transformer layer)
 
-Values named by neither come from DEFAULTS (the paper's pre-training settings, facts §4.6). Gradient accumulation
-is always derived: global = micro × accumulation × world size, and a global batch that the micro-batches of all
-ranks do not divide is refused. The optimizer is always AdamW; `"torch_adam": true` (torch.optim.AdamW) is the
-default because DeepSpeed's FusedAdam is JIT-compiled on first use (platform-notes §3). The learning-rate
-schedule belongs to the trainer (--lr-scheduler, --warm-up), so a json "scheduler" section is refused.
+Values named by neither come from DEFAULTS (the paper's pre-training settings, docs/reference.md §5.6). Gradient
+accumulation is always derived: global = micro × accumulation × world size, and a global batch that the micro-batches of
+all ranks do not divide is refused. The optimizer is always AdamW; `"torch_adam": true` (torch.optim.AdamW) is the
+default because DeepSpeed's FusedAdam is JIT-compiled on first use (docs/design.md §11.2). The learning-rate schedule
+belongs to the trainer (--lr-scheduler, --warm-up), so a json "scheduler" section is refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fine-tuning data (vimpac-facts §5.3–§5.6): split names, spatial views, train/test clips, view averaging.
+"""Fine-tuning data (docs/reference.md §6.3–6.6): split names, spatial views, train/test clips, view averaging.
 
 Pure pieces (tested directly):
   split_names           train/eval split of a dataset: train/val, or train_{k}/test_{k} for UCF101 and HMDB51
@@ -107,8 +107,8 @@ def training_views(views: Sequence[str], dataset: str | None) -> list[str]:
 
 
 def evaluation_views(views: Sequence[str], dataset: str | None, frame_size: int | None) -> list[str]:
-    """Evaluation views (facts §5.3): r<frame_size>_{top,center,bottom}_f0, or r<frame_size>_center_f0 alone for
-    SSV2, in that order, those the database holds. A database with one view uses it; otherwise none of the wanted
+    """Evaluation views (docs/reference.md §6.3): r<frame_size>_{top,center,bottom}_f0, or r<frame_size>_center_f0 alone
+    for SSV2, in that order, those the database holds. A database with one view uses it; otherwise none of the wanted
     views present is an error naming them (pass --test-views)."""
     crops = ("center",) if dataset in NO_FLIP_DATASETS else TEST_CROPS
     wanted = [f"r{frame_size}_{crop}_f0" for crop in crops]
@@ -125,7 +125,7 @@ def evaluation_views(views: Sequence[str], dataset: str | None, frame_size: int 
 
 def average_view_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """logits [N, V, C] (V views: spatial × temporal) → probabilities [N, C]: softmax over classes per view,
-    then the mean over views (facts §5.6). Computed in float32."""
+    then the mean over views (docs/reference.md §6.6). Computed in float32."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [N, views, classes]; got shape {tuple(logits.shape)}")
     return F.softmax(logits.float(), dim=-1).mean(dim=1)

@@ -12,10 +12,10 @@ tables are then interpolated per axis, vimpac.interpolate) and is otherwise an e
 backbone's dropout is --dropout. Pre-training heads are dropped; a classifier of the same number of classes is
 loaded too (how --eval-only evaluates a fine-tuned export). Without --load the model is trained from scratch.
 
-Evaluation (facts §5.6): every test view × K clips per video, softmax per view, probabilities averaged; each rank
-takes its `shard_positions` share and the results are all-gathered and de-duplicated (`assemble_shards`), so
-every video counts exactly once whatever the world size. Results go to <output>/eval/<name>.json, TensorBoard
-and metrics.jsonl (eval/top1_clips<K>, eval/top5_clips<K>, eval/loss_clips<K>).
+Evaluation (docs/reference.md §6.6): every test view × K clips per video, softmax per view, probabilities averaged; each
+rank takes its `shard_positions` share and the results are all-gathered and de-duplicated (`assemble_shards`), so every
+video counts exactly once whatever the world size. Results go to <output>/eval/<name>.json, TensorBoard and
+metrics.jsonl (eval/top1_clips<K>, eval/top5_clips<K>, eval/loss_clips<K>).
 
 Low-label regime (`--labels-per-class N`): every rank trains on the same vimpac.finetune_data.label_subset of the
 training split (N per class, chosen by --labels-seed, default --seed); the evaluation set is unchanged. A subset
@@ -66,7 +66,7 @@ from vimpac.trainer import (
     steps_summary,
 )
 
-# Facts §5.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
+# docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
 OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 DEFAULT_BATCH = 128
 DEFAULT_FRAME_SIZE, DEFAULT_CLIP_LEN = 128, 5
@@ -234,7 +234,7 @@ class FinetuneTrainer(PretrainTrainer):
         device = self.engine.device
         labels = batch["label"].to(device)
         logits = self.engine(batch["tokens"].to(device)).float()
-        # (1 - ε)·NLL + ε·mean_c(−log p_c) (facts §5.2): torch's label_smoothing is exactly this.
+        # (1 - ε)·NLL + ε·mean_c(−log p_c) (docs/reference.md §6.2): torch's label_smoothing is exactly this.
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         meter.add("loss/train", loss.detach())
         meter.add("accuracy/train", (logits.argmax(dim=1) == labels).float().mean())

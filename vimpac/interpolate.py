@@ -1,11 +1,11 @@
-"""Resize learned positional tables to a new clip length or frame size (facts §3.10), as pure tensor functions.
+"""Resize learned positional tables to a new clip length or frame size, as pure tensor functions.
 
 Used by stage-2 pre-training (`--frame-size 256 --resume` on a 128 px run: vimpac.checkpoint) and by fine-tuning at
 another shape than pre-training (`--different-shape`). Only the positional tables depend on (T, h, w); every other
 weight is shape-independent, so a checkpoint carries over to another clip length or grid by resizing these alone.
 
-Rule (the original's): 1-D **linear** interpolation with align_corners=False along a table's first axis, the
-hidden size D acting as channels; the Adam moments of a resized table are resized the same way.
+Rule (the original's, docs/reference.md §4.9): 1-D **linear** interpolation with align_corners=False along a table's
+first axis, the hidden size D acting as channels; the Adam moments of a resized table are resized the same way.
   hw_separation        the temporal (T, D), height (h, D) and width (w, D) tables are resized independently
                        (T 5→10, h/w 16→32); the CLS position (1, D) is unchanged.
   temporal_separation  the temporal table as above; the spatial table (h·w, D) is reshaped to [h, w, D] and resized
@@ -13,7 +13,7 @@ hidden size D acting as channels; the Adam moments of a resized table are resize
                        turn (bilinear is separable). The original interpolated the flattened h·w sequence instead,
                        which mixes the end of one row with the start of the next.
   full                 one (1 + T·h·w, D) table: a 1-D resize of the flattened sequence (CLS included) is
-                       meaningless (facts §3.10, §8.5), so changing the shape is refused.
+                       meaningless (docs/reference.md §4.9, §8.2), so changing the shape is refused.
 
 Only `clip_len` and `grid` may differ between the two configs; any other difference (layers, hidden size, layout,
 vocabulary, ...) is a different model and is refused with the differing fields named.
@@ -85,7 +85,7 @@ def check_resizable(old: VimpacConfig, new: VimpacConfig, allowed: Iterable[str]
         raise UsageError(
             f"cannot resize the 'full' positional table from (T, h, w) = {old.shape} to {new.shape}: it is one "
             "(1 + T·h·w)-row table, and interpolating that flattened sequence (CLS included) mixes time, rows and "
-            "columns into meaningless positions (the original's bug, facts §3.10). Keep the shape, or pre-train with "
+            "columns into meaningless positions (the original's bug). Keep the shape, or pre-train with "
             "--pos-emb hw_separation (factorised T, H, W tables, which resize independently)"
         )
 

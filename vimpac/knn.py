@@ -1,4 +1,4 @@
-"""kNN monitor of pre-training (vimpac-facts §4.8): nearest-neighbour classification of backbone CLS features.
+"""kNN monitor of pre-training (docs/reference.md §5.8): nearest-neighbour classification of backbone CLS features.
 
 At evaluation epochs the trainer embeds one clip per video of a labeled code database (UCF101 in the paper) with
 the backbone (the CLS vector, not the projection head, in eval mode, without gradients):

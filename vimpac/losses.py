@@ -1,7 +1,7 @@
-"""Pre-training losses: masked-token cross-entropy (vimpac-facts §4.3) and cross-rank InfoNCE (§4.4).
+"""Pre-training losses: masked-token cross-entropy (docs/reference.md §5.3) and cross-rank InfoNCE (§5.4).
 
-How the trainer combines them (§4.5): L = mlm_weight * mlm.loss + nce_weight * nce.loss, where nce.loss already
-carries the temperature factor (L_cl = γ (mean loss_a + mean loss_b)).
+How the trainer combines them (docs/reference.md §5.5): L = mlm_weight * mlm.loss + nce_weight * nce.loss, where
+nce.loss already carries the temperature factor (L_cl = γ (mean loss_a + mean loss_b)).
 
 Across data-parallel ranks both losses are per-rank means over local items (masked positions, local anchors) and
 DeepSpeed/DDP average the gradients over ranks. For InfoNCE that average equals the gradient of the mean loss over
@@ -44,7 +44,7 @@ class ContrastiveLoss(NamedTuple):
 
 
 def gather_masked(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the predicted positions so the MLM head computes logits only there (vimpac-facts §8.10).
+    """Select the predicted positions so the MLM head computes logits only there (docs/reference.md §8.7).
 
     hidden: [B, T, H, W, D]; labels: [B, T, H, W] int64 with IGNORE_INDEX where nothing is predicted.
     Returns (hidden_at_masked [M, D], targets [M]) in row-major (b, t, h, w) order.
@@ -132,7 +132,7 @@ def info_nce(
     group: dist.ProcessGroup | None = None,
     normalize: bool = True,
 ) -> ContrastiveLoss:
-    """Symmetric InfoNCE between the two clips of each local video, negatives from every rank (§4.4).
+    """Symmetric InfoNCE between the two clips of each local video, negatives from every rank (docs/reference.md §5.4).
 
     z1, z2: [B, d] projections of clip A and clip B of the same B videos (any float dtype; computed in >= fp32;
     L2-normalised here when `normalize`). With g = rank·B + i the global index of local video i:

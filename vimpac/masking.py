@@ -1,4 +1,4 @@
-"""Block masking for masked-token pre-training (vimpac-facts §4.2), vectorised with numpy.
+"""Block masking for masked-token pre-training (docs/reference.md §5.2), vectorised with numpy.
 
 A clip of codes [T, H, W] is masked by the union of `num_blocks` random cubes. Each cube has side lengths drawn
 uniformly from [1, ⌊2T/3⌋] × [1, ⌊H/2⌋] × [1, ⌊W/2⌋] (floor, as the original code: the floor rule is what
@@ -9,7 +9,7 @@ Modes of `num_blocks` (the `--mask-blocks` flag):
   k > 0   k random blocks;
   k < 0   i.i.d. masking, each position with probability -k/1000 (so -145 masks 14.5 %), k >= -1000;
   k = 0   nothing is masked (only meaningful with mlm_weight 0: `check_mask_config` refuses it otherwise, since
-          the original then averages a loss over zero positions and gets NaN, vimpac-facts §8.11).
+          the original then averages a loss over zero positions and gets NaN, docs/reference.md §8.8).
 
 With `rand_replace` (BERT-style noise, the `--mask-rand-replace` ablation) the 80/10/10 choice is made per block,
 as in the original code (the paper describes it per token): a block is filled with MASK (80 %), with uniformly

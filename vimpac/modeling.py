@@ -1,11 +1,11 @@
 """The VIMPAC model: token + positional embeddings, layout blocks of axial attention with CLS, MLP, and heads.
 
-Built from a VimpacConfig alone (DESIGN §6). The hidden state is one tensor [B, 1 + T·h·w, D] with the CLS stream
-at position 0, so every Linear, LayerNorm and dropout treats CLS exactly like a token (facts §3.3–3.4) in a
-single matmul. Only the attention tells them apart: it goes through `vimpac.kernels.axial_attention` for the
-axial patterns T, H, W and `joint_attention` (SDPA) for joint patterns such as HW or THW.
+Built from a VimpacConfig alone (docs/design.md §6). The hidden state is one tensor [B, 1 + T·h·w, D] with the CLS
+stream at position 0, so every Linear, LayerNorm and dropout treats CLS exactly like a token (docs/reference.md
+§4.3–4.4) in a single matmul. Only the attention tells them apart: it goes through `vimpac.kernels.axial_attention` for
+the axial patterns T, H, W and `joint_attention` (SDPA) for joint patterns such as HW or THW.
 
-Parameter counts (paper Table 3; facts §3.8) with special_ids="original" (8197 embedding rows), T=5, 16×16,
+Parameter counts (paper Table 3; docs/reference.md §4.7) with special_ids="original" (8197 embedding rows), T=5, 16×16,
 hw_separation, excluding heads: small (6 × 512) 29,442,048; base (12 × 768) 119,748,096; large-half (24 × 1024,
 halve_att, halve_mlp) 210,106,368; T,H,W small 35,751,936; joint THW small 23,132,160. The default "compact"
 special ids drop the 3 unused rows: the backbone has 3·D fewer parameters (small 29,440,512; large-half
@@ -33,7 +33,7 @@ IGNORE_INDEX = -100
 
 
 class PositionalEmbedding(nn.Module):
-    """Learned positions for CLS and the T·h·w tokens; forward() → [1 + T·h·w, D], CLS first (facts §3.2).
+    """Learned positions for CLS and the T·h·w tokens; forward() → [1 + T·h·w, D], CLS first (docs/reference.md §4.2).
 
     hw_separation: P_T[t] + P_H[i] + P_W[j] (tables std 0.02/√3); temporal_separation: P_T[t] + P_S[i·w + j]
     (std 0.02/√2); full: one (1 + T·h·w, D) table (std 0.02). CLS has its own vector (std 0.02) in every kind.
@@ -140,7 +140,7 @@ class AttentionBlock(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """Linear(D → mlp) → exact GELU → Linear(mlp → D) → dropout, residual, post- or pre-LN (facts §3.3)."""
+    """Linear(D → mlp) → exact GELU → Linear(mlp → D) → dropout, residual, post- or pre-LN (docs/reference.md §4.3)."""
 
     def __init__(self, config: VimpacConfig) -> None:
         super().__init__()
@@ -174,9 +174,9 @@ class VimpacLayer(nn.Module):
 class VimpacBackbone(nn.Module):
     """Embeddings + layers: forward(tokens [B, T, h, w] int64) → (cls [B, D], hiddens [B, T, h, w, D]).
 
-    Input: post-LN h0 = dropout(LN(E[x] + pos)), CLS = dropout(LN(cls + pos_cls)) with the same LN; pre-LN drops
-    that LN and adds a final one instead (facts §3.5). PAD tokens are never attended to as keys; when a batch has
-    no PAD at all the mask is skipped (no padding work in the kernel). MASK tokens are attended to normally.
+    Input: post-LN h0 = dropout(LN(E[x] + pos)), CLS = dropout(LN(cls + pos_cls)) with the same LN; pre-LN drops that LN
+    and adds a final one instead (docs/reference.md §4.5, §8.4). PAD tokens are never attended to as keys; when a batch
+    has no PAD at all the mask is skipped (no padding work in the kernel). MASK tokens are attended to normally.
     """
 
     def __init__(self, config: VimpacConfig) -> None:
@@ -194,7 +194,8 @@ class VimpacBackbone(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) Linear/Embedding weights, zero biases, unit LN (facts §3.9); pre-LN scales residual outputs."""
+        """N(0, 0.02) Linear/Embedding weights, zero biases, unit LN (docs/reference.md §4.8); pre-LN scales residual
+        outputs."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -238,10 +239,10 @@ class VimpacBackbone(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """BERT token head tied to the input embedding: logits = LN(GELU(W·h + b)) · Eᵀ + b_out (facts §3.7).
+    """BERT token head tied to the input embedding: logits = LN(GELU(W·h + b)) · Eᵀ + b_out (docs/reference.md §4.6).
 
     forward(hidden [M, D], embedding_weight [rows, D]) → logits [M, rows]. Call it on the masked positions only:
-    the original computed all 8197 logits at every position (facts §8.10).
+    the original computed all 8197 logits at every position (docs/reference.md §8.7).
     """
 
     def __init__(self, config: VimpacConfig) -> None:

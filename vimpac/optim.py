@@ -1,7 +1,7 @@
-"""AdamW parameter groups and learning-rate schedules for pre-training (vimpac-facts §4.6).
+"""AdamW parameter groups and learning-rate schedules for pre-training (docs/reference.md §5.6).
 
-Weight decay. The original decided by parameter *name* and so decayed the positional tables, the CLS vector,
-the MLM head's LayerNorm and the projection head's BatchNorm weights (facts §8.16). Here the rule is structural:
+Weight decay. The original decided by parameter *name* and so decayed the positional tables, the CLS vector, the MLM
+head's LayerNorm and the projection head's BatchNorm weights (docs/reference.md §8.12). Here the rule is structural:
   no decay  every parameter with fewer than 2 dimensions (biases, LayerNorm/BatchNorm weights, the CLS vector,
             the MLM output bias) and every parameter of a positional-embedding module (the T/H/W tables and the
             CLS position: they are additive offsets, like biases, and shrinking them towards 0 erases position);

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts vimpac/ itself first on sys.path, where e.g. `config.py` could shadow another
-# top-level module of that name for every library imported after it (DESIGN §2). The package is imported by name.
+# Run as a script, Python puts vimpac/ itself first on sys.path, where e.g. `config.py` could shadow another top-level
+# module of that name for every library imported after it (docs/design.md §2). The package is imported by name.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 

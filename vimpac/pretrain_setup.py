@@ -4,13 +4,13 @@ Called by the entry script `vimpac/pretrain.py` after `vimpac.dist_setup.prepare
 for reproducibility: the model is initialised from `seed` on every rank (identical weights without relying on a
 broadcast), then each rank reseeds with seed + rank for dropout.
 
-`--resume` with another clip length or frame size than the checkpoint (stage-2 pre-training, facts §4.7) loads it
-with the positional tables and their Adam moments interpolated (vimpac.checkpoint.load_resized_checkpoint) and
-keeps the optimizer step, LR-scheduler position and loss scale, so the schedule continues: with the same
---epochs, batch size and number of videos (the same videos tokenized at the new frame size) the total step count,
-and so every later learning rate, is unchanged. The position inside an epoch does not carry over, since it indexes
-the old database's shuffled order: the run continues at the next epoch boundary (a checkpoint written mid-epoch,
-with --save-steps, skips the rest of that epoch, so the schedule then ends short of its last steps).
+`--resume` with another clip length or frame size than the checkpoint (stage-2 pre-training, docs/reference.md §5.7)
+loads it with the positional tables and their Adam moments interpolated (vimpac.checkpoint.load_resized_checkpoint) and
+keeps the optimizer step, LR-scheduler position and loss scale, so the schedule continues: with the same --epochs, batch
+size and number of videos (the same videos tokenized at the new frame size) the total step count, and so every later
+learning rate, is unchanged. The position inside an epoch does not carry over, since it indexes the old database's
+shuffled order: the run continues at the next epoch boundary (a checkpoint written mid-epoch, with --save-steps, skips
+the rest of that epoch, so the schedule then ends short of its last steps).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """BatchNorm1d whose batch statistics span every rank, on any backend (gloo on CPU included).
 
-torch.nn.SyncBatchNorm only runs on CUDA, and the original code therefore could not run on CPU at all (facts §8.6).
-Here the per-channel sum, sum of squares and count are all-reduced in one call; the all-reduce is differentiable
+torch.nn.SyncBatchNorm only runs on CUDA, and the original code therefore could not run on CPU at all (docs/reference.md
+§8.3). Here the per-channel sum, sum of squares and count are all-reduced in one call; the all-reduce is differentiable
 (its backward all-reduces the gradient), so every rank gets the gradient of the global-batch normalisation, as
 SyncBatchNorm does. Without an initialised process group or with one rank it computes what BatchNorm1d does.
 """

@@ -2,8 +2,8 @@
 
 One optimizer step = `gradient_accumulation_steps` micro-steps on every rank. Each micro-batch holds B videos
 × 2 clips ([B, 2, T, h, w], vimpac.data.PretrainClips); it is reordered to [2B, T, h, w] with the B first clips
-first, one forward pass over the masked clips feeds both losses (facts §4.1), and
-    loss = mlm_weight · L_mask + nce_weight · L_cl      (L_cl already carries the temperature factor, §4.5).
+first, one forward pass over the masked clips feeds both losses (docs/reference.md §5.1, §5.5), and
+    loss = mlm_weight · L_mask + nce_weight · L_cl      (L_cl already carries the temperature factor).
 
 Exact resume: the data order and masks are pure functions of (seed, epoch, sample index) (vimpac.data), so the
 position in the epoch is one number, the optimizer steps already done in it; DeepSpeed restores weights,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device check on the lent GPU machine (../shared/device/README.md): install the carried wheels, then run the
-# sections named on the command line (default: all), writing JSON and logs to $OUT:
+# The device check on a GPU machine whose Python lacks deepspeed, lmdb and av: install their wheels from .whl/,
+# then run the sections named on the command line (default: all), writing JSON and logs to $OUT:
 #   tests       the GPU-marked tests (kernels at real sizes included)
 #   kernels     scripts/bench/kernels.py: Triton vs eager and torch.compile'd references, same run
 #   train_step  one small-model step at 128 px, fp16: reference vs Triton attention, eager and compiled

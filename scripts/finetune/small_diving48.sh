@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small model on Diving48 (facts §5.5: 50 epochs, lr 1e-4, batch 128, 12 train views, 3 test crops).
+# Small model on Diving48 (docs/reference.md §6.5: 50 epochs, lr 1e-4, batch 128, 12 train views, 3 test crops).
 # Usage: bash scripts/finetune/small_diving48.sh 0,1,2,3 [extra flags]; DATA/EVAL_DATA: code databases, LOAD: export dir.
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small model on SSV2 (facts §5.5: 22 epochs, lr 1e-4, batch 128, 6 no-flip train views, centre test view).
+# Small model on SSV2 (docs/reference.md §6.5: 22 epochs, lr 1e-4, batch 128, 6 no-flip train views, centre test view).
 # Usage: bash scripts/finetune/small_ssv2.sh 0,1,2,3 [extra flags]; DATA/EVAL_DATA: code databases, LOAD: export dir.
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}

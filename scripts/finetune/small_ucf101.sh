@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small model on UCF101 split ${SPLIT:-1} (facts §5.5: 50 epochs, lr 1e-4, batch 128; average splits 1-3).
+# Small model on UCF101 split ${SPLIT:-1} (docs/reference.md §6.5: 50 epochs, lr 1e-4, batch 128; average splits 1-3).
 # Usage: SPLIT=1 bash scripts/finetune/small_ucf101.sh 0,1,2,3 [extra flags]; DATA/EVAL_DATA: code databases, LOAD: export dir.
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}

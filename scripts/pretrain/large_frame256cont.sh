@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Large-half model, stage 2: epochs 91-100 at 256 px (32×32 codes, 6 mask blocks, 1 video per GPU), resuming
-# stage 1's run directory and continuing its learning-rate schedule (facts §4.7). The original script called a
-# non-existent entry point (facts §8.1); this one calls vimpac/pretrain.py.
+# stage 1's run directory and continuing its learning-rate schedule (docs/reference.md §5.7). The original script
+# called a non-existent entry point (docs/reference.md §8.1); this one calls vimpac/pretrain.py.
 # The first launch finds stage 1's 128 px checkpoint (16×16 codes) in $OUTPUT: --resume then interpolates the height
 # and width positional tables 16 → 32 and their Adam moments, keeps the optimizer step, LR-scheduler position and
 # loss scale, and starts at the next epoch boundary (epoch 91) on the 256 px database. With the same videos and
