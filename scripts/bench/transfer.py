@@ -48,6 +48,7 @@ from vimpac.commands.demo import (
     make_data,
     model_flags,
     pretrain_flags,
+    probe_flags,
     run_command,
 )
 
@@ -110,8 +111,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
             stages.mark(stage, {"seconds": time.perf_counter() - started})
         out = paths.run / f"probe_{variant}.json"
         if stages.needed(f"probe:{variant}"):
-            flags = ["--model", str(run_dir), "--data", str(paths.db("labeled_train"))]
-            flags += ["--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)]
+            flags = probe_flags(paths, run_dir, seed, out)
             run_command(probe_command.register, ["probe", *flags, "--device", args.device])
             stages.mark(f"probe:{variant}", {"result": str(out)})
         rows.append({"seed": seed, "variant": variant, "probe": json.loads(out.read_text())})

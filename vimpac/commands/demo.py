@@ -495,6 +495,15 @@ def finetune_flags(
     return flags
 
 
+def probe_flags(paths: DemoPaths, model: Path, seed: int, out: Path) -> list[str]:
+    """Flags of `vimpac probe` on a demo's pre-trained run: fitted on the labeled training videos, scored on the
+    held-out ones."""
+    return [
+        *("--model", str(model), "--data", str(paths.db("labeled_train"))),
+        *("--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)),
+    ]
+
+
 def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, ranks: int, seed: int) -> None:
     if stages.needed("pretrain"):
         started = time.perf_counter()
@@ -541,8 +550,7 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
         from vimpac.commands import probe
 
         out = paths.run / "probe.json"
-        flags = ["--model", str(paths.training("pretrain")), "--data", str(paths.db("labeled_train"))]
-        flags += ["--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)]
+        flags = probe_flags(paths, paths.training("pretrain"), seed, out)
         run_command(probe.register, ["probe", *flags, "--device", device])
         stages.mark("probe", {"result": str(out)})
     report["probe"] = json.loads((paths.run / "probe.json").read_text())
