@@ -45,10 +45,10 @@ fi
 if wanted tokenize; then
   workers=$(( $(nproc) - 2 ))
   echo "== tokenization: the project's VQ-VAE (goal: decode-bound), then the paper's DALL-E encoder (fp16)"
-  timeout 120 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views train --per-class 16 \
-    --seconds 6 --encode-batch 512 --json "$OUT/tokenize_vqvae.json"
-  timeout 70 python3 scripts/bench/tokenize.py --workers "$workers" --device cuda --views test --per-class 4 \
-    --seconds 6 --kind dalle --fp16 --encode-batch 128 --json "$OUT/tokenize_dalle_fp16.json"
+  timeout 120 python3 scripts/bench/tokenize_throughput.py --workers "$workers" --device cuda --views train \
+    --per-class 16 --seconds 6 --encode-batch 512 --json "$OUT/tokenize_vqvae.json"
+  timeout 70 python3 scripts/bench/tokenize_throughput.py --workers "$workers" --device cuda --views test \
+    --per-class 4 --seconds 6 --kind dalle --fp16 --encode-batch 128 --json "$OUT/tokenize_dalle_fp16.json"
 fi
 
 if wanted pretrain; then

@@ -25,15 +25,10 @@ row, the settings, the machine, library versions, the git commit and the date.
 
 from __future__ import annotations
 
-import sys
-
-# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -27,17 +27,13 @@ compilation needs the real `JITFunction`s. Compiles run in a process pool (--job
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 import argparse
 import json
 import multiprocessing
+import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor

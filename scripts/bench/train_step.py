@@ -32,13 +32,6 @@ step time, the settings, the machine, library versions, the git commit and the d
 
 from __future__ import annotations
 
-import sys
-
-# This folder holds tokenize.py, which shadows the standard library's `tokenize` (imported by inspect, dataclasses,
-# ...): run as a script, the folder comes first on sys.path, so take it off before anything else is imported.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import dataclasses
 import functools
@@ -47,6 +40,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any

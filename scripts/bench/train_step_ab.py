@@ -18,18 +18,13 @@ median over rounds of tokens/s and of process CPU time per step.
 
 from __future__ import annotations
 
-import sys
-
-# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any

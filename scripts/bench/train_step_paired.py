@@ -16,12 +16,6 @@ time goes and which part a change can reach. Use --threads 1 with it (thread CPU
 
 from __future__ import annotations
 
-import sys
-
-# This folder holds tokenize.py, which shadows the standard library's `tokenize`: take the folder off sys.path.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import collections
 import importlib.util
@@ -29,6 +23,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

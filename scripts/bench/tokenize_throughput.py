@@ -5,7 +5,7 @@ Measures (1) single-process decode rate: frames/s of `iter_view_frames` (PyAV de
 `vimpac tokenize` with W decode workers. The goal (issue 2): with the encoder on a GPU, end to end ≥ 80% of
 W × the single-worker decode rate, i.e. decoding, not the pipeline, is the limit.
 
-    python scripts/bench/tokenize.py --corpus /tmp/synth --tokenizer runs/tok --workers 2 --device cpu \
+    python scripts/bench/tokenize_throughput.py --corpus /tmp/synth --tokenizer runs/tok --workers 2 --device cpu \
         --json benchmarks/tokenize_cpu.json
 
 Without --corpus / --tokenizer it makes both: a synthetic corpus (`--per-class` training videos per class) and
@@ -14,13 +14,6 @@ codes are meaningless but its cost is the real one.
 """
 
 from __future__ import annotations
-
-import sys
-
-# This file's name shadows the standard library's `tokenize` (which `inspect` imports): run as a script, its own
-# folder comes first on sys.path, so take it off before anything imports `tokenize`.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__import__("os").path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import json
