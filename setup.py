@@ -12,6 +12,8 @@ setup(
     description="VIMPAC video pre-training with DeepSpeed and Triton kernels",
     python_requires=">=3.10",
     packages=["vimpac", "vimpac.kernels", "vimpac.tokenization"],
+    # The folders kernels/ and tokenization/ stay at the repository root; they install (and are imported) only as
+    # vimpac.kernels and vimpac.tokenization, never as top-level packages.
     package_dir={
         "vimpac": "vimpac",
         "vimpac.kernels": "kernels",

@@ -1,4 +1,7 @@
-"""Compute kernels (Triton on CUDA, PyTorch references elsewhere); imported as `vimpac.kernels`.
+"""Compute kernels (Triton on CUDA, PyTorch references elsewhere).
+
+This folder stays `kernels/` at the repository root but is installed and imported as `vimpac.kernels`
+(setup.py's package_dir; a top-level `kernels` would clash with the PyPI package of that name).
 
 Each public function dispatches per call on its inputs' device (docs/design.md §5.3):
   VIMPAC_KERNELS unset       Triton for CUDA tensors when Triton imports (and supports the shape), else the

@@ -1,4 +1,7 @@
-"""Video files → VQ codes: decoding, views, tokenizers, extraction; imported as `vimpac.tokenization`.
+"""Video files → VQ codes: decoding, views, tokenizers, extraction.
+
+This folder stays `tokenization/` at the repository root but is installed and imported as
+`vimpac.tokenization` (setup.py's package_dir).
 
 `load_tokenizer` is importable from here (docs/design.md §4) but resolved lazily, so that decode workers, which import
 `vimpac.tokenization.decode`, do not pay for importing torch.
