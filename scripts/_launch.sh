@@ -1,5 +1,7 @@
-# Shared by the pre-training and fine-tuning scripts (sourced, not run): launch an entry script on the GPUs listed.
-# Usage inside a script: launch vimpac/pretrain.py GPU_LIST --deepspeed_config ds_configs/x.json [flags...]
+# Shared by the pre-training and fine-tuning scripts (sourced, not run): launch an entry point on the GPUs listed.
+# Usage inside a script: launch vimpac.pretrain GPU_LIST --deepspeed_config ds_configs/x.json [flags...]
+# ENTRY is a module (vimpac.pretrain, vimpac.finetune: run with deepspeed --module, from the installed package) or
+# a script path ending in .py (vimpac/pretrain.py).
 # GPU_LIST is the seed's comma list (0,1,2,3 → --include localhost:0,1,2,3), or cpu:N for N CPU ranks (add
 # --deepspeed_config ds_configs/cpu.json after it: later flags win).
 set -euo pipefail
@@ -18,5 +20,7 @@ launch() {
   if [[ $gpus == cpu:* ]]; then
     where=(--num_gpus "${gpus#cpu:}")  # the CPU accelerator shows one device, so no --include list
   fi
-  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" "$entry" "$@"
+  local target=(--module "$entry")
+  if [[ $entry == *.py ]]; then target=("$entry"); fi
+  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" "${target[@]}" "$@"
 }

@@ -3,6 +3,7 @@
     deepspeed --num_gpus 8 vimpac/finetune.py --deepspeed_config ds_configs/finetune_small.json --data DB \\
         --dataset-name ucf101 --split-id 1 --load runs/pretrain/small/export ...
     python vimpac/finetune.py --deepspeed_config ds_configs/cpu.json --data DB ...      (one process)
+    deepspeed --num_gpus 8 --module vimpac.finetune ...       (the installed package; python -m: one process)
 
 Without --load the model is trained from scratch (the paper's baseline). The json holds the engine settings, the
 command line the experiment (the command line wins; the merged result is <output>/run_config.json). This file

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 8 vimpac/pretrain.py --deepspeed_config ds_configs/large.json --data DB ...
     python vimpac/pretrain.py --deepspeed_config ds_configs/cpu.json --data DB ...      (one process)
+    deepspeed --num_gpus 8 --module vimpac.pretrain ...       (the installed package; python -m: one process)
 
 The json holds the engine settings, the command line the experiment; the command line wins where both name a
 value (vimpac.ds_config) and the merged result is written to <output>/run_config.json. This file only parses,

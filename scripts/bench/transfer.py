@@ -101,7 +101,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
         if stages.needed(stage):
             started = time.perf_counter()
             flags = [*pretrain_flags(paths, budget, args.device, args.ranks, seed), *VARIANTS[variant]]
-            launch("pretrain.py", flags, args.ranks, run_dir, paths.log(run_dir.name), args.device)
+            launch("vimpac.pretrain", flags, args.ranks, run_dir, paths.log(run_dir.name), args.device)
             stages.mark(stage, {"seconds": time.perf_counter() - started})
         out = paths.run / f"probe_{variant}.json"
         if stages.needed(f"probe:{variant}"):
@@ -122,7 +122,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
                     else ["--load", str(pretrain_run(paths, variant)[0] / "export")]
                 )
                 flags = [*finetune_flags(paths, budget, args.device, args.ranks, seed, n), *source]
-                launch("finetune.py", flags, args.ranks, run_dir, paths.log(name), args.device)
+                launch("vimpac.finetune", flags, args.ranks, run_dir, paths.log(name), args.device)
                 stages.mark(name, {"seconds": time.perf_counter() - started})
             rows.append({"seed": seed, "variant": variant, "labels": label_name(n), **final_top1(run_dir)})
     return rows

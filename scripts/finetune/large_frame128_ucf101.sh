@@ -4,7 +4,7 @@
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch vimpac/finetune.py "$GPUS" --deepspeed_config ds_configs/finetune_large.json \
+launch vimpac.finetune "$GPUS" --deepspeed_config ds_configs/finetune_large.json \
   --frame-rate 2 --lr 5e-5 --beta1 0.9 --beta2 0.999 --weight-decay 0.01 --clip-grad-norm 1.0 \
   --lr-scheduler linear --warm-up 0.1 --dropout 0.1 --last-dropout 0.0 --batch-size 128 --num-workers 2 --tqdm \
   --num-test-clips 1 --last-test-clips 2,5,10 --eval-per-epochs 1000 --epochs 50 --dataset-name ucf101 --split-id "${SPLIT:-1}" \

@@ -4,7 +4,7 @@
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch vimpac/finetune.py "$GPUS" --deepspeed_config ds_configs/finetune_small.json \
+launch vimpac.finetune "$GPUS" --deepspeed_config ds_configs/finetune_small.json \
   --load "${LOAD:-snap/pretrain/small/export}" --frame-rate 2 \
   --lr 1e-4 --beta1 0.9 --beta2 0.999 --weight-decay 0.01 --clip-grad-norm 1.0 --lr-scheduler linear --warm-up 0.1 \
   --dropout 0.1 --last-dropout 0.0 --bs-per-gpu 4 --batch-size 128 --num-workers 2 --tqdm \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Large-half model, stage 2: epochs 91-100 at 256 px (32×32 codes, 6 mask blocks, 1 video per GPU), resuming
 # stage 1's run directory and continuing its learning-rate schedule (docs/reference.md §5.7). The original script
-# called a non-existent entry point (docs/reference.md §8.1); this one calls vimpac/pretrain.py.
+# called a non-existent entry point (docs/reference.md §8.1); this one calls vimpac.pretrain.
 # The first launch finds stage 1's 128 px checkpoint (16×16 codes) in $OUTPUT: --resume then interpolates the height
 # and width positional tables 16 → 32 and their Adam moments, keeps the optimizer step, LR-scheduler position and
 # loss scale, and starts at the next epoch boundary (epoch 91) on the 256 px database. With the same videos and
@@ -11,7 +11,7 @@
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch vimpac/pretrain.py "$GPUS" --deepspeed_config ds_configs/large_frame256.json \
+launch vimpac.pretrain "$GPUS" --deepspeed_config ds_configs/large_frame256.json \
   --data "${DATA:-data/codes/howto100m_f256}" --output "${OUTPUT:-snap/pretrain/large}" \
   --model "efflayoutT,H|W" --pos-emb hw_separation --layers 24 --hid-dim 1024 --halve-att --halve-mlp \
   --frame-size 256 --clip-len 5 --mask-blocks 6 \

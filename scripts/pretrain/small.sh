@@ -5,7 +5,7 @@
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
-launch vimpac/pretrain.py "$GPUS" --deepspeed_config ds_configs/small.json \
+launch vimpac.pretrain "$GPUS" --deepspeed_config ds_configs/small.json \
   --data "${DATA:-data/codes/howto100m_f128}" --output "${OUTPUT:-snap/pretrain/small}" \
   --model "efflayoutT,H|W" --pos-emb hw_separation --layers 6 --hid-dim 512 \
   --frame-size 128 --clip-len 5 --mask-blocks 5 \

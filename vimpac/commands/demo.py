@@ -265,9 +265,10 @@ class Stages:
         tmp.replace(self.path)
 
 
-def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, device: str) -> None:
-    """Run vimpac/<script> under the DeepSpeed launcher with `ranks` processes, its output in `log`, and show a
-    progress bar from the run's metrics.jsonl. Resumes the run when it already holds a checkpoint."""
+def launch(module: str, flags: list[str], ranks: int, run_dir: Path, log: Path, device: str) -> None:
+    """Run `module` (vimpac.pretrain or vimpac.finetune) under the DeepSpeed launcher (`--module`: the installed
+    package, not a path in a checkout) with `ranks` processes, its output in `log`, and show a progress bar from
+    the run's metrics.jsonl. Resumes the run when it already holds a checkpoint."""
     from tqdm import tqdm
 
     from vimpac.checkpoint import latest_tag
@@ -278,7 +279,7 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
         flags = [*flags, "--resume"]
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-    command += [str(REPO / "vimpac" / script), *flags, "--output", str(run_dir)]
+    command += ["--module", module, *flags, "--output", str(run_dir)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
@@ -304,7 +305,7 @@ def launch(script: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
                 process.wait()
     if process.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-30:]
-        raise UsageError(f"{script} failed (exit {process.returncode}); the end of {log}:\n" + "\n".join(tail))
+        raise UsageError(f"{module} failed (exit {process.returncode}); the end of {log}:\n" + "\n".join(tail))
 
 
 def _update_bar(bar, run_dir: Path) -> None:
@@ -508,7 +509,7 @@ def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, 
     if stages.needed("pretrain"):
         started = time.perf_counter()
         flags = pretrain_flags(paths, budget, device, ranks, seed)
-        launch("pretrain.py", flags, ranks, paths.training("pretrain"), paths.log("pretrain"), device)
+        launch("vimpac.pretrain", flags, ranks, paths.training("pretrain"), paths.log("pretrain"), device)
         stages.mark("pretrain", {"seconds": time.perf_counter() - started, "ranks": ranks})
 
     finetune = finetune_flags(paths, budget, device, ranks, seed, budget.labels_per_class)
@@ -519,7 +520,7 @@ def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, 
     for name, source in sources.items():
         if stages.needed(name):
             started = time.perf_counter()
-            launch("finetune.py", [*finetune, *source], ranks, paths.training(name), paths.log(name), device)
+            launch("vimpac.finetune", [*finetune, *source], ranks, paths.training(name), paths.log(name), device)
             stages.mark(name, {"seconds": time.perf_counter() - started, "ranks": ranks})
 
 
