@@ -19,10 +19,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: import `tests` and `vimpac` by name
 
 from vimpac.pretrain import main
-from vimpac.trainer import PretrainTrainer
+from vimpac.trainer import Trainer
 
 
-def probe(trainer: PretrainTrainer) -> None:
+def probe(trainer: Trainer) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     engine = trainer.engine
@@ -60,5 +60,5 @@ def probe(trainer: PretrainTrainer) -> None:
 
 
 if __name__ == "__main__":
-    PretrainTrainer.fit = probe
+    Trainer.fit = probe
     sys.exit(main())

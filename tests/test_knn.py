@@ -3,7 +3,6 @@ real all-gather over two gloo ranks, the trainer hook, and the command-line refu
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +29,8 @@ from vimpac.knn import (
     topk_accuracy,
 )
 from vimpac.modeling import VimpacBackbone
-from vimpac.trainer import PretrainTrainer, TrainSettings
+from vimpac.pretrain_setup import PretrainTask
+from vimpac.trainer import Trainer, TrainSettings
 
 CLASSES = ["a", "b", "c"]
 CONFIG = VimpacConfig(vocab_size=VOCAB, hidden_size=32, heads=2, layers=1, clip_len=3, grid=GRID, dropout=0.1)
@@ -245,8 +245,8 @@ def test_trainer_evaluates_every_n_epochs_and_at_the_end(labeled_db, tmp_path):
     dataset = PretrainClips(labeled_db, "train", 3, pad_id=CONFIG.pad_id, mask_id=CONFIG.mask_id, mask_blocks=1)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2}
     ds.update(zero_optimization={"stage": 0}, fp16={"enabled": False}, bf16={"enabled": False})
-    settings = TrainSettings(epochs=5, eval_every=2, knn=monitor)
-    trainer = PretrainTrainer(engine, CONFIG, dataset, settings, tmp_path, ds)
+    settings = TrainSettings(epochs=5, eval_every=2)
+    trainer = Trainer(engine, CONFIG, dataset, settings, tmp_path, ds, PretrainTask(knn=monitor))
     assert [e for e in range(5) if trainer.evaluation_epoch(e)] == [1, 3, 4]
     assert trainer.evaluate(0) == {} and trainer.evaluate(2) == {}
     values = trainer.evaluate(3)
@@ -260,7 +260,7 @@ def test_trainer_evaluates_every_n_epochs_and_at_the_end(labeled_db, tmp_path):
     assert values["knn/top1"] == pytest.approx(np.mean(probs.argmax(1) == truth))
     assert values["knn/top5"] == 1.0  # 3 classes
     trainer.writer.close()
-    assert TrainSettings(epochs=1).knn is None  # off by default
+    assert PretrainTask().knn is None  # off by default
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -301,7 +301,7 @@ def _pretrain_has_knn_flags() -> bool:
 
 @pytest.mark.skipif(not _pretrain_has_knn_flags(), reason="vimpac/pretrain.py does not add add_knn_arguments yet")
 def test_pretraining_logs_knn_accuracy_without_changing_the_losses(labeled_db, tmp_path):
-    from tests.test_pretrain_runs import LOSSES, REPO, environment
+    from tests.helpers import LOSSES, REPO, environment, launcher
     from vimpac.metrics import read_metrics
 
     model = ["--layers", "1", "--hid-dim", "32", "--heads", "2", "--clip-len", "3", "--nce-proj-hid-dim", "32"]
@@ -310,7 +310,7 @@ def test_pretraining_logs_knn_accuracy_without_changing_the_losses(labeled_db, t
     run += ["--num-workers", "0", "--zero-stage", "0", "--data", str(labeled_db)]
     curves = {}
     for name, extra in (("plain", []), ("knn", ["--knn-monitor", str(labeled_db), "--eval-per-epochs", "2"])):
-        argv = [sys.executable, "vimpac/pretrain.py", *model, *run, "--output", str(tmp_path / name), *extra]
+        argv = [*launcher("vimpac.pretrain", 1), *model, *run, "--output", str(tmp_path / name), *extra]
         result = subprocess.run(argv, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         curves[name] = read_metrics(tmp_path / name)
@@ -330,8 +330,7 @@ def test_pretraining_logs_knn_accuracy_without_changing_the_losses(labeled_db, t
 def test_two_ranks_under_zero3_report_what_the_exported_model_scores(labeled_db, tmp_path):
     from safetensors.torch import load_file
 
-    from tests.test_pretrain_runs import DEEPSPEED, REPO, environment
-    from vimpac.dist_setup import free_port
+    from tests.helpers import REPO, environment, launcher
     from vimpac.metrics import read_metrics
     from vimpac.modeling import VimpacForPretraining
 
@@ -340,8 +339,7 @@ def test_two_ranks_under_zero3_report_what_the_exported_model_scores(labeled_db,
     run = ["--deepspeed_config", "ds_configs/cpu.json", "--batch-size", "4", "--bs-per-gpu", "2", "--epochs", "2"]
     run += ["--num-workers", "0", "--zero-stage", "3", "--data", str(labeled_db), "--output", str(tmp_path / "run")]
     run += ["--knn-monitor", str(labeled_db), "--knn-k", "5", "--knn-batch-size", "4", "--lr", "1e-2"]
-    launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port())]
-    argv = [*launcher, "vimpac/pretrain.py", *model, *run]
+    argv = [*launcher("vimpac.pretrain", 2), *model, *run]
     result = subprocess.run(argv, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = read_metrics(tmp_path / "run")[6]  # 12 videos / 4 = 3 steps per epoch

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic_codes import FRAME_SIZE, VOCAB, write_code_database
-from tests.test_finetune import write_labeled
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment
+from tests.synthetic_codes import FRAME_SIZE, VOCAB, write_code_database, write_labeled
 from vimpac.checkpoint import checkpoint_root, latest_tag
 from vimpac.metrics import read_metrics
 from vimpac.trainer import current_loss_scale
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--layers", "1", "--hid-dim", "32", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "32"]
 MODEL += ["--vocab-size", str(VOCAB), "--frame-size", str(FRAME_SIZE), "--mask-blocks", "2"]
 # 32 videos, 8 per step (4 per micro-step, 2 accumulation steps): 4 optimizer steps per epoch.
@@ -36,7 +34,10 @@ import sys
 
 import torch.nn.functional as F
 
-from vimpac import trainer
+from vimpac.dist_setup import prepare_environment
+
+prepare_environment()  # before deepspeed is imported (by pretrain_setup): it picks the accelerator at import time
+from vimpac import pretrain_setup, trainer  # noqa: E402
 
 entry, spec = sys.argv[1], sys.argv[2]  # spec "6+": step 6 and every later one; "3,4,7": those steps
 if spec.endswith("+"):
@@ -46,38 +47,30 @@ else:
     chosen = {int(s) for s in spec.split(",")}
     poisoned = lambda step: step in chosen  # noqa: E731
 current = {"step": 0}
+micro_step = trainer.Trainer.micro_step
 
 
-def track(cls):
-    micro_step = cls.micro_step
+def tracking_micro_step(self, batch, meter):
+    current["step"] = int(self.engine.global_steps) + 1  # the optimizer step this micro-step belongs to
+    return micro_step(self, batch, meter)
 
-    def tracking_micro_step(self, batch, meter):
-        current["step"] = int(self.engine.global_steps) + 1  # the optimizer step this micro-step belongs to
-        return micro_step(self, batch, meter)
 
-    cls.micro_step = tracking_micro_step
+trainer.Trainer.micro_step = tracking_micro_step
 
 
 if entry == "pretrain":
     from vimpac.pretrain import main
 
-    track(trainer.PretrainTrainer)
-    masked_token_loss = trainer.masked_token_loss
+    masked_token_loss = pretrain_setup.masked_token_loss
 
     def nan_masked_token_loss(*args, **kwargs):
         out = masked_token_loss(*args, **kwargs)
         return out._replace(loss=out.loss * float("nan")) if poisoned(current["step"]) else out
 
-    trainer.masked_token_loss = nan_masked_token_loss
+    pretrain_setup.masked_token_loss = nan_masked_token_loss
 else:
     from vimpac.finetune import main
 
-    from vimpac.dist_setup import prepare_environment
-
-    prepare_environment()
-    from vimpac import finetune_setup
-
-    track(finetune_setup.FinetuneTrainer)
     cross_entropy = F.cross_entropy
 
     def nan_cross_entropy(*args, **kwargs):

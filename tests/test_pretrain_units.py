@@ -11,7 +11,8 @@ from vimpac.losses import info_nce, masked_token_loss
 from vimpac.metrics import MetricsWriter, StepAccumulator, read_metrics
 from vimpac.modeling import VimpacForPretraining
 from vimpac.pretrain import main
-from vimpac.trainer import check_database_matches, epoch_steps, micro_batch_tokens
+from vimpac.pretrain_setup import micro_batch_tokens
+from vimpac.trainer import check_database_matches, epoch_steps
 
 TINY = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
 

@@ -114,12 +114,12 @@ def test_startup_line_names_the_forced_backends(monkeypatch):
 
 
 def build_trainer(tmp_path):
-    from vimpac.trainer import PretrainTrainer, TrainSettings
+    from vimpac.trainer import Task, Trainer, TrainSettings
 
     engine = SimpleNamespace(module=None, device=torch.device("cpu"))
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1}
     ds.update(zero_optimization={"stage": 0}, fp16={"enabled": False}, bf16={"enabled": False})
-    return PretrainTrainer(engine, CONFIG, [0, 1], TrainSettings(epochs=1), tmp_path, ds)
+    return Trainer(engine, CONFIG, [0, 1], TrainSettings(epochs=1), tmp_path, ds, Task())
 
 
 def test_trainer_start_up_prints_the_kernel_line_only_where_triton_runs(tmp_path, monkeypatch, capsys):

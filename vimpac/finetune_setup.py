@@ -1,9 +1,8 @@
 """Build and run a fine-tuning job (vimpac/finetune.py): model from exported weights, data, engine, loop, evaluation.
 
-Called by the entry script after `vimpac.dist_setup.prepare_environment()`. Reuses the pre-training pieces: the
-merged engine config and engine builder (vimpac.pretrain_setup), the loop with checkpoints, exact resume, export
-and metrics (vimpac.trainer.PretrainTrainer, subclassed here for the classification loss and the evaluation), and
-the exact-once sharding of the kNN monitor (vimpac.knn.shard_positions / assemble_shards).
+Called by the entry script after `vimpac.dist_setup.prepare_environment()`. The shared set-up is vimpac.run_setup's
+and the loop with checkpoints, exact resume, export and metrics is vimpac.trainer.Trainer; what is fine-tuning's
+own is `FinetuneTask` (the classification loss and the multi-view evaluation) and the weights' loading.
 
 Weights (`--load DIR`): DIR (or DIR/export) holds `config.json` + `model.safetensors` written by pre-training or a
 fine-tuning run; they are read without pickle. The architecture comes from that config; the clip length and frame
@@ -27,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from torch.utils.data import DataLoader, Subset
 
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args, grid_from_frame_size
-from vimpac.dist_setup import init_distributed
 from vimpac.ds_config import load_json, precision_of
 from vimpac.errors import UsageError
 from vimpac.finetune_data import (
@@ -53,18 +51,17 @@ from vimpac.finetune_data import (
 )
 from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
 from vimpac.knn import all_gather_rows, assemble_shards, shard_positions
-from vimpac.metrics import StepAccumulator
 from vimpac.modeling import VimpacForClassification
-from vimpac.optim import warmup_steps
-from vimpac.pretrain_setup import build_engine, merged_engine_config, record_run, seed_everything
-from vimpac.trainer import (
-    PretrainTrainer,
-    TrainSettings,
-    check_database_matches,
-    epoch_steps,
-    grad_norm,
-    steps_summary,
+from vimpac.run_setup import (
+    launch_world,
+    merged_engine_config,
+    plan_schedule,
+    record_run,
+    refuse_existing_run,
+    start_engine,
+    train_settings,
 )
+from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_summary
 
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
 OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
@@ -207,87 +204,58 @@ def evaluate_clips(
     return result[:, :-1], result[:, -1]
 
 
-class FinetuneTrainer(PretrainTrainer):
-    """The pre-training loop (checkpoints, resume, export, metrics) with a classification step and evaluation.
+@dataclass
+class FinetuneTask(Task):
+    """Label-smoothed cross-entropy on one clip per video; evaluation on `test_sets` (K → FinetuneTestClips with K
+    clips): epochs ending with an evaluation (every eval_every-th) use K = num_test_clips, the last epoch every K
+    of last_test_clips."""
 
-    `test_sets` maps K → FinetuneTestClips with K clips; epochs ending with an evaluation (every eval_every-th)
-    use K = num_test_clips, the last epoch every K of last_test_clips."""
+    label_smoothing: float
+    test_sets: dict[int, FinetuneTestClips]
+    num_test_clips: int
+    last_test_clips: list[int]
+    clips_per_forward: int
 
     producer = "vimpac.finetune"
+    loss_key = "loss/train"
 
-    def __init__(
-        self,
-        *args,
-        label_smoothing: float,
-        test_sets: dict[int, FinetuneTestClips],
-        num_test_clips: int,
-        last_test_clips: list[int],
-        clips_per_forward: int,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.label_smoothing = label_smoothing
-        self.test_sets, self.num_test_clips, self.last_test_clips = test_sets, num_test_clips, last_test_clips
-        self.clips_per_forward = clips_per_forward
-
-    def micro_step(self, batch: dict[str, torch.Tensor], meter: StepAccumulator) -> None:
-        device = self.engine.device
-        labels = batch["label"].to(device)
-        logits = self.engine(batch["tokens"].to(device)).float()
+    def compute_loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]:
+        labels = batch["label"].to(engine.device)
+        logits = engine(batch["tokens"].to(engine.device)).float()
         # (1 - ε)·NLL + ε·mean_c(−log p_c) (docs/reference.md §6.2): torch's label_smoothing is exactly this.
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        meter.add("loss/train", loss.detach())
-        meter.add("accuracy/train", (logits.argmax(dim=1) == labels).float().mean())
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
-        if boundary and self.zero_stage == 0 and self.fp32:  # the engine reports no norm here (see PretrainTrainer)
-            self._last_grad_norm = grad_norm(self.engine.module.parameters())
-        self.engine.step()
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"loss/train": loss.detach(), "accuracy/train": accuracy}
 
-    def optimizer_step(self, iterator, meter: StepAccumulator) -> dict[str, float]:
-        lr = float(self.engine.get_lr()[0])
-        self._last_grad_norm = None
-        for _ in range(self.accumulation):
-            self.micro_step(next(iterator), meter)
-        values = meter.reduce()
-        values["loss/total"] = values["loss/train"]  # the progress bar's name
-        values["optim/lr"] = lr
-        values["optim/skipped_steps"] = float(self.engine.skipped_steps)
-        norm = self._last_grad_norm if self._last_grad_norm is not None else self.engine.get_global_grad_norm()
-        if norm is not None:
-            values["optim/grad_norm"] = float(norm)
-        return values
-
-    def run_evaluation(self, clip_counts: list[int], name: str, epoch: int) -> dict[str, float]:
+    def run_evaluation(self, trainer: Trainer, clip_counts: list[int], name: str, epoch: int) -> dict[str, float]:
         """Evaluate at every K of `clip_counts`; rank 0 writes <output>/eval/<name>_clips<K>.json. Collective."""
+        engine, rank, world = trainer.engine, trainer.rank, trainer.world
         values = {}
         for k in clip_counts:
             dataset = self.test_sets[k]
-            probs, losses = evaluate_clips(
-                self.engine.module, dataset, self.engine.device, self.rank, self.world, self.clips_per_forward
-            )
+            probs, losses = evaluate_clips(engine.module, dataset, engine.device, rank, world, self.clips_per_forward)
             metrics = classification_metrics(probs.cpu(), dataset.labels, dataset.class_names)
             values[f"eval/top1_clips{k}"] = metrics["top1"]
             values[f"eval/top5_clips{k}"] = metrics["top5"]
             values[f"eval/loss_clips{k}"] = float(losses.mean())
-            if self.rank == 0:
+            if rank == 0:
                 predicted = probs.argmax(dim=1).tolist()
                 record = {
                     "name": name,
                     "epoch": epoch,
-                    "step": int(self.engine.global_steps),
+                    "step": int(engine.global_steps),
                     "database": str(dataset.db.path),
                     "split": dataset.split,
                     "num_videos": len(dataset),
                     "num_test_clips": k,
                     "views": dataset.views,
                     "views_per_video": k * len(dataset.views),
-                    "world_size": self.world,
+                    "world_size": world,
                     "loss": float(losses.mean()),
                     **metrics,
                     "predictions": dict(zip(dataset.ids, predicted)),
                 }
-                folder = self.output / EVAL_DIR
+                folder = trainer.output / EVAL_DIR
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{name}_clips{k}.json").write_text(json.dumps(record, indent=1) + "\n")
                 print(
@@ -297,13 +265,12 @@ class FinetuneTrainer(PretrainTrainer):
                 )
         return values
 
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        last = epoch + 1 == self.settings.epochs
-        if last:
-            return self.run_evaluation(self.last_test_clips, "final", epoch)
-        if (epoch + 1) % self.settings.eval_every:
+    def evaluate(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+        if epoch + 1 == trainer.settings.epochs:
+            return self.run_evaluation(trainer, self.last_test_clips, "final", epoch)
+        if not trainer.evaluation_epoch(epoch):
             return {}
-        return self.run_evaluation([self.num_test_clips], f"epoch{epoch:03d}", epoch)
+        return self.run_evaluation(trainer, [self.num_test_clips], f"epoch{epoch:03d}", epoch)
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -355,10 +322,9 @@ def label_subset_line(train_set: FinetuneTrainClips, global_batch: int) -> str:
 def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. UsageError for bad input, before the process group."""
     output = Path(args.output)
-    from vimpac.checkpoint import latest_tag, needs_universal_loading, with_universal_loading
+    from vimpac.checkpoint import needs_universal_loading, with_universal_loading
 
-    if not args.resume and not args.eval_only and latest_tag(output) is not None:
-        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    refuse_existing_run(output, args.resume or args.eval_only)
     saved, state = load_exported(args.load) if args.load else (None, None)
     if args.eval_only and state is None:
         raise UsageError("--eval-only needs --load with fine-tuned weights (the export/ folder of a fine-tuning run)")
@@ -403,57 +369,36 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
     if args.batch_size is None and "train_batch_size" not in base:
         args.batch_size = DEFAULT_BATCH
-    world = int(os.environ["WORLD_SIZE"])
+    world = launch_world()
     ds_config = merged_engine_config(args, world, optimizer_defaults=OPTIMIZER_DEFAULTS)
     if args.resume and needs_universal_loading(output, world, ds_config["zero_optimization"]["stage"]):
         ds_config = with_universal_loading(ds_config)  # ZeRO shards of another world size are re-partitioned
-    limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     if args.labels_per_class is not None:
         # A few labels may not fill one global batch (the sampler drops partial batches): repeat the subset within
         # the epoch instead of refusing, since fewer videos than a batch is the point of the low-label regime.
         train_set.repeats = subset_repeats(len(train_set.ids), world * micro * accumulation)
-    steps = 1 if args.eval_only else epoch_steps(len(train_set), world, micro, accumulation, limit)
-    total = steps * args.epochs
-    warmup = warmup_steps(args.warm_up, total)
-    rank, _, world = init_distributed(args.dist_backend)
+    schedule = plan_schedule(args, ds_config, len(train_set), world, debug_steps, evaluation_only=args.eval_only)
 
-    seed_everything(args.seed)  # same initial weights (the from-scratch backbone) on every rank
-    model = VimpacForClassification(config, num_classes, dropout=args.last_dropout)
-    untouched = initial_state(model, state, saved, config) if state is not None else None
-    if args.eval_only and untouched:
-        raise UsageError(f"--eval-only: {args.load} holds no classifier for {num_classes} classes (fine-tuned?)")
-    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total, args.compile)
-    seed_everything(args.seed + rank)
+    def make_model() -> VimpacForClassification:
+        model = VimpacForClassification(config, num_classes, dropout=args.last_dropout)
+        untouched = initial_state(model, state, saved, config) if state is not None else None
+        if args.eval_only and untouched:
+            raise UsageError(f"--eval-only: {args.load} holds no classifier for {num_classes} classes (fine-tuned?)")
+        return model
 
-    settings = TrainSettings(
-        epochs=args.epochs,
-        keep_checkpoints=args.keep_checkpoints,
-        save_epochs=args.save_epochs,
-        steps_per_epoch_limit=limit,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        progress=args.tqdm,
-        eval_every=args.eval_per_epochs,
-        max_epochs_this_run=args.interval,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-    )
-    trainer = FinetuneTrainer(
-        engine,
-        config,
-        train_set,
-        settings,
-        output,
-        ds_config,
+    engine, rank = start_engine(args, ds_config, schedule, make_model)
+    task = FinetuneTask(
         label_smoothing=args.label_smoothing,
         test_sets=test_sets,
         num_test_clips=args.num_test_clips,
         last_test_clips=last_clips,
         clips_per_forward=args.eval_batch_size or 4 * micro,
     )
+    trainer = Trainer(engine, config, train_set, train_settings(args, schedule), output, ds_config, task)
     if args.eval_only:
         output.mkdir(parents=True, exist_ok=True)
-        values = trainer.run_evaluation(last_clips, "eval_only", -1)
+        values = task.run_evaluation(trainer, last_clips, "eval_only", -1)
         trainer.writer.write(int(engine.global_steps), -1, values)
         trainer.writer.close()
         return 0
@@ -474,8 +419,8 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             precision=precision_of(ds_config),
             world_size=world,
             steps_per_epoch=trainer.steps_per_epoch,
-            total_steps=total,
-            warmup_steps=warmup,
+            total_steps=schedule.total,
+            warmup_steps=schedule.warmup,
             resumed=resumed,
             label_subset=label_subset_record(train_set),
         )

@@ -1,8 +1,10 @@
-"""Build a pre-training run from parsed flags: process group, merged engine config, data, model, DeepSpeed engine.
+"""Pre-training: its task for the shared loop (masked-token + contrastive loss, throughput, kNN monitor) and the
+run built from parsed flags (data, model, engine; the shared steps are vimpac.run_setup's).
 
-Called by the entry script `vimpac/pretrain.py` after `vimpac.dist_setup.prepare_environment()`. Order matters
-for reproducibility: the model is initialised from `seed` on every rank (identical weights without relying on a
-broadcast), then each rank reseeds with seed + rank for dropout.
+Called by the entry script `vimpac/pretrain.py` after `vimpac.dist_setup.prepare_environment()`. Each micro-batch
+holds B videos × 2 clips ([B, 2, T, h, w], vimpac.data.PretrainClips); it is reordered to [2B, T, h, w] with the B
+first clips first, one forward pass over the masked clips feeds both losses (docs/reference.md §5.1, §5.5), and
+    loss = mlm_weight · L_mask + nce_weight · L_cl      (L_cl already carries the temperature factor).
 
 `--resume` with another clip length or frame size than the checkpoint (stage-2 pre-training, docs/reference.md §5.7)
 loads it with the positional tables and their Adam moments interpolated (vimpac.checkpoint.load_resized_checkpoint) and
@@ -17,108 +19,99 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import deepspeed
-import numpy as np
 import torch
-from deepspeed.accelerator import get_accelerator
 
-from vimpac.activation_checkpointing import enable_activation_checkpointing
-from vimpac.checkpoint import (
-    latest_tag,
-    load_resized_checkpoint,
-    needs_universal_loading,
-    resize_source,
-    with_universal_loading,
-)
+from vimpac.checkpoint import load_resized_checkpoint, needs_universal_loading, resize_source, with_universal_loading
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args
 from vimpac.data import PretrainClips
-from vimpac.dist_setup import init_distributed
-from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
+from vimpac.ds_config import precision_of
 from vimpac.entry import check_launch_arguments
 from vimpac.errors import UsageError
-from vimpac.flops import peak_flops
+from vimpac.flops import peak_flops, pretrain_train_flops
 from vimpac.knn import knn_monitor_from_args
+from vimpac.losses import info_nce, masked_token_loss
 from vimpac.modeling import VimpacForPretraining
-from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
-from vimpac.trainer import PretrainTrainer, TrainSettings, check_database_matches, epoch_steps, steps_summary
+from vimpac.run_setup import (
+    launch_world,
+    merged_engine_config,
+    plan_schedule,
+    record_run,
+    refuse_existing_run,
+    start_engine,
+    train_settings,
+)
+from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_summary
+
+if TYPE_CHECKING:
+    from vimpac.knn import KnnMonitor
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def micro_batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[B, 2, T, h, w] inputs/labels → [2B, T, h, w] with clip A of every video first; returns (tokens, labels, B)."""
+    inputs, labels = batch["inputs"], batch["labels"]
+    videos = inputs.shape[0]
+    return inputs.transpose(0, 1).flatten(0, 1), labels.transpose(0, 1).flatten(0, 1), videos
 
 
-def merged_engine_config(
-    args: argparse.Namespace, world: int, optimizer_defaults: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The json of --deepspeed_config merged with the command line (vimpac.ds_config). optimizer_defaults: AdamW
-    params (lr, betas, eps, weight_decay) used where neither the json nor the command line names them, instead
-    of the pre-training defaults (fine-tuning passes its own)."""
-    base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
-    if optimizer_defaults:
-        params = base.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
-        for key, value in optimizer_defaults.items():
-            params.setdefault(key, value)
-    config = merge_ds_config(
-        base,
-        world,
-        bs_per_gpu=args.bs_per_gpu,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        epsilon=args.epsilon,
-        weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm,
-        precision=args.precision,
-        zero_stage=args.zero_stage,
-        grad_checkpoint=args.grad_checkpoint,
-    )
-    precision = precision_of(config)
-    accelerator = get_accelerator()
-    if precision == "fp16" and not accelerator.is_fp16_supported():
-        raise UsageError(
-            f"fp16 is not supported on this {accelerator.device_name()} device; use ds_configs/cpu.json or "
-            "--precision bf16 / fp32"
+@dataclass
+class PretrainTask(Task):
+    """Masked-token and contrastive losses; throughput and model FLOPs per step; the kNN monitor (vimpac.knn) after
+    every `eval_every`-th epoch and the last, when there is one. peak_flops: per rank, for speed/mfu."""
+
+    mlm_weight: float = 1.0
+    nce_weight: float = 1.0
+    temperature: float = 0.2
+    peak_flops: float | None = None
+    knn: KnnMonitor | None = None
+
+    producer = "vimpac.pretrain"
+
+    def compute_loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]:
+        tokens, labels, videos = micro_batch_tokens(batch)
+        device = engine.device
+        out = engine(tokens.to(device), labels.to(device))
+        loss = torch.zeros((), device=device)
+        metrics: dict[str, Metric] = {}
+        if "mlm_logits" in out:
+            mlm = masked_token_loss(out["mlm_logits"], out["mlm_labels"])
+            loss = loss + self.mlm_weight * mlm.loss
+            metrics["loss/mlm"] = mlm.loss.detach()
+            metrics["accuracy/mlm"] = (mlm.accuracy, mlm.num_masked)
+            metrics["predicted_per_micro_step"] = mlm.num_masked
+        if "nce" in out:
+            nce = info_nce(out["nce"][:videos], out["nce"][videos:], temperature=self.temperature)
+            loss = loss + self.nce_weight * nce.loss
+            metrics["loss/nce"] = nce.loss.detach()
+            metrics["accuracy/nce"] = nce.accuracy
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    def step_metrics(self, trainer: Trainer, values: dict[str, float], elapsed: float) -> None:
+        predicted = values.pop("predicted_per_micro_step", 0.0) * trainer.accumulation * trainer.world
+        clips = 2 * trainer.global_batch
+        t, h, w = trainer.config.shape
+        values["speed/tokens_per_s"] = clips * t * h * w / elapsed
+        values["speed/clips_per_s"] = clips / elapsed
+        flops = pretrain_train_flops(
+            trainer.config, clips, round(predicted), mlm=self.mlm_weight > 0, nce=self.nce_weight > 0
         )
-    return config
+        values["speed/tflops_per_rank"] = flops / elapsed / trainer.world / 1e12
+        if self.peak_flops:
+            values["speed/mfu"] = flops / elapsed / trainer.world / self.peak_flops
 
-
-def build_engine(
-    model: torch.nn.Module,
-    ds_config: dict[str, Any],
-    scheduler: str,
-    warmup: int,
-    total: int,
-    compile_backend: str | None = None,
-):
-    """deepspeed.initialize on `model` (which has a `backbone`): AdamW groups with and without decay
-    (vimpac.optim), the warm-up + decay schedule stepped per optimizer step, per-layer activation checkpointing
-    when the config asks for it, and torch.compile of the module by the engine when `compile_backend` names a
-    backend ("inductor" on GPUs; the Triton attention is a registered op it traces through). Returns the engine."""
-    if uses_activation_checkpointing(ds_config):
-        enable_activation_checkpointing(model.backbone.layers)
-    groups = [
-        {"params": g["params"], "weight_decay": g["weight_decay"]}
-        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
-    ]
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        config=ds_config,
-        lr_scheduler=lambda optimizer: build_scheduler(optimizer, scheduler, warmup, total),
-    )
-    if compile_backend is not None:
-        engine.compile(backend=compile_backend)
-    return engine
+    def evaluate(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+        if self.knn is None or not trainer.evaluation_epoch(epoch):
+            return {}
+        engine = trainer.engine
+        values = self.knn.evaluate(engine.module.backbone, engine.device, trainer.rank, trainer.world)
+        if trainer.rank == 0:
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+        return values
 
 
 def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeDatabase:
@@ -133,13 +126,6 @@ def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeD
     return db
 
 
-def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
-    """<output>/run_config.json: the command line, the merged engine config and what was derived from them."""
-    output.mkdir(parents=True, exist_ok=True)
-    payload = {"argv": sys.argv, "args": vars(args), **sections}
-    (output / "run_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def recorded_total_steps(output: Path) -> int | None:
     """total_steps of the previous launch's run_config.json (None when there is none)."""
     path = output / "run_config.json"
@@ -149,7 +135,7 @@ def recorded_total_steps(output: Path) -> int | None:
         return None
 
 
-def resume_resized(trainer: PretrainTrainer, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
+def resume_resized(trainer: Trainer, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
     """Resume checkpoint `tag` of a model `saved` that differs from the trainer's in clip_len / grid only: load it
     interpolated, then continue at the epoch boundary after the checkpoint (see the module docstring)."""
     zero_stage = int(trainer.engine.zero_optimization_stage())
@@ -177,14 +163,12 @@ def resume_resized(trainer: PretrainTrainer, tag: str, saved: VimpacConfig, prev
 def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. Raises UsageError for bad input before training."""
     output = Path(args.output)
-    if not args.resume and latest_tag(output) is not None:
-        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    refuse_existing_run(output, args.resume)
     check_launch_arguments(args)
-    # Validate everything before the process group exists: bad input fails fast, with one clear message.
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
     db = open_database(args, model_config)
-    world = int(os.environ["WORLD_SIZE"])
+    world = launch_world()
     ds_config = merged_engine_config(args, world)
     stage = ds_config["zero_optimization"]["stage"]
     other_world = args.resume and needs_universal_loading(output, world, stage)
@@ -205,46 +189,18 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         on_bad_record=args.on_bad_record,
     )
     knn = knn_monitor_from_args(args, model_config)  # checks its database before any process group exists
-    limit = args.max_steps_per_epoch if args.max_steps_per_epoch is not None else debug_steps if args.debug else None
-    steps = epoch_steps(
-        len(dataset),
-        int(os.environ["WORLD_SIZE"]),
-        ds_config["train_micro_batch_size_per_gpu"],
-        ds_config["gradient_accumulation_steps"],
-        limit,
-    )
-    total = steps * args.epochs
-    warmup = warmup_steps(args.warm_up, total)
-    rank, _, world = init_distributed(args.dist_backend)
+    schedule = plan_schedule(args, ds_config, len(dataset), world, debug_steps)
 
-    seed_everything(args.seed)  # same initial weights on every rank
-    model = VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
-    engine = build_engine(model, ds_config, args.lr_scheduler, warmup, total, args.compile)
-    seed_everything(args.seed + rank)  # dropout differs per rank
+    def make_model() -> VimpacForPretraining:
+        return VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
 
+    engine, rank = start_engine(args, ds_config, schedule, make_model)
     precision = precision_of(ds_config)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and torch.cuda.is_available():
         peak = peak_flops(torch.cuda.get_device_name(), precision)
-    settings = TrainSettings(
-        epochs=args.epochs,
-        mlm_weight=args.mlm_weight,
-        nce_weight=args.nce_weight,
-        temperature=args.temperature,
-        save_steps=args.save_steps,
-        save_epochs=args.save_epochs,
-        keep_checkpoints=args.keep_checkpoints,
-        steps_per_epoch_limit=limit,
-        max_epochs_this_run=args.interval,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        progress=args.tqdm,
-        peak_flops=peak,
-        eval_every=args.eval_per_epochs,
-        knn=knn,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-    )
-    trainer = PretrainTrainer(engine, model_config, dataset, settings, output, ds_config)
+    task = PretrainTask(args.mlm_weight, args.nce_weight, args.temperature, peak, knn)
+    trainer = Trainer(engine, model_config, dataset, train_settings(args, schedule), output, ds_config, task)
     previous_total = recorded_total_steps(output)
     if resize is not None:
         resumed = resume_resized(trainer, *resize, previous_total)
@@ -258,8 +214,8 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
             model=model_config.to_dict(),
             world_size=world,
             steps_per_epoch=trainer.steps_per_epoch,
-            total_steps=total,
-            warmup_steps=warmup,
+            total_steps=schedule.total,
+            warmup_steps=schedule.warmup,
             peak_flops=peak,
             resumed=resumed,
         )

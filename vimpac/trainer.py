@@ -1,9 +1,10 @@
-"""The pre-training loop on a DeepSpeed engine: data, both objectives, logging, checkpoints, exact resume.
+"""The training loop on a DeepSpeed engine, shared by pre-training and fine-tuning: data, accumulation, backward,
+gradient norm, loss scale, logging, checkpoints, exact resume, non-finite streaks, bad records.
 
-One optimizer step = `gradient_accumulation_steps` micro-steps on every rank. Each micro-batch holds B videos
-× 2 clips ([B, 2, T, h, w], vimpac.data.PretrainClips); it is reordered to [2B, T, h, w] with the B first clips
-first, one forward pass over the masked clips feeds both losses (docs/reference.md §5.1, §5.5), and
-    loss = mlm_weight · L_mask + nce_weight · L_cl      (L_cl already carries the temperature factor).
+What differs between the two is a `Task` (vimpac.pretrain_setup.PretrainTask, vimpac.finetune_setup.FinetuneTask):
+the loss of one micro-batch with the metrics to log (`compute_loss`), per-step extras such as throughput
+(`step_metrics`) and the evaluation run after an epoch (`evaluate`). One optimizer step = `gradient_accumulation_steps`
+micro-steps on every rank.
 
 Exact resume: the data order and masks are pure functions of (seed, epoch, sample index) (vimpac.data), so the
 position in the epoch is one number, the optimizer steps already done in it; DeepSpeed restores weights,
@@ -13,11 +14,11 @@ resumed mid-epoch creates its iterator at a different moment than the uninterrup
 
 Non-finite losses (--max-nonfinite-steps N): fp16 overflow steps are skipped by DeepSpeed (optim/skipped_steps,
 optim/loss_scale), but a loss that stays NaN/Inf means the run has diverged. The loop counts consecutive optimizer
-steps whose all-reduced loss/total is not finite (so every rank decides alike); a finite step resets the count.
-At N it writes that step's metrics and raises vimpac.errors.NonFiniteLossError on every rank, naming the step,
-the streak, the last good checkpoint and remedies; nothing is saved. While a streak is running, scheduled
-checkpoints (and exports) are skipped with a warning, so no checkpoint can hold a diverged state. N = 0 turns
-all of this off.
+steps whose all-reduced loss (the task's `loss_key`) is not finite (so every rank decides alike); a finite step
+resets the count. At N it writes that step's metrics and raises vimpac.errors.NonFiniteLossError on every rank,
+naming the step, the streak, the last good checkpoint and remedies; nothing is saved. While a streak is running,
+scheduled checkpoints (and exports) are skipped with a warning, so no checkpoint can hold a diverged state.
+N = 0 turns all of this off.
 
 Bad records (--on-bad-record skip, vimpac.data): the batches' bad-record fields are taken out before the model
 sees them; after each optimizer step the count is summed over ranks (a collective, in skip mode only), rank 0
@@ -33,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,33 +53,19 @@ from vimpac.checkpoint import (
     save_checkpoint,
 )
 from vimpac.config import VimpacConfig
-from vimpac.data import (
-    BAD_RECORD_LOG_KEY,
-    BAD_RECORDS_KEY,
-    PretrainClips,
-    ResumableDistributedSampler,
-    bad_record_line,
-)
+from vimpac.data import BAD_RECORD_LOG_KEY, BAD_RECORDS_KEY, ResumableDistributedSampler, bad_record_line
 from vimpac.errors import NonFiniteLossError, UsageError
-from vimpac.flops import pretrain_train_flops
 from vimpac.kernels.selfcheck import startup_line
-from vimpac.losses import info_nce, masked_token_loss
 from vimpac.metrics import MetricsWriter, StepAccumulator
-
-if TYPE_CHECKING:
-    from vimpac.knn import KnnMonitor
 
 
 @dataclass
 class TrainSettings:
     """Loop settings that are not DeepSpeed's. steps_per_epoch_limit: --debug / --max-steps-per-epoch.
-    knn: the kNN monitor (vimpac.knn), run after the last step of every `eval_every`-th epoch and of the last.
+    eval_every: the task evaluates after the last step of every `eval_every`-th epoch and of the last.
     max_nonfinite_steps: stop after this many consecutive non-finite losses (0: never; module docstring)."""
 
     epochs: int
-    mlm_weight: float = 1.0
-    nce_weight: float = 1.0
-    temperature: float = 0.2
     save_steps: int = 0
     save_epochs: int = 1  # checkpoint (and export) every N-th epoch end and at the end of every launch
     keep_checkpoints: int = 2
@@ -87,11 +74,33 @@ class TrainSettings:
     num_workers: int = 2
     seed: int = 9595
     progress: bool = False
-    peak_flops: float | None = None
     export: bool = True
     eval_every: int = 1
-    knn: KnnMonitor | None = None
     max_nonfinite_steps: int = 20
+
+
+# A logged value of one micro-step: a scalar, or (value, weight) for a weighted mean over the step.
+Metric = torch.Tensor | float | tuple[torch.Tensor | float, torch.Tensor | float]
+
+
+class Task:
+    """What one kind of training adds to the loop. `producer` goes into the exported weights' metadata;
+    `loss_key` names the logged loss that is watched for non-finite values and shown on the progress bar."""
+
+    producer = "vimpac"
+    loss_key = "loss/total"
+
+    def compute_loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]:
+        """(loss to backpropagate, metrics of this micro-batch) for one micro-batch, forwarded through `engine`."""
+        raise NotImplementedError
+
+    def step_metrics(self, trainer: Trainer, values: dict[str, float], elapsed: float) -> None:
+        """Add derived per-step values (throughput) to the step's reduced `values`, in place."""
+
+    def evaluate(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+        """Evaluation values to log with the last step of `epoch` ({} when there is nothing to run). A collective:
+        every rank calls it at the same step."""
+        return {}
 
 
 def check_database_matches(manifest: dict[str, Any], config: VimpacConfig) -> None:
@@ -124,13 +133,6 @@ def epoch_steps(videos: int, world: int, micro: int, accumulation: int, limit: i
     return steps if limit is None else min(steps, limit)
 
 
-def micro_batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[B, 2, T, h, w] inputs/labels → [2B, T, h, w] with clip A of every video first; returns (tokens, labels, B)."""
-    inputs, labels = batch["inputs"], batch["labels"]
-    videos = inputs.shape[0]
-    return inputs.transpose(0, 1).flatten(0, 1), labels.transpose(0, 1).flatten(0, 1), videos
-
-
 def current_loss_scale(engine) -> float | None:
     """The dynamic loss scale of an fp16 run (None otherwise)."""
     if not engine.fp16_enabled():
@@ -150,21 +152,21 @@ def grad_norm(parameters) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-class PretrainTrainer:
-    """Runs epochs of pre-training on `engine` (deepspeed.initialize output) over `dataset`."""
-
-    producer = "vimpac.pretrain"  # recorded in the exported weights' metadata
+class Trainer:
+    """Runs epochs of `task` on `engine` (deepspeed.initialize output) over `dataset` (a map-style dataset with
+    set_epoch(epoch)), writing metrics, checkpoints and exports under `output`."""
 
     def __init__(
         self,
         engine,
         config: VimpacConfig,
-        dataset: PretrainClips,
+        dataset,
         settings: TrainSettings,
         output: str | Path,
         ds_config: dict[str, Any],
+        task: Task,
     ) -> None:
-        self.engine, self.config, self.dataset, self.settings = engine, config, dataset, settings
+        self.engine, self.config, self.dataset, self.settings, self.task = engine, config, dataset, settings, task
         self.output = Path(output)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -181,12 +183,13 @@ class PretrainTrainer:
         self.epoch, self.step_in_epoch = 0, 0
         if settings.max_nonfinite_steps < 0:
             raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {settings.max_nonfinite_steps}")
-        self.nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss/total
+        self.nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss
         self.last_finite_step: int | None = None
         self.track_bad_records = getattr(dataset, "on_bad_record", "stop") == "skip"
         self.epoch_bad_records = 0
         self._step_bad_records, self._step_bad_log = 0, []
         self._warned_bad: set[tuple] = set()
+        self._last_grad_norm: float | None = None
         # Check the Triton kernels at this model's shapes on this GPU before the first step, so a kernel that is
         # wrong here falls back to the reference (with its warning) before it trains anything; every rank checks
         # its own GPU, rank 0 reports. Nothing on CPU, where the reference runs.
@@ -267,7 +270,7 @@ class PretrainTrainer:
     def export(self, tag: str) -> None:
         state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
         if state is not None:
-            export_weights(state, self.config, self.output, self.producer)
+            export_weights(state, self.config, self.output, self.task.producer)
         if dist.is_initialized():
             dist.barrier()
 
@@ -284,22 +287,10 @@ class PretrainTrainer:
         )
 
     def micro_step(self, batch: dict[str, torch.Tensor], meter: StepAccumulator) -> None:
-        tokens, labels, videos = micro_batch_tokens(batch)
-        device = self.engine.device
-        out = self.engine(tokens.to(device), labels.to(device))
-        loss = torch.zeros((), device=device)
-        if "mlm_logits" in out:
-            mlm = masked_token_loss(out["mlm_logits"], out["mlm_labels"])
-            loss = loss + self.settings.mlm_weight * mlm.loss
-            meter.add("loss/mlm", mlm.loss.detach())
-            meter.add("accuracy/mlm", mlm.accuracy, weight=mlm.num_masked)
-            meter.add("predicted_per_micro_step", mlm.num_masked)
-        if "nce" in out:
-            nce = info_nce(out["nce"][:videos], out["nce"][videos:], temperature=self.settings.temperature)
-            loss = loss + self.settings.nce_weight * nce.loss
-            meter.add("loss/nce", nce.loss.detach())
-            meter.add("accuracy/nce", nce.accuracy)
-        meter.add("loss/total", loss.detach())
+        loss, metrics = self.task.compute_loss(self.engine, batch)
+        for name, metric in metrics.items():
+            value, weight = metric if isinstance(metric, tuple) else (metric, 1.0)
+            meter.add(name, value, weight=weight)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         norm = None
@@ -319,18 +310,7 @@ class PretrainTrainer:
         for _ in range(self.accumulation):
             self.micro_step(next(iterator), meter)
         values = meter.reduce()
-        elapsed = time.perf_counter() - started
-        predicted = values.pop("predicted_per_micro_step", 0.0) * self.accumulation * self.world
-        clips = 2 * self.global_batch
-        t, h, w = self.config.shape
-        values["speed/tokens_per_s"] = clips * t * h * w / elapsed
-        values["speed/clips_per_s"] = clips / elapsed
-        flops = pretrain_train_flops(
-            self.config, clips, round(predicted), mlm=self.settings.mlm_weight > 0, nce=self.settings.nce_weight > 0
-        )
-        values["speed/tflops_per_rank"] = flops / elapsed / self.world / 1e12
-        if self.settings.peak_flops:
-            values["speed/mfu"] = flops / elapsed / self.world / self.settings.peak_flops
+        self.task.step_metrics(self, values, time.perf_counter() - started)
         values["optim/lr"] = lr
         values["optim/skipped_steps"] = float(self.engine.skipped_steps)
         scale = current_loss_scale(self.engine)
@@ -379,9 +359,9 @@ class PretrainTrainer:
                 f.write(json.dumps({"step": step, "epoch": self.epoch, **entry}) + "\n")
 
     def count_nonfinite(self, values: dict[str, float], step: int) -> bool:
-        """Update the streak of non-finite losses with this step's all-reduced loss/total (the same on every
-        rank); True when it reaches --max-nonfinite-steps."""
-        loss = values.get("loss/total")
+        """Update the streak of non-finite losses with this step's all-reduced loss (the same on every rank);
+        True when it reaches --max-nonfinite-steps."""
+        loss = values.get(self.task.loss_key)
         limit = self.settings.max_nonfinite_steps
         if loss is None or math.isfinite(loss) or not limit:
             self.nonfinite_steps, self.last_finite_step = 0, step
@@ -444,14 +424,8 @@ class PretrainTrainer:
         return (epoch + 1) % self.settings.eval_every == 0 or epoch + 1 == self.settings.epochs
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Evaluation values to log with the last step of `epoch` ({} when there is nothing to run). A collective:
-        every rank calls it at the same step."""
-        if self.settings.knn is None or not self.evaluation_epoch(epoch):
-            return {}
-        values = self.settings.knn.evaluate(self.engine.module.backbone, self.engine.device, self.rank, self.world)
-        if self.rank == 0:
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
-        return values
+        """The task's evaluation values to log with the last step of `epoch`. A collective."""
+        return self.task.evaluate(self, epoch)
 
     def fit(self) -> None:
         """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at every
@@ -478,17 +452,13 @@ class PretrainTrainer:
                 values = self.optimizer_step(iterator, meter)
                 self.step_in_epoch += 1
                 step = int(self.engine.global_steps)
-                if "optim/loss_scale" not in values:
-                    scale = current_loss_scale(self.engine)
-                    if scale is not None:
-                        values["optim/loss_scale"] = scale
                 if self.track_bad_records:
                     self.count_bad_records(step)
                 if self.count_nonfinite(values, step):
                     self.writer.write(step, self.epoch, values)
                     bar.close()
                     self.writer.close()
-                    raise self.nonfinite_error(step, values["loss/total"])
+                    raise self.nonfinite_error(step, values[self.task.loss_key])
                 if self.step_in_epoch == self.steps_per_epoch:
                     # In the epoch's last record (one record per step: readers keep the last one written).
                     values.update(self.evaluate(self.epoch))
@@ -496,7 +466,7 @@ class PretrainTrainer:
                         values["data/bad_records"] = float(self.epoch_bad_records)
                 self.writer.write(step, self.epoch, values)
                 bar.update(1)
-                bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{values['optim/lr']:.2e}")
+                bar.set_postfix(loss=f"{values[self.task.loss_key]:.4f}", lr=f"{values['optim/lr']:.2e}")
                 save_now = self.settings.save_steps and step % self.settings.save_steps == 0
                 if save_now and self.step_in_epoch < self.steps_per_epoch and self.save_allowed(f"at step {step}"):
                     tag = self.save()
@@ -512,7 +482,7 @@ class PretrainTrainer:
         self.writer.close()
 
 
-def steps_summary(trainer: PretrainTrainer) -> str:
+def steps_summary(trainer: Trainer) -> str:
     """One line for the log: batch arithmetic and schedule length."""
     return (
         f"{len(trainer.dataset)} videos, {trainer.world} ranks × {trainer.micro} videos × {trainer.accumulation} "

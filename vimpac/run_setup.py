@@ -1,0 +1,180 @@
+"""The set-up both training entry points share, in launch order: refuse to overwrite a run, merge the engine
+config, plan the schedule, build the model and the DeepSpeed engine, fill the loop's settings, record the run.
+
+Order matters for reproducibility: the model is initialised from `seed` on every rank (identical weights without
+relying on a broadcast), then each rank reseeds with seed + rank for dropout. Everything that can refuse bad input
+runs before the process group exists, so a mistake fails fast with one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from vimpac.activation_checkpointing import enable_activation_checkpointing
+from vimpac.checkpoint import latest_tag
+from vimpac.dist_setup import init_distributed
+from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
+from vimpac.errors import UsageError
+from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
+from vimpac.trainer import TrainSettings, epoch_steps
+
+
+def refuse_existing_run(output: Path, resume: bool) -> None:
+    """UsageError when `output` already holds checkpoints and --resume was not given."""
+    if not resume and latest_tag(output) is not None:
+        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def launch_world() -> int:
+    """Ranks of this launch, from the launcher's environment (the process group does not exist yet)."""
+    return int(os.environ["WORLD_SIZE"])
+
+
+def merged_engine_config(
+    args: argparse.Namespace, world: int, optimizer_defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The json of --deepspeed_config merged with the command line (vimpac.ds_config). optimizer_defaults: AdamW
+    params (lr, betas, eps, weight_decay) used where neither the json nor the command line names them, instead
+    of the pre-training defaults (fine-tuning passes its own)."""
+    base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
+    if optimizer_defaults:
+        params = base.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+        for key, value in optimizer_defaults.items():
+            params.setdefault(key, value)
+    config = merge_ds_config(
+        base,
+        world,
+        bs_per_gpu=args.bs_per_gpu,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        epsilon=args.epsilon,
+        weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision,
+        zero_stage=args.zero_stage,
+        grad_checkpoint=args.grad_checkpoint,
+    )
+    precision = precision_of(config)
+    accelerator = get_accelerator()
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        raise UsageError(
+            f"fp16 is not supported on this {accelerator.device_name()} device; use ds_configs/cpu.json or "
+            "--precision bf16 / fp32"
+        )
+    return config
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps: per epoch (after --debug / --max-steps-per-epoch, `limit`), in all, and of warm-up."""
+
+    limit: int | None
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def plan_schedule(
+    args: argparse.Namespace,
+    ds_config: dict[str, Any],
+    videos: int,
+    world: int,
+    debug_steps: int,
+    evaluation_only: bool = False,
+) -> Schedule:
+    """The schedule of `args.epochs` epochs over `videos` training videos on `world` ranks (one nominal step per
+    epoch when the run only evaluates: its training split need not fill a batch)."""
+    limit = args.max_steps_per_epoch
+    if limit is None and args.debug:
+        limit = debug_steps
+    micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    steps = 1 if evaluation_only else epoch_steps(videos, world, micro, accumulation, limit)
+    total = steps * args.epochs
+    return Schedule(limit, steps, total, warmup_steps(args.warm_up, total))
+
+
+def build_engine(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    scheduler: str,
+    warmup: int,
+    total: int,
+    compile_backend: str | None = None,
+):
+    """deepspeed.initialize on `model` (which has a `backbone`): AdamW groups with and without decay
+    (vimpac.optim), the warm-up + decay schedule stepped per optimizer step, per-layer activation checkpointing
+    when the config asks for it, and torch.compile of the module by the engine when `compile_backend` names a
+    backend ("inductor" on GPUs; the Triton attention is a registered op it traces through). Returns the engine."""
+    if uses_activation_checkpointing(ds_config):
+        enable_activation_checkpointing(model.backbone.layers)
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
+    ]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, scheduler, warmup, total),
+    )
+    if compile_backend is not None:
+        engine.compile(backend=compile_backend)
+    return engine
+
+
+def start_engine(
+    args: argparse.Namespace, ds_config: dict[str, Any], schedule: Schedule, make_model: Callable[[], torch.nn.Module]
+) -> tuple[Any, int]:
+    """(engine, rank): the process group, the model from `make_model()` with the same initial weights on every
+    rank, the engine around it, then per-rank seeds for dropout."""
+    rank, _, _ = init_distributed(args.dist_backend)
+    seed_everything(args.seed)
+    model = make_model()
+    engine = build_engine(model, ds_config, args.lr_scheduler, schedule.warmup, schedule.total, args.compile)
+    seed_everything(args.seed + rank)
+    return engine, rank
+
+
+def train_settings(args: argparse.Namespace, schedule: Schedule) -> TrainSettings:
+    """The loop settings both entry points take from their common flags."""
+    return TrainSettings(
+        epochs=args.epochs,
+        save_steps=getattr(args, "save_steps", 0),
+        save_epochs=args.save_epochs,
+        keep_checkpoints=args.keep_checkpoints,
+        steps_per_epoch_limit=schedule.limit,
+        max_epochs_this_run=args.interval,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        progress=args.tqdm,
+        eval_every=args.eval_per_epochs,
+        max_nonfinite_steps=args.max_nonfinite_steps,
+    )
+
+
+def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
+    """<output>/run_config.json: the command line, the merged engine config and what was derived from them."""
+    output.mkdir(parents=True, exist_ok=True)
+    payload = {"argv": sys.argv, "args": vars(args), **sections}
+    (output / "run_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
