@@ -6,6 +6,7 @@ import pytest
 from vimpac.tokenization.views import (
     View,
     apply_view,
+    centre_view,
     crop_offsets,
     large_resize,
     resized_size,
@@ -155,3 +156,12 @@ def test_apply_view_returns_a_view_without_copying():
 def test_shorter_sides_deduplicates_in_order():
     assert shorter_sides(views_for("train", 128)) == [128, 160]
     assert shorter_sides(views_for("test", 256)) == [256]
+
+
+def test_centre_view_prefers_the_unflipped_centre_at_the_frame_size():
+    names = ["r160_top_f0", "r128_center_f1", "r160_center_f0", "r128_center_f0", "r128_bottom_f0"]
+    assert centre_view(names) == "r160_center_f0"  # the first unflipped centre, in the database's order
+    assert centre_view(names, frame_size=128) == "r128_center_f0"
+    assert centre_view(names, frame_size=64) is None
+    assert centre_view(["r128_top_f1"]) == "r128_top_f1"  # a database's only view
+    assert centre_view(["r128_top_f0", "r128_center_f1", "not_a_view"]) is None

@@ -45,6 +45,19 @@ class View:
         return cls(int(match[1]), match[2], match[3] == "1")
 
 
+def centre_view(names: Sequence[str], frame_size: int | None = None) -> str | None:
+    """The unflipped centre crop among the view `names` (in their order), resized to `frame_size` when that is
+    given (the paper's centre database); a database's only view; None when there is no such view."""
+    for name in names:
+        try:
+            view = View.parse(name)
+        except ValueError:
+            continue
+        if view.crop == "center" and not view.flip and frame_size in (None, view.shorter):
+            return name
+    return names[0] if len(names) == 1 else None
+
+
 def large_resize(frame_size: int) -> int:
     """The "1.25×" training resize, derived as S·160//128 like the original (128 -> 160, 256 -> 320)."""
     return frame_size * 160 // 128

@@ -40,6 +40,7 @@ from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig
 from vimpac.data import clip_slack, frame_stride, random_start, sample_rng, take_clip
 from vimpac.errors import UsageError
+from vimpac.tokenization.views import centre_view
 
 # Generator stream of the kNN clip draws; vimpac.data uses 0-2 for training samples.
 KNN_STREAM = 3
@@ -156,16 +157,6 @@ def all_gather_rows(tensor: torch.Tensor, world: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the clips
 
 
-def default_view(views: Sequence[str], frame_size: int | None) -> str:
-    """The database's centre view (`r<frame_size>_center_f0`, the paper's centre LMDB), or its only view."""
-    preferred = f"r{frame_size}_center_f0"
-    if preferred in views:
-        return preferred
-    if len(views) == 1:
-        return views[0]
-    raise UsageError(f"the kNN database has no view {preferred}; choose one with --knn-view from {', '.join(views)}")
-
-
 class KnnClips(Dataset):
     """One clip per video of a labeled split: item i → {"tokens": int64 [T, h, w], "label": int, "index": i}.
 
@@ -191,7 +182,14 @@ class KnnClips(Dataset):
         self.num_classes = len(manifest.get("classes") or [])
         if self.num_classes < 1:
             raise UsageError(f"the kNN monitor needs a labeled database; {self.db.path} lists no classes")
-        self.view = view if view is not None else default_view(self.db.views, manifest.get("frame_size"))
+        if view is None:
+            view = centre_view(self.db.views, manifest.get("frame_size"))
+            if view is None:
+                raise UsageError(
+                    f"{self.db.path} has no centre view at its frame size; choose one with --knn-view from "
+                    f"{', '.join(self.db.views)}"
+                )
+        self.view = view
         if self.view not in self.db.views:
             raise UsageError(f"view {self.view!r} is not in {self.db.path}; valid views: {', '.join(self.db.views)}")
         self.ids = self.db.ids(split)

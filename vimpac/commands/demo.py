@@ -536,11 +536,13 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
 
     if stages.needed("pretrain-eval"):
         from vimpac.commands import pretrain_eval
+        from vimpac.tokenization.views import centre_view
 
         out = paths.run / "pretrain_eval.json"
+        test_db = CodeDatabase(paths.db("labeled_test"))
         flags = ["--model", str(paths.training("pretrain")), "--data", str(paths.db("labeled_test"))]
-        flags += ["--split", "val", "--views", center_view(paths.db("labeled_test")), "--out", str(out)]
-        flags += ["--batch-size", str(min(8, len(CodeDatabase(paths.db("labeled_test")).ids("val"))))]
+        flags += ["--split", "val", "--views", centre_view(test_db.views) or test_db.views[0], "--out", str(out)]
+        flags += ["--batch-size", str(min(8, len(test_db.ids("val"))))]
         run_command(pretrain_eval.register, ["pretrain-eval", *flags, "--device", device])
         stages.mark("pretrain-eval", {"result": str(out)})
     report["pretraining"] = json.loads((paths.run / "pretrain_eval.json").read_text())
@@ -591,13 +593,6 @@ def last_epoch_mean(records: dict[int, dict], key: str = "accuracy/train") -> fl
     epoch = records[max(records)]["epoch"]
     values = [r[key] for r in records.values() if r.get("epoch") == epoch and key in r]
     return sum(values) / len(values) if values else None
-
-
-def center_view(db_path: Path) -> str:
-    from vimpac.code_db import CodeDatabase
-    from vimpac.commands.visualize import default_view
-
-    return default_view(list(CodeDatabase(db_path).views))
 
 
 def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:

@@ -85,13 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_view(views: list[str]) -> str:
-    """The centre view (unflipped first, e.g. r128_center_f0), else the first view."""
-    centre = [v for v in views if "center" in v or "centre" in v]
-    unflipped = [v for v in centre if not v.endswith("_f1")]
-    return (unflipped or centre or views)[0]
-
-
 def load_masked_token_model(path: Path, device: str):
     """(the pre-trained model, its config, its export folder) from an export folder or run directory; it must
     have the masked-token head (a fine-tuned model cannot predict tokens)."""
@@ -151,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.masking import IGNORE_INDEX, check_mask_config, mask_blocks
     from vimpac.pretrain_eval import recorded_arguments
     from vimpac.tokenization.tokenizer import load_tokenizer
+    from vimpac.tokenization.views import centre_view
     from vimpac.visualize import clip_rows, plot_curves, predict_masked, write_gif, write_grid_png
 
     args.db = args.db or args.run / "codes" / "labeled_test"
@@ -173,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             f"video {video!r} is not in {where}; valid ids include {', '.join(ids[:5])} ({len(ids)} videos, --list "
             "prints them all)"
         )
-    view = args.view if args.view is not None else default_view(db.views)
+    view = args.view if args.view is not None else centre_view(db.views) or db.views[0]
     if view not in db.views:
         raise UsageError(f"view {view!r} is not in {args.db}; its views: {', '.join(db.views)}")
     if args.seed < 0:
