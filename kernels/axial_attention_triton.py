@@ -5,9 +5,12 @@ Semantics are those of `axial_attention_reference` (docs/design.md §5.1): for o
 never keys (CLS always is); the CLS query's output is averaged over all lines.
 
 Layout. Lines are short (1 + T = 6, 1 + 16, 1 + 32) and there are thousands of them, so the op is memory-bound:
-one program owns one head of `LPP` consecutive lines packed row after row into a `BLOCK_M`-row tile
-(`BLOCK_M` a power of two ≥ 16 for `tl.dot`, row r = line r // N, position r % N, N = 1 + L). Q, K and V rows
-are gathered straight from the caller's strided views (row 0 of each line from `cls_*`), and the whole
+one program owns one head of `LPP` consecutive lines of one sample, packed row after row into a `BLOCK_M`-row
+tile (`BLOCK_M` a power of two ≥ 16 for `tl.dot`, row r = line r // N, position r % N, N = 1 + L). The grid is
+(B · ⌈lines per sample / LPP⌉, heads): a program never holds lines of two samples, so the last program of each
+sample may be partly empty (T axis of the small model: 256 lines at 5 per program, 52 programs per sample where
+51.2 would do). Q, K and V token rows are gathered straight from the caller's strided views; the CLS rows, which
+all lines of a program share (`cls_*[b, head]`), are read once per program and broadcast to the tile. The whole
 `BLOCK_M × BLOCK_M` score tile stays in registers; keys of another line in the same tile are masked like PAD.
 Packing several lines per tile trades wasted FLOPs in the off-diagonal blocks (cheap: compute is idle) for
 bigger, better-shaped `tl.dot`s and fewer programs.
@@ -23,8 +26,28 @@ The seed is an int64 scalar tensor on q's device that the kernels `tl.load`, nev
 (`torch.randint` on that device) needs no `.item()`, so no host sync, and torch.compile traces the default
 (seedless) path without a graph break; autograd saves it for backward.
 
-CLS outputs and CLS gradients go to per-line fp32 buffers that PyTorch reduces (`mean`/`sum` over lines):
-deterministic, no atomics.
+CLS outputs and CLS gradients are summed over the program's lines in registers (a masked `tl.sum` over the
+tile's rows), and each program writes one fp32 [d] partial per buffer: [B, programs per sample, heads, d]
+forward, [3, B, programs per sample, heads, d] backward (dcls_q, dcls_k, dcls_v). PyTorch adds the partials
+(forward: and divides by the lines per sample, the mean): deterministic, no atomics.
+
+Bytes per call (`bytes_moved`: what the loads and stores address, plus the partials' reduction), with E = element
+bytes, d = head dim, S = tokens · heads, P = B · ⌈lines per sample / LPP⌉ · heads (programs), C = B · heads:
+
+  forward   4·S·d·E (q, k, v read, out written) + 3·P·d·E (CLS rows) + 2·P·d·4 (partial written, read back)
+            + C·d·E (cls_out) [+ S bytes PAD, read by every head] [+ 8·P dropout seed]
+  backward  7·S·d·E (q, k, v, dO read; dq, dk, dv written) + 4·P·d·E (cls_q, cls_k, cls_v, dcls)
+            + 2·3·P·d·4 (partials) + 3·C·d·E [+ S PAD] [+ 8·P seed]
+  minimum   the token terms + each [B, heads, d] CLS input and output once [+ the PAD mask once]
+
+Before this layout the CLS rows were read and the partials written once per line (P → lines · heads). Worked
+example, the small pre-training model (scripts/pretrain/small.sh with ds_configs/small.json: micro-batch 8,
+clip_len 5, 128 px → 16 × 16 codes, hidden 512 = 8 heads of 64), fp16, axis T: 2048 lines of 6 tokens, 10,240
+tokens. Default tile (32 rows, 5 lines per program, 416 programs per head, no dropout): forward 54.0 MiB per line
+→ 42.9 MiB per program (minimum 40.0 MiB: × 1.35 → × 1.07), backward 102.0 → 76.5 MiB (minimum 70.1 MiB:
+× 1.46 → × 1.09). Training (dropout 0.1, PAD mask: 16-row tiles of 2 lines): forward 54.2 → 47.1 MiB (× 1.35 →
+× 1.18), backward 102.2 → 86.2 MiB (× 1.46 → × 1.23). The token rows are read and written exactly once; the rest
+is what remains above the minimum. The count is of requested bytes: the PAD bytes each head re-reads mostly hit L2.
 """
 
 from __future__ import annotations
@@ -43,17 +66,22 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _row_layout(pid, total_lines, lines_per_b, D2, N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tile row r → (local line, position in line, global line, valid, batch, line coords c1, c2)."""
+def _row_layout(pid, lines_per_b, progs_per_b, D2, N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile row r → (local line, position in line, global line, valid, batch, line coords c1, c2).
+
+    Program `pid` is program pid % progs_per_b of sample b = pid // progs_per_b (a scalar: a program never holds
+    lines of two samples); its lines are lines_per_b-local indices j·LPP + local. The global line
+    b · lines_per_b + index numbers lines as before packing, so dropout offsets do not depend on LPP."""
     r = tl.arange(0, BLOCK_M)
     local = r // N
     pos = r % N
-    line = pid.to(tl.int64) * LPP + local
-    valid = (local < LPP) & (line < total_lines)
-    b = line // lines_per_b
-    rem = line % lines_per_b
-    c1 = rem // D2
-    c2 = rem % D2
+    pid64 = pid.to(tl.int64)
+    b = pid64 // progs_per_b
+    within = (pid64 % progs_per_b) * LPP + local
+    valid = (local < LPP) & (within < lines_per_b)
+    line = b * lines_per_b + within
+    c1 = within // D2
+    c2 = within % D2
     return local, pos, line, valid, b, c1, c2
 
 
@@ -65,12 +93,14 @@ def _token_offsets(b, c1, c2, pos, h, sb, s1, s2, sa, sh):
 
 @triton.jit
 def _load_rows(ptr, cls_ptr, tok_off, is_tok, is_cls, b, h, scb, sch, scd, dcol, CDT: tl.constexpr):
-    """[BLOCK_M, HEAD_DIM] tile: token rows from `ptr`, CLS rows from `cls_ptr` [B, heads, d], zeros elsewhere."""
+    """[BLOCK_M, HEAD_DIM] tile: token rows from `ptr`, CLS rows from `cls_ptr` [B, heads, d], zeros elsewhere.
+
+    All lines of a program belong to sample b, so the CLS row is read once and broadcast to every CLS row."""
     x = tl.load(ptr + tok_off[:, None] + dcol[None, :], mask=is_tok[:, None], other=0.0).to(CDT)
-    cls_off = b * scb + h * sch
-    c = tl.load(cls_ptr + cls_off[:, None] + dcol[None, :] * scd, mask=is_cls[:, None], other=0.0).to(CDT)
-    # The interpreter keeps bf16 as raw bits, so the select happens after the cast to CDT (fp32 there).
-    return tl.where(is_tok[:, None], x, c)
+    c = tl.load(cls_ptr + b * scb + h * sch + dcol * scd).to(CDT)
+    # The interpreter keeps bf16 as raw bits, so the select happens after the cast to CDT (fp32 there). x is 0 off
+    # the token rows. (A nested select, token rows first, made ptxas spill the forward at lines of 6, d=64.)
+    return tl.where(is_cls[:, None], c[None, :], x)
 
 
 @triton.jit
@@ -117,13 +147,13 @@ def _axial_fwd_kernel(
     scqb, scqh, scqd, sckb, sckh, sckd, scvb, scvh, scvd,
     spb, sp1, sp2, spa,
     sob, so1, so2, soa, soh,
-    total_lines, lines_per_b, D2, heads,
+    lines_per_b, progs_per_b, D2, heads,
     N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    local, pos, line, valid, b, c1, c2 = _row_layout(pid, total_lines, lines_per_b, D2, N, LPP, BLOCK_M)
+    local, pos, line, valid, b, c1, c2 = _row_layout(pid, lines_per_b, progs_per_b, D2, N, LPP, BLOCK_M)
     is_tok = valid & (pos > 0)
     is_cls = valid & (pos == 0)
     dcol = tl.arange(0, HEAD_DIM)
@@ -145,8 +175,9 @@ def _axial_fwd_kernel(
 
     out_off = _token_offsets(b, c1, c2, pos, h, sob, so1, so2, soa, soh)
     tl.store(OUT + out_off[:, None] + dcol[None, :], o.to(OUT.dtype.element_ty), mask=is_tok[:, None])
-    cls_off = (line * heads + h) * HEAD_DIM
-    tl.store(CLS_PART + cls_off[:, None] + dcol[None, :], o, mask=is_cls[:, None])
+    # One fp32 partial per program: the sum of its lines' CLS outputs (PyTorch adds the partials, divides by lines).
+    part = (pid.to(tl.int64) * heads + h) * HEAD_DIM + dcol
+    tl.store(CLS_PART + part, tl.sum(tl.where(is_cls[:, None], o, 0.0), axis=0))
 
 
 @triton.jit
@@ -161,13 +192,13 @@ def _axial_bwd_kernel(
     sdob, sdo1, sdo2, sdoa, sdoh,
     sdcb, sdch, sdcd,
     sgb, sg1, sg2, sga, sgh,
-    total_lines, lines_per_b, D2, heads,
+    lines_per_b, progs_per_b, D2, heads,
     N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    local, pos, line, valid, b, c1, c2 = _row_layout(pid, total_lines, lines_per_b, D2, N, LPP, BLOCK_M)
+    local, pos, line, valid, b, c1, c2 = _row_layout(pid, lines_per_b, progs_per_b, D2, N, LPP, BLOCK_M)
     is_tok = valid & (pos > 0)
     is_cls = valid & (pos == 0)
     dcol = tl.arange(0, HEAD_DIM)
@@ -209,22 +240,22 @@ def _axial_bwd_kernel(
     tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=is_tok[:, None])
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=is_tok[:, None])
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=is_tok[:, None])
-    part = (line * heads + h) * HEAD_DIM
-    part_off = part[:, None] + dcol[None, :]
-    part_stride = total_lines * heads * HEAD_DIM
-    tl.store(DCLS_PART + part_off, dq, mask=is_cls[:, None])
-    tl.store(DCLS_PART + part_stride + part_off, dk, mask=is_cls[:, None])
-    tl.store(DCLS_PART + 2 * part_stride + part_off, dv, mask=is_cls[:, None])
+    # One fp32 partial per program and CLS input: the sum over its lines' CLS rows (PyTorch adds the partials).
+    part = (pid.to(tl.int64) * heads + h) * HEAD_DIM + dcol
+    part_stride = tl.num_programs(0).to(tl.int64) * heads * HEAD_DIM
+    tl.store(DCLS_PART + part, tl.sum(tl.where(is_cls[:, None], dq, 0.0), axis=0))
+    tl.store(DCLS_PART + part_stride + part, tl.sum(tl.where(is_cls[:, None], dk, 0.0), axis=0))
+    tl.store(DCLS_PART + 2 * part_stride + part, tl.sum(tl.where(is_cls[:, None], dv, 0.0), axis=0))
 
 
 @triton.jit
 def _keep_mask_kernel(
-    KEEP, SEED, dropout_p, total_lines, heads,
+    KEEP, SEED, dropout_p, lines_per_b, progs_per_b, heads,
     N: tl.constexpr, LPP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    local, pos, line, valid, _, _, _ = _row_layout(pid, total_lines, 1, 1, N, LPP, BLOCK_M)
+    local, pos, line, valid, _, _, _ = _row_layout(pid, lines_per_b, progs_per_b, 1, N, LPP, BLOCK_M)
     keep = _keep_mask(SEED, line, pos, h, heads, dropout_p, N)
     same = (local[:, None] == local[None, :]) & valid[:, None] & valid[None, :]
     offs = ((line * heads + h) * N + pos)[:, None] * N + pos[None, :]
@@ -343,12 +374,13 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
     seq = 1 + length
     total_lines = batch * lines_per_b
     block_m, lpp = _check_fits(seq, dim, q.dtype, dropout_p > 0.0, block_rows, False, q.device)
+    progs_per_b = triton.cdiv(lines_per_b, lpp)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cls_part = torch.empty(batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
+    cls_part = torch.empty(batch, progs_per_b, heads, dim, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or total_lines == 0 or heads == 0:
-        return out, cls_part.mean(1).to(q.dtype)
+        return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
     pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
-    grid = (triton.cdiv(total_lines, lpp), heads)
+    grid = (batch * progs_per_b, heads)
     _axial_fwd_kernel[grid](
         q, k, v, cls_q, cls_k, cls_v, pad, out, cls_part,
         seed, scale * LOG2E, dropout_p,
@@ -356,13 +388,14 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
         *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
         *pad_strides,
         *_line_strides(out, a, d1, d2),
-        total_lines, lines_per_b, q.shape[d2], heads,
+        lines_per_b, progs_per_b, q.shape[d2], heads,
         N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
         HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_num_warps(block_m, dim),
     )  # fmt: skip
-    return out, cls_part.mean(1).to(q.dtype)
+    # cls_out = mean over lines of the per-line CLS outputs = (sum of the per-program partials) / lines.
+    return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
 
 
 def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, scale, seed, block_rows, dout, dcls):
@@ -372,14 +405,17 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
     seq = 1 + length
     total_lines = batch * lines_per_b
     block_m, lpp = _check_fits(seq, dim, q.dtype, dropout_p > 0.0, block_rows, True, q.device)
+    progs_per_b = triton.cdiv(lines_per_b, lpp)
     grads = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]
-    cls_part = torch.zeros(3, batch, lines_per_b, heads, dim, dtype=torch.float32, device=q.device)
     if grads[0].numel() == 0 or total_lines == 0 or heads == 0:
-        return (*(g.zero_() for g in grads), *(part.sum(1).to(q.dtype) for part in cls_part))
+        zero = q.new_zeros(cls_q.shape)
+        return (*(g.zero_() for g in grads), zero, zero.clone(), zero.clone())
+    # Every program writes its partials, so no zero fill.
+    cls_part = torch.empty(3, batch, progs_per_b, heads, dim, dtype=torch.float32, device=q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
-    grid = (triton.cdiv(total_lines, lpp), heads)
+    grid = (batch * progs_per_b, heads)
     _axial_bwd_kernel[grid](
         q, k, v, cls_q, cls_k, cls_v, pad, dout, dcls, *grads, cls_part,
         seed, scale, scale * LOG2E, dropout_p, 1.0 / lines_per_b,
@@ -389,13 +425,66 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
         *_line_strides(dout, a, d1, d2),
         *dcls.stride(),
         *_line_strides(grads[0], a, d1, d2),
-        total_lines, lines_per_b, q.shape[d2], heads,
+        lines_per_b, progs_per_b, q.shape[d2], heads,
         N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
         HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_num_warps(block_m, dim),
     )  # fmt: skip
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
+
+
+def bytes_moved(
+    shape: tuple[int, ...],
+    axis: str,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_rows: int | None = None,
+    dropout: bool = False,
+    backward: bool = False,
+    pad: bool = False,
+    per_line: bool = False,
+) -> dict[str, int]:
+    """Bytes one forward (or backward) call moves through global memory, and the minimum any implementation must.
+
+    shape: [B, T, H, W] (more trailing dims are ignored); the tile is the one the call would use (`_tile`).
+    per_line: count the layout before partials moved into the program (CLS rows read and fp32 partials written
+    once per line instead of once per program). Counts what the kernel's loads and stores address plus the PyTorch
+    reduction of the partials (module docstring, "Bytes per call"); all values in bytes:
+
+      tokens    q, k, v (+ dO) token rows read once, out (+ dq, dk, dv) written once
+      cls       CLS rows read: cls_q, cls_k, cls_v (+ dcls), one row of head_dim each per program (per line and
+                head with per_line)
+      pad       the PAD mask, one byte per token, read by every head's programs (0 without PAD)
+      seed      the int64 dropout seed, read once per program (0 without dropout)
+      partials  fp32 partials (1 buffer forward, 3 backward) written by the kernel and read by the reduction
+      cls_out   the reduced CLS result(s), [B, heads, d] each, written once in the input dtype
+      total     the sum of the above
+      minimum   tokens + the [B, heads, d] CLS inputs read once + cls_out + the PAD mask read once
+    """
+    _, _, _, length, lines_per_b = _geometry(shape, axis)
+    batch = shape[0]
+    elem = torch.empty((), dtype=dtype).element_size()
+    _, lpp = _tile(1 + length, dropout, block_rows)
+    programs = batch * triton.cdiv(lines_per_b, lpp) * heads  # the grid's size
+    tokens = batch * length * lines_per_b
+    row = head_dim * elem
+    n_in, n_out = (4, 3) if backward else (3, 1)  # token tensors read / written; also CLS tensors in / out
+    per = batch * lines_per_b * heads if per_line else programs  # CLS rows read and partials written, per tensor
+    if per_line:  # programs straddled samples then: cdiv(all lines, lines per program) per head
+        programs = triton.cdiv(batch * lines_per_b, lpp) * heads
+    counts = {
+        "tokens": tokens * heads * row * (n_in + n_out),
+        "cls": per * n_in * row,
+        "pad": tokens * heads if pad else 0,
+        "seed": programs * 8 if dropout else 0,
+        "partials": 2 * per * n_out * head_dim * 4,
+        "cls_out": n_out * batch * heads * row,
+    }
+    counts["total"] = sum(counts.values())
+    counts["minimum"] = counts["tokens"] + (n_in + n_out) * batch * heads * row + (tokens if pad else 0)
+    return counts
 
 
 SEED_RANGE = 2**62  # drawn seeds lie in [0, SEED_RANGE); tl.rand takes any 64-bit seed
@@ -559,19 +648,22 @@ def dropout_keep_mask(
     seed: an int or an integer scalar tensor, as in `axial_attention_triton`. block_rows only changes how the
     work is tiled (as in `axial_attention_triton`), never the mask.
     """
-    total_lines = batch * lines_per_b
     keep = torch.zeros(batch, lines_per_b, heads, seq, seq, dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
     block_m, lpp = _tile(seq, True, block_rows)
-    grid = (triton.cdiv(total_lines, lpp), heads)
+    progs_per_b = triton.cdiv(lines_per_b, lpp)
+    grid = (batch * progs_per_b, heads)
     seed = _seed_tensor(seed, keep.device)
-    _keep_mask_kernel[grid](keep, seed, float(dropout_p), total_lines, heads, N=seq, LPP=lpp, BLOCK_M=block_m)
+    _keep_mask_kernel[grid](
+        keep, seed, float(dropout_p), lines_per_b, progs_per_b, heads, N=seq, LPP=lpp, BLOCK_M=block_m
+    )  # fmt: skip
     return keep.bool()
 
 
 __all__ = [
     "axial_attention_triton",
+    "bytes_moved",
     "check_supported",
     "dropout_keep_mask",
 ]

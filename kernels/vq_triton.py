@@ -21,6 +21,20 @@ the two scores is off by at most err_n). The other rows (true ties included, who
 `argmax_scores_reference` on just those rows in fp64, which is exact for them up to fp64 rounding, and ties go to
 the lowest index as there. So the result is the exact argmax of the operands' values, not merely the argmax of
 one fp32 evaluation; it can differ from the fp32 reference only where the reference itself rounds wrongly.
+
+Bytes per call (`bytes_moved`: what the loads and stores address), for x [N, D], codebook [K, D] of E-byte
+elements, fp32 bias, blocks (BLOCK_N, BLOCK_K, ·):
+
+    actual   N·D·E·⌈K/BLOCK_K⌉ (x tiles, re-read for every codebook tile) + K·D·E·⌈N/BLOCK_N⌉ (the codebook, read
+             by every program) [+ 4·K·⌈N/BLOCK_N⌉ bias] + 16·N (idx int64, best and second fp32)
+    minimum  N·D·E + K·D·E [+ 4·K] + 8·N (inputs and codebook read once, indices written once)
+
+Worked example, the DALL-E dVAE head as `vimpac tokenize` runs it (8192 codes × 2048 features with a bias, fp16,
+--encode-batch 64 frames of 128 px → N = 64 · 16 · 16 = 16,384 rows), first fp16 config (128, 128, 32): 8,196
+MiB requested against a minimum of 96.2 MiB (× 85), half of it x and half the codebook. These are the re-reads of
+a GEMM tiling, served by L2 where they hit: the 32 MiB codebook fits in an H100's L2 while the programs in
+flight stream it; each program's x rows (128 × 2048 × 2 B = 512 KB) are re-read once per codebook tile. The call
+also does 2·N·K·D = 550 GFLOP.
 """
 
 from __future__ import annotations
@@ -198,6 +212,36 @@ def _launch(
     return idx, best, second
 
 
+def bytes_moved(
+    n: int, k: int, d: int, dtype: torch.dtype, blocks: tuple[int, int, int], bias: bool = True
+) -> dict[str, int]:
+    """Bytes one launch of `_argmax_scores_kernel` moves through global memory, and the minimum (module docstring,
+    "Bytes per call"). x [n, d] and the codebook [k, d] in `dtype`, bias fp32 [k], blocks (BLOCK_N, BLOCK_K,
+    BLOCK_D) of the config that runs. Counts what the kernel's loads and stores address; all values in bytes:
+
+      x         x rows, read again for every codebook tile: n · d · elem · ⌈k / BLOCK_K⌉
+      codebook  the whole codebook, read by every program: k · d · elem · ⌈n / BLOCK_N⌉
+      bias      the fp32 bias, read by every program (0 without bias)
+      outputs   idx (int64), best and second (fp32) per row: 16 · n
+      total     the sum of the above
+      minimum   x, codebook and bias read once, idx written once
+
+    Not counted: the exact rescoring of near-tie rows (data-dependent, few rows) and `nearest_code_triton`'s
+    distance recomputation."""
+    block_n, block_k, _ = blocks
+    elem = torch.empty((), dtype=dtype).element_size()
+    programs = triton.cdiv(n, block_n)
+    counts = {
+        "x": n * d * elem * triton.cdiv(k, block_k),
+        "codebook": k * d * elem * programs,
+        "bias": 4 * k * programs if bias else 0,
+        "outputs": 16 * n,
+    }
+    counts["total"] = sum(counts.values())
+    counts["minimum"] = n * d * elem + k * d * elem + (4 * k if bias else 0) + 8 * n
+    return counts
+
+
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """err fp32 [N]: a bound on |kernel score − exact score| for every code, per row (module docstring).
 
@@ -275,4 +319,4 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
     return idx, dist
 
 
-__all__ = ["argmax_scores_triton", "nearest_code_triton", "rounding_bound"]
+__all__ = ["argmax_scores_triton", "bytes_moved", "nearest_code_triton", "rounding_bound"]

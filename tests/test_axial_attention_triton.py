@@ -17,7 +17,7 @@ from vimpac.kernels.axial_attention_reference import (
     _lines_with_cls,
     axial_attention_reference,
 )
-from vimpac.kernels.axial_attention_triton import axial_attention_triton, dropout_keep_mask
+from vimpac.kernels.axial_attention_triton import axial_attention_triton, bytes_moved, dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(2, 1, 3, 4), (1, 7, 2, 5), (2, 3, 5, 2)]  # (B, T, H, W): T=1, T=7, H != W, odd sizes
@@ -117,6 +117,79 @@ def test_packing_does_not_change_results(block_rows):
     # Lines of 1 + 5 = 6 rows: 2, 5 and 21 lines per program; the last program is partly empty in each case.
     shape = (1, 3, 5, 5)
     compare_fused("W", shape, pad=random_pad(shape, 0.3, seed=7), block_rows=block_rows)
+
+
+# Programs never straddle samples: the lines of a sample are split into ⌈lines / LPP⌉ programs, the last one
+# partly empty when LPP does not divide the lines. (3, 2, 3, 3): 3 samples; T: 9 lines of 3 rows, H and W: 6 lines
+# of 4 rows. block_rows 16 → 5 (T) or 4 (H, W) lines per program: 2 programs per sample, the second with 4 or 2
+# lines; 32 → 10 or 8, one program per sample holding fewer lines than it could.
+@pytest.mark.parametrize(
+    ("axis", "block_rows", "with_pad"),
+    [("T", 16, False), ("T", 32, True), ("H", 16, True), ("W", 16, False), ("W", None, True)],
+)
+def test_several_samples_and_a_ragged_last_program(axis, block_rows, with_pad):
+    shape = (3, 2, 3, 3)
+    pad = random_pad(shape, 0.3, seed=20) if with_pad else None
+    compare_fused(axis, shape, pad=pad, block_rows=block_rows, seed=21)
+
+
+@pytest.mark.parametrize(("axis", "block_rows"), [("T", None), ("H", 32)])
+def test_dropout_several_samples_and_a_ragged_last_program(axis, block_rows):
+    """Dropout with 3 samples whose lines do not fill their last program: the kernels draw the keep mask of
+    `dropout_keep_mask` (global line numbers, independent of the packing) and match the reference with it."""
+    shape, heads, p, seed = (3, 2, 3, 3), 2, 0.3, 31
+    pad = random_pad(shape, 0.3, seed=22)
+    fused, cls = fused_inputs(shape, heads, seed=23)
+    keep = keep_mask_for(shape, heads, axis, p, seed)
+    # 16-row tiles (the default with dropout) and one program per sample hold the same mask.
+    torch.testing.assert_close(keep, keep_mask_for(shape, heads, axis, p, seed, block_rows=64))
+    got = outputs_and_grads(
+        lambda f, c: axial_attention_triton(
+            *split(f, c), axis, key_padding_mask=pad, dropout_p=p, seed=seed, block_rows=block_rows
+        ),
+        [fused, cls],
+    )
+    want = outputs_and_grads(
+        lambda f, c: reference_with_keep(*split(f, c), axis, pad, keep, p), fp32_leaves([fused, cls])
+    )
+    assert_all_close(got, want, atol=2e-5)
+
+
+def test_bytes_moved_by_hand():
+    """[2, 3, 4, 4] along H: 12 lines of 5 rows per sample, 2 heads of 16, fp16 (2 B), 96 tokens · 2 heads = 192
+    token rows of 32 B."""
+    shape, row = (2, 3, 4, 4), 16 * 2
+    # Forward, default tile (32 rows, 6 lines per program): 2 per sample and head, 8 programs in all.
+    fwd = bytes_moved(shape, "H", 2, 16, torch.float16)
+    assert fwd == {
+        "tokens": 4 * 192 * row,  # q, k, v read, out written
+        "cls": 3 * 8 * row,  # cls_q, cls_k, cls_v rows, once per program
+        "pad": 0,
+        "seed": 0,
+        "partials": 2 * 8 * 16 * 4,  # one fp32 partial per program, written and read back
+        "cls_out": 2 * 2 * row,
+        "total": 24576 + 768 + 1024 + 128,
+        "minimum": 24576 + 4 * 2 * 2 * row,  # tokens + cls_q, cls_k, cls_v, cls_out once
+    }
+    per_line = bytes_moved(shape, "H", 2, 16, torch.float16, per_line=True)
+    assert per_line["cls"] == 3 * 24 * 2 * row and per_line["minimum"] == fwd["minimum"]
+    assert per_line["partials"] == 6 * fwd["partials"]  # the packing factor: 6 lines per program
+    assert per_line["total"] == 24576 + 4608 + 6144 + 128
+    # Backward with PAD and dropout: 16-row tiles of 3 lines, 4 per sample and head, 16 programs.
+    bwd = bytes_moved(shape, "H", 2, 16, torch.float16, dropout=True, backward=True, pad=True)
+    assert bwd == {
+        "tokens": 7 * 192 * row,  # q, k, v, dO read; dq, dk, dv written
+        "cls": 4 * 16 * row,  # cls_q, cls_k, cls_v, dcls
+        "pad": 192,  # 96 mask bytes, read by each head's programs
+        "seed": 16 * 8,
+        "partials": 2 * 3 * 16 * 16 * 4,
+        "cls_out": 3 * 2 * 2 * row,
+        "total": 43008 + 2048 + 192 + 128 + 6144 + 384,
+        "minimum": 43008 + 7 * 2 * 2 * row + 96,
+    }
+    per_line = bytes_moved(shape, "H", 2, 16, torch.float16, dropout=True, backward=True, pad=True, per_line=True)
+    assert per_line["partials"] == 3 * bwd["partials"]  # 3 lines per program
+    assert per_line["seed"] == bwd["seed"]  # 24 lines fill 8 programs of 3 either way
 
 
 @pytest.mark.parametrize("axis", ["T", "H"])

@@ -69,6 +69,29 @@ def test_quick_matrix_covers_the_shipped_lines():
     assert {c["dtype"] for c in vq} == {"fp16", "fp32"}
 
 
+def test_bytes_columns():
+    """Rows carry bytes per call at the shape they stand for; the table shows per-line → per-program partials."""
+    from vimpac.kernels.axial_attention_triton import bytes_moved
+
+    case = {"kernel": "axial_fwd", "spec": "unaligned", "target": 90, "dtype": "fp16", "seq": 6, "dim": 64}
+    case |= {"dropout": False, "pad": False, "shipped": ["small-f128 T=5 axis T"]}
+    fields = ks.bytes_fields(case)
+    assert fields["bytes_shape"] == [8, 5, 16, 16, 8, 64]  # the small model's micro-batch 8, T=5, 16x16, 8 heads
+    assert fields["bytes"] == bytes_moved((8, 5, 16, 16), "T", 8, 64, torch.float16)["total"]
+    assert fields["bytes_min"] < fields["bytes"] < fields["bytes_per_line"]
+    assert ks.bytes_cell(fields) == ("54.0 → 42.9 MiB", "1.35 → 1.07")  # the kernel docstring's worked example
+    row = case | fields | {"block_m": 32, "lpp": 5, "status": "ok", "num_warps": 4, "registers": 110}
+    row |= {"spill_stores": 0, "spill_loads": 0, "shared": 12 * 1024}
+    table = ks.compare_table([], [row]).splitlines()
+    assert table[0] == "| kernel | case | before | after | bytes per call | × minimum |"
+    assert table[2].endswith("| — | (32,5) w4: 110 regs, 0/0 spill, 12 KB | 54.0 → 42.9 MiB | 1.35 → 1.07 |")
+    assert ks.bytes_cell({"kernel": "axial_fwd", "status": "refused"}) == ("—", "—")
+    vq = ks.vq_cases(quick=True, targets=(90,))[0]
+    vq_fields = ks.bytes_fields(vq)
+    assert vq_fields["bytes"] == vq_fields["bytes_per_line"] > vq_fields["bytes_min"]  # VQ is unchanged: one value
+    assert " → " not in ks.bytes_cell(vq_fields)[0]
+
+
 @needs_ptxas
 @pytest.mark.slow
 def test_quick_report_is_clean(tmp_path):

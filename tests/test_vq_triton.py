@@ -216,6 +216,23 @@ def test_strided_and_mixed_inputs():
     assert torch.equal(d_idx, idx)
 
 
+def test_bytes_moved_by_hand():
+    """x [100, 20] and codebook [50, 20] fp32, blocks (32, 16, ·): 4 programs, 4 codebook tiles."""
+    counts = vq_triton.bytes_moved(100, 50, 20, torch.float32, (32, 16, 16))
+    assert counts == {
+        "x": 100 * 20 * 4 * 4,  # re-read for each of the 4 codebook tiles
+        "codebook": 50 * 20 * 4 * 4,  # read by each of the 4 programs
+        "bias": 4 * 50 * 4,
+        "outputs": 16 * 100,  # idx int64, best and second fp32
+        "total": 32000 + 16000 + 800 + 1600,
+        "minimum": 8000 + 4000 + 200 + 800,  # x, codebook, bias once; idx once
+    }
+    # One program, one codebook tile: everything is read once; only best and second are over the minimum.
+    half = vq_triton.bytes_moved(100, 50, 20, torch.float16, (128, 64, 32), bias=False)
+    assert (half["x"], half["codebook"], half["bias"]) == (4000, 2000, 0)
+    assert half["total"] - half["minimum"] == 8 * 100
+
+
 def test_validation_no_grad_and_empty():
     x, w = torch.randn(5, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
     with pytest.raises(ValueError, match="feature sizes"):

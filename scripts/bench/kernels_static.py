@@ -19,6 +19,12 @@ the dispatcher may refuse ("refused": it would not fit the target). VQ: every au
 `_argmax_scores_kernel` for fp16/bf16/fp32. --quick keeps what CI checks: sm_90 fp16 for the shipped lines and
 the VQ configs (fp16, fp32), sm_80 for the largest tiles' shared memory.
 
+Bytes. Every row also carries the bytes one call moves at the shape it stands for (`attention_shape`; VQ at
+VQ_SHAPE), from the kernels' own `bytes_moved`: "bytes" as the kernels run now, "bytes_per_line" for attention
+with the CLS rows read and the fp32 CLS partials written once per line (the layout before per-program partials),
+"bytes_min" the minimum (every input read once, every output written once). The printed report and the --compare
+table show them as "bytes per call" (MiB) and "× minimum", before → after.
+
 --check exits 1 when a kernel fails to compile, needs more shared memory than its target has, or when a default
 tile of a shipped config (or any VQ autotune config) spills. The TRITON_INTERPRET flag is dropped here: AOT
 compilation needs the real `JITFunction`s. Compiles run in a process pool (--jobs) and land in Triton's cache
@@ -181,19 +187,51 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def attention_shape(case: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
+    """[B, T, H, W, heads, d] of the call a case stands for: lines along T of the (last listed) shipped model with
+    the case's head dim at its micro-batch; 2 × L × 16 × 16, 8 heads for other head dims."""
+    seq, dim = case["seq"], case["dim"]
+    heads, batch, grid = 8, 2, 16
+    for d, g, h, b in MODELS.values():
+        if d == dim:
+            heads, batch, grid = h, b, g
+    return batch, seq - 1, grid, grid, heads, dim
+
+
+def bytes_fields(case: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per call (`bytes_moved` of the kernel's module) at the case's shape: "bytes" as the kernels run now,
+    "bytes_per_line" with the CLS rows and fp32 partials once per line (the attention layout before per-program
+    partials; the same as "bytes" for VQ), "bytes_min" the minimum."""
+    dtype = _torch_dtype(case["dtype"])
+    if case["kernel"] == "vq_argmax":
+        from vimpac.kernels.vq_triton import bytes_moved
+
+        n, k, d = VQ_SHAPE
+        counts = bytes_moved(n, k, d, dtype, (case["BLOCK_N"], case["BLOCK_K"], case["BLOCK_D"]), bias=True)
+        return {"bytes": counts["total"], "bytes_per_line": counts["total"], "bytes_min": counts["minimum"]}
+    from vimpac.kernels.axial_attention_triton import bytes_moved
+
+    *shape, heads, dim = attention_shape(case)
+    flags = {"dropout": case["dropout"], "backward": case["kernel"] == "axial_bwd", "pad": case["pad"]}
+    now = bytes_moved(shape, "T", heads, dim, dtype, **flags)
+    before = bytes_moved(shape, "T", heads, dim, dtype, **flags, per_line=True)
+    return {
+        "bytes_shape": [*shape, heads, dim],
+        "bytes": now["total"],
+        "bytes_per_line": before["total"],
+        "bytes_min": now["minimum"],
+    }
+
+
 def _capture_attention(case: dict[str, Any]) -> tuple[Any, tuple, dict]:
     """Run the dispatcher on meta tensors of the case's shape; return (JITFunction, args, kwargs) it launches."""
     import torch
 
     from vimpac.kernels import axial_attention_triton as A
 
-    seq, dim = case["seq"], case["dim"]
-    heads, batch, grid = 8, 2, 16
-    for d, g, h, b in MODELS.values():
-        if d == dim:
-            heads, batch, grid = h, b, g
+    batch, length, grid, _, heads, dim = attention_shape(case)
     # Lines along T: [B, L, grid, grid]; the dispatcher only sees the line length and the strides.
-    shape = (batch, seq - 1, grid, grid)
+    shape = (batch, length, grid, grid)
     dtype = _torch_dtype(case["dtype"])
     qkv = torch.empty(*shape, 3, heads, dim, device="meta", dtype=dtype)
     cls = torch.empty(batch, 3, heads, dim, device="meta", dtype=dtype)
@@ -269,6 +307,7 @@ def compile_case(case: dict[str, Any]) -> dict[str, Any]:
             result["block_m"], result["lpp"] = kwargs["BLOCK_M"], kwargs["LPP"]
     except ValueError as err:  # the dispatcher refused the shape
         return result | {"status": "refused", "message": str(err)}
+    result |= bytes_fields(case)
     target = GPUTarget("cuda", case["target"], 32)
     backend = make_backend(target)
     # The binder and argument packing the JIT runtime uses at launch: same signature, constants, alignment attrs.
@@ -369,11 +408,30 @@ def _cell(r: dict[str, Any] | None) -> str:
     return f"{tile}: {r['registers']} regs, {r['spill_stores']}/{r['spill_loads']} spill, {r['shared'] // 1024} KB"
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def bytes_cell(r: dict[str, Any]) -> tuple[str, str]:
+    """(bytes per call, × minimum) of a row, each "per-line partials → per-program" for attention rows, one value
+    for VQ (unchanged); "—" for rows without byte counts (refused cases, reports written before they existed)."""
+    if "bytes" not in r:
+        return "—", "—"
+    after, before, low = r["bytes"], r["bytes_per_line"], r["bytes_min"]
+    if before == after:
+        return f"{_mib(after)} MiB", f"{after / low:.2f}"
+    return f"{_mib(before)} → {_mib(after)} MiB", f"{before / low:.2f} → {after / low:.2f}"
+
+
 def compare_table(before: list[dict[str, Any]], after: list[dict[str, Any]], everything: bool = False) -> str:
     """Markdown before/after table: sm_90 fp16 unaligned attention rows without PAD and the sm_90 VQ rows, or every
-    row with `everything`."""
+    row with `everything`. The bytes columns come from the after rows: attention per-line partials → per-program
+    partials (`bytes_fields`), at the row's shape."""
     old = {row_key(r): r for r in before}
-    lines = ["| kernel | case | before | after |", "|---|---|---|---|"]
+    lines = [
+        "| kernel | case | before | after | bytes per call | × minimum |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in after:
         if not everything and not (r["target"] == 90 and (r["dtype"] == "fp16" or r["kernel"] == "vq_argmax")):
             continue
@@ -386,7 +444,8 @@ def compare_table(before: list[dict[str, Any]], after: list[dict[str, Any]], eve
             case = f"line {r['seq']} d{r['dim']} {flags}" + (" (shipped)" if r.get("shipped") else "")
             if not everything and r["target"] != 90:
                 continue
-        lines.append(f"| {r['kernel']} | {case} | {_cell(old.get(row_key(r)))} | {_cell(r)} |")
+        moved, ratio = bytes_cell(r)
+        lines.append(f"| {r['kernel']} | {case} | {_cell(old.get(row_key(r)))} | {_cell(r)} | {moved} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -423,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_cases(cases, args.jobs)
     elapsed = time.perf_counter() - start
     for r in results:
-        print(f"{label(r):<70} {_cell(r)}", flush=True)
+        moved, ratio = bytes_cell(r)
+        print(f"{label(r):<70} {_cell(r)}; {moved} per call, {ratio} × minimum", flush=True)
     bad = failures(results)
     print(f"{len(results)} kernels in {elapsed:.0f} s; {len(bad)} problems")
     for line in bad:
