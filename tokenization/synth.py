@@ -29,9 +29,7 @@ class subset gives the same videos for its classes as the full set.
 from __future__ import annotations
 
 import csv
-import json
 import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -45,6 +43,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vimpac.atomic_write import atomic_path, write_json_atomic
 from vimpac.errors import UsageError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -851,9 +850,8 @@ def encode_video(path: Path, frames: Iterator[np.ndarray], fps: int, height: int
     temporary file first so a killed run never leaves a truncated video under the final name. Returns the number
     of frames. One encoder thread: the process pool supplies the parallelism. Encoded bytes are not reproducible
     (this libx264 build varies run to run even single-threaded; the rendered frames are), so compare decoded frames."""
-    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
     count = 0
-    with av.open(str(tmp), "w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = height, width
         formats = [f.name for f in (stream.codec_context.codec.video_formats or [])]
@@ -871,7 +869,6 @@ def encode_video(path: Path, frames: Iterator[np.ndarray], fps: int, height: int
             count += 1
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
     return count
 
 
@@ -1061,17 +1058,11 @@ def tokenize_commands(out: Path, tokenizer: str = "TOKENIZER") -> dict[str, str]
     }
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_annotations(cfg: SynthConfig, labeled: list[PlannedVideo], unlabeled: list[PlannedVideo]) -> None:
     specs = {spec.key: spec for spec in CLASSES}
     if labeled:
         labels = {spec.label_name: str(i) for i, spec in enumerate(cfg.chosen_classes())}
-        _write_json(cfg.out / LABELS_FILE, labels)
+        write_json_atomic(cfg.out / LABELS_FILE, labels, indent=1)
         for split, name in SPLIT_FILES.items():
             items = [
                 {
@@ -1083,7 +1074,7 @@ def _write_annotations(cfg: SynthConfig, labeled: list[PlannedVideo], unlabeled:
                 for p in labeled
                 if p.split == split
             ]
-            _write_json(cfg.out / name, items)
+            write_json_atomic(cfg.out / name, items, indent=1)
     if unlabeled:
         with open(cfg.out / "unlabeled" / HOWTO_FILE, "w", newline="") as f:
             writer = csv.writer(f)
@@ -1190,5 +1181,5 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         "elapsed_s": round(time.perf_counter() - started, 2),
     }
     (cfg.out / README_FILE).write_text(_readme(manifest))
-    _write_json(cfg.out / MANIFEST_FILE, manifest)
+    write_json_atomic(cfg.out / MANIFEST_FILE, manifest, indent=1)
     return manifest

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from vimpac.atomic_write import atomic_path, write_json_atomic
 from vimpac.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -194,15 +194,12 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu", fp16: b
 def save_tokenizer_dir(directory: str | Path, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
     """Write config.json + model.safetensors into `directory` (created if needed); returns the fingerprint.
 
-    Each file is written to a temporary name and moved into place, so a reader (or a killed writer) never sees a
+    Each file is written atomically (vimpac.atomic_write), so a reader (or a killed writer) never sees a
     half-written file. Tensors are saved contiguous, on CPU.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights_tmp))
-    config_tmp = directory / f".{CONFIG_FILE}.tmp"
-    config_tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(weights_tmp, directory / WEIGHTS_FILE)
-    os.replace(config_tmp, directory / CONFIG_FILE)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    write_json_atomic(directory / CONFIG_FILE, dict(config), sort_keys=True)
     return fingerprint(directory)

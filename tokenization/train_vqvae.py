@@ -15,7 +15,6 @@ the same videos, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vimpac.atomic_write import atomic_path
 from vimpac.errors import UsageError
 from vimpac.tokenization.decode import DecodeError, iter_frames
 from vimpac.tokenization.vqvae import VQVAE, VQVAEConfig, frames_to_input, output_to_frames, save_vqvae
@@ -220,9 +220,8 @@ def evaluate(model: VQVAE, frames: np.ndarray, device: torch.device, batch: int 
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_state(out: Path, settings: TrainSettings) -> dict | None:

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from vimpac.atomic_write import atomic_path, fsync_path, write_text_atomic
 from vimpac.config import VimpacConfig
 from vimpac.errors import UsageError
 from vimpac.interpolate import check_resizable, positional_leaf, resize_positional_state, resize_positional_tensor
@@ -113,15 +114,6 @@ def latest_tag(output: str | Path) -> str | None:
     return tag if is_complete_tag(tag) and (checkpoint_root(output) / tag).is_dir() else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict[str, Any]:
     """This process's RNG states: python `random`, numpy's global generator, torch CPU (and CUDA when present)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -149,28 +141,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (its entries), where the platform and file system allow it."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     """fsync every file and directory under `folder` (itself included), so that a rename publishes data that is
     on disk, not only in the page cache (a kill -9 keeps the page cache; a power loss does not)."""
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def _discard(root: Path, folder: Path) -> None:
@@ -192,9 +169,9 @@ def _publish(root: Path, staging: Path, tag: str) -> None:
     if final.exists():  # written by a run that was killed before `latest` named it, and resumed from before it
         _discard(root, final)
     os.replace(staging, final)
-    _fsync_path(root)
-    _write_atomic(root / LATEST, tag)
-    _fsync_path(root)
+    fsync_path(root)
+    write_text_atomic(root / LATEST, tag)
+    fsync_path(root)
 
 
 def _prune(root: Path, tag: str, keep: int) -> None:
@@ -324,10 +301,9 @@ def export_weights(
     folder = Path(output) / EXPORT
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": producer})
-    os.replace(tmp, folder / "model.safetensors")
-    _write_atomic(folder / "config.json", config.to_json() + "\n")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": producer})
+    write_text_atomic(folder / "config.json", config.to_json() + "\n")
     return folder
 
 

@@ -2,7 +2,7 @@
 
 Layout (docs/design.md §3)::
 
-    <db>/manifest.json      configuration, splits, counts, "complete" (written atomically: tmp + os.replace)
+    <db>/manifest.json      configuration, splits, counts, "complete" (written atomically: vimpac.atomic_write)
     <db>/views/<view>/      one LMDB environment per spatial view; key = video id (UTF-8), value = one record
     <db>/failures.jsonl     one JSON object per failed video: {"id", "path", "stage", "reason"}
 
@@ -52,6 +52,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from vimpac.atomic_write import write_json_atomic, write_text_atomic
 from vimpac.errors import UsageError
 
 SCHEMA_VERSION = 1
@@ -199,26 +200,6 @@ def decode_record(buf: bytes | memoryview) -> Record:
 # ------------------------------------------------------------------------------------------ manifest, failures
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader (or a kill) sees either the old file or the new one, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(path: str | Path) -> dict:
     """The manifest of database `path`; UsageError when `path` is not a code database."""
     path = Path(path)
@@ -320,14 +301,7 @@ def _parse_failures(path: Path) -> tuple[list[dict], bool]:
 
 
 def _write_failures(path: Path, failures: Iterable[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for entry in failures:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_text_atomic(path, "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in failures))
 
 
 # ------------------------------------------------------------------------------------------------ scanning
@@ -516,7 +490,7 @@ class CodeDatabaseWriter:
             raise UsageError(f"{self.path} exists, is not empty and is not a code database; choose a new output")
         manifest = {**base, "splits": {}, "counts": {}, "complete": False}
         manifest.setdefault("args", {})
-        _write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
         return manifest
 
     # -- writing
@@ -626,7 +600,7 @@ class CodeDatabaseWriter:
             "counts": _count(self._envs, sorted_splits, kept),
             "complete": True,
         }
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+        write_json_atomic(self.path / MANIFEST, self.manifest)
         return self.manifest
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ runs before the process group exists, so a mistake fails fast with one message.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -24,6 +23,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from vimpac.activation_checkpointing import enable_activation_checkpointing
+from vimpac.atomic_write import write_json_atomic
 from vimpac.checkpoint import latest_tag
 from vimpac.dist_setup import init_distributed
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
@@ -177,4 +177,4 @@ def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
     """<output>/run_config.json: the command line, the merged engine config and what was derived from them."""
     output.mkdir(parents=True, exist_ok=True)
     payload = {"argv": sys.argv, "args": vars(args), **sections}
-    (output / "run_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    write_json_atomic(output / "run_config.json", payload, sort_keys=True, default=str)

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vimpac.atomic_write import write_json_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 # Classes whose motion lasts the whole video, so any temporal crop shows it, and that stay visible at 64 px
 # (rotation of a few-pixel object, or an appearance half-way through, would make crops ambiguous).
@@ -260,9 +262,7 @@ class Stages:
 
     def mark(self, name: str, info: dict) -> None:
         self.done[name] = info
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2) + "\n")
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.done)
 
 
 def launch(module: str, flags: list[str], ranks: int, run_dir: Path, log: Path, device: str) -> None:

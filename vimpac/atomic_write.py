@@ -1,0 +1,59 @@
+"""Files that appear whole or not at all.
+
+Every file other programs or a resumed run read back (manifests, checkpoints' pointers, exported weights, encoded
+videos, run records) is written beside its final name under a temporary one, flushed to disk, renamed over the
+final name, and the directory entry flushed too. A reader, or a process killed mid-write, then sees the old file
+or the new one, never a mix, and a machine that crashes after the rename keeps the new data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (its entries), where the platform and file system allow it."""
+    path = Path(path)
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the caller to write (hidden, with the same suffix, so writers that
+    pick a format from the extension still work). When the block ends normally the file is flushed, renamed over
+    `path` and the directory flushed; when it raises, the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2, **options: Any) -> None:
+    """`obj` as JSON (UTF-8, non-ASCII kept, a final newline); `options` go to json.dumps (sort_keys, default)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, **options) + "\n")
