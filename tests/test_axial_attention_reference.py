@@ -1,4 +1,4 @@
-"""The axial-attention reference against a naive per-line loop with an explicit softmax (float64).
+"""The axial-attention reference against a naive per-line loop with an explicit softmax (float64, tests.helpers).
 
 The naive version builds every line (and every joint sequence) one at a time from the docs/design.md §5.1 definition:
 CLS prepended as query/key/value, PAD keys excluded, CLS query outputs averaged over the lines.
@@ -6,48 +6,15 @@ CLS prepended as query/key/value, PAD keys excluded, CLS query outputs averaged 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import naive_attention
 from vimpac.kernels import axial_attention
 from vimpac.kernels.axial_attention_reference import _attention, axial_attention_reference, joint_attention
 
 SHAPES = [(2, 1, 3, 4), (1, 7, 2, 5), (2, 3, 5, 2)]  # (B, T, H, W): T=1, T=7, H != W
-
-
-def naive_attention(q, k, v, cls_q, cls_k, cls_v, axes, pad=None, scale=None):
-    """Per-line loop: for every sample and every line of `axes`, explicit softmax attention with CLS first."""
-    batch, t, h, w, heads, dim = q.shape
-    scale = dim**-0.5 if scale is None else scale
-    sizes = {"T": t, "H": h, "W": w}
-    line_axes = [a for a in "THW" if a not in axes]
-    token_out, cls_out = {}, []
-    for b in range(batch):
-        cls_lines = []
-        for line in itertools.product(*(range(sizes[a]) for a in line_axes)):
-            positions = []
-            for along in itertools.product(*(range(sizes[a]) for a in axes)):
-                where = dict(zip(line_axes, line)) | dict(zip(axes, along))
-                positions.append((where["T"], where["H"], where["W"]))
-            qs = torch.stack([cls_q[b]] + [q[b, i, j, l] for i, j, l in positions])  # [S, heads, d]
-            ks = torch.stack([cls_k[b]] + [k[b, i, j, l] for i, j, l in positions])
-            vs = torch.stack([cls_v[b]] + [v[b, i, j, l] for i, j, l in positions])
-            allowed = torch.tensor([True] + [pad is None or not bool(pad[b, i, j, l]) for i, j, l in positions])
-            scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-            probs = weights / weights.sum(dim=-1, keepdim=True)
-            out = torch.einsum("hij,jhd->ihd", probs, vs)
-            cls_lines.append(out[0])
-            for p, pos in enumerate(positions):
-                token_out[(b, *pos)] = out[1 + p]
-        cls_out.append(torch.stack(cls_lines).mean(dim=0))
-    order = itertools.product(range(batch), range(t), range(h), range(w))
-    out = torch.stack([token_out[key] for key in order]).view(batch, t, h, w, heads, dim)
-    return out, torch.stack(cls_out)
 
 
 def fused_inputs(shape, heads=2, dim=4, dtype=torch.float64, seed=0):

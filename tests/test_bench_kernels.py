@@ -3,12 +3,13 @@ implementation and the derived figures agree with the times."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "kernels.py"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "scripts" / "bench" / "kernels.py"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the quick run is the CPU smoke test")
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from vimpac.flops import pretrain_train_flops
 from vimpac.masking import IGNORE_INDEX
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "train_step.py"
+SCRIPT = REPO / "scripts" / "bench" / "train_step.py"
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,13 @@ plot, on hand-made rows (the runs themselves are the demo's, tested in test_demo
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "transfer.py"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "scripts" / "bench" / "transfer.py"
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import MODEL, REPO, RUN, assert_same_curve, command, environment, train
 from tests.synthetic_codes import write_code_database
-from tests.test_pretrain_runs import MODEL, REPO, RUN, assert_same_curve, command, environment, train
 from vimpac.checkpoint import (
     LATEST,
     PARTIAL_PREFIX,

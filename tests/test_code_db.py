@@ -19,6 +19,7 @@ import lmdb
 import numpy as np
 import pytest
 
+from tests.helpers import REPO
 from vimpac import code_db
 from vimpac.code_db import (
     CodeDatabase,
@@ -30,8 +31,6 @@ from vimpac.code_db import (
     merge,
 )
 from vimpac.errors import UsageError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_db_command():

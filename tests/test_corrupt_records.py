@@ -9,7 +9,6 @@ record and a record of another version are put under three ids, and one key is d
 import json
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -18,9 +17,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.synthetic_codes import FRAME_SIZE, VIEW, VOCAB, write_code_database
-from tests.test_finetune import write_labeled
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment, launcher
+from tests.synthetic_codes import FRAME_SIZE, VIEW, VOCAB, write_code_database, write_labeled
 from vimpac.code_db import (
     DEFAULT_MAP_SIZE,
     VIEWS_DIR,
@@ -34,7 +32,6 @@ from vimpac.data import PretrainClips, ResumableDistributedSampler
 from vimpac.finetune_data import FinetuneTestClips, FinetuneTrainClips
 from vimpac.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 GARBAGE, TRUNCATED, OTHER_VERSION, DELETED = "video0005", "video0012", "video0020", "video0009"
 CORRUPT = (GARBAGE, TRUNCATED, OTHER_VERSION)
 MODEL = ["--layers", "1", "--hid-dim", "32", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "32"]
@@ -165,7 +162,7 @@ def test_finetune_datasets_leave_out_or_substitute_bad_videos(tmp_path, capsys):
 
 
 def pretrain_run(db: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "vimpac/pretrain.py", "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
+    command = [*launcher("vimpac.pretrain", 1), "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
     return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
 
 

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image, ImageSequence
 from safetensors import safe_open
 
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment
 from vimpac.code_db import inspect
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     "synth",
     "tokenizer",

@@ -1,14 +1,14 @@
 """Merging a DeepSpeed json with the command line, batch arithmetic, and the shipped ds_configs/*.json."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, resolve_batch, uses_activation_checkpointing
 from vimpac.errors import UsageError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+CONFIGS = REPO / "ds_configs"
 
 
 def test_resolve_batch():

@@ -7,8 +7,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment, launcher
+from tests.synthetic_codes import GRID, VOCAB, write_labeled
 from vimpac.checkpoint import export_weights
-from vimpac.code_db import CodeDatabaseWriter
 from vimpac.config import VimpacConfig
 from vimpac.data import clip_slack, evaluation_starts
 from vimpac.dist_setup import free_port
@@ -36,48 +34,7 @@ from vimpac.finetune_setup import evaluate_clips, finetune_config, forward_in_ch
 from vimpac.metrics import read_metrics
 from vimpac.modeling import VimpacForClassification, VimpacForPretraining
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB, GRID = 64, (4, 4)
 TWELVE = [f"r{r}_{c}_f{f}" for f in (0, 1) for r in (32, 40) for c in ("top", "center", "bottom")]
-
-
-def write_labeled(
-    path, videos_per_class=8, val_per_class=4, classes=4, frames=9, views=("r32_center_f0",), kind="class"
-):
-    """A labeled database. kind "class": video of class c = the class pattern with 3 of 16 codes random, the same
-    in every frame and view (learnable). kind "index": frame f of view v holds code 10·v + f everywhere (tells
-    which view and start a clip came from)."""
-    rng = np.random.default_rng(0)
-    patterns = rng.integers(0, VOCAB, size=(classes, *GRID))
-    manifest = {
-        "dataset": "synthetic",
-        "fps": 2,
-        "frame_size": 32,
-        "grid": list(GRID),
-        "tokenizer": {"name": "synthetic", "vocab_size": VOCAB, "fingerprint": "0" * 16},
-        "views": list(views),
-        "classes": [f"class{c}" for c in range(classes)],
-    }
-    splits = {"train": [], "val": []}
-    with CodeDatabaseWriter(path, manifest) as writer:
-        for c in range(classes):
-            for i in range(videos_per_class + val_per_class):
-                vid = f"c{c}_v{i:02d}"
-                if kind == "class":
-                    base = patterns[c].copy()
-                    base.flat[rng.choice(16, 3, replace=False)] = rng.integers(0, VOCAB, 3)
-                    codes = {v: np.repeat(base[None], frames, 0).astype(np.int16) for v in views}
-                else:
-                    codes = {
-                        v: np.broadcast_to((10 * j + np.arange(frames))[:, None, None], (frames, *GRID)).astype(
-                            np.int16
-                        )
-                        for j, v in enumerate(views)
-                    }
-                writer.add(vid, codes, label=c, duration=frames / 2, fps=2.0)
-                splits["train" if i < videos_per_class else "val"].append(vid)
-        writer.finalize(splits)
-    return Path(path)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +250,7 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
         "0",
     ]
     run += ["--batch-size", "8", "--bs-per-gpu", "8", "--lr", "3e-3", "--warm-up", "0.1", "--data", str(db)]
-    cmd = [sys.executable, "vimpac/finetune.py", *run, *model, "--epochs", "12", "--eval-per-epochs", "6"]
+    cmd = [*launcher("vimpac.finetune", 1), *run, *model, "--epochs", "12", "--eval-per-epochs", "6"]
     cmd += ["--last-test-clips", "1,2", "--output", str(out)]
     result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -309,7 +266,7 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
     # the same schedule in two launches (--interval 5, then --resume) ends with the same curve and predictions
     chunked = tmp_path / "chunked"
     for extra in (["--interval", "5"], ["--resume"]):
-        cmd = [sys.executable, "vimpac/finetune.py", *run, *model, "--epochs", "12", "--eval-per-epochs", "6"]
+        cmd = [*launcher("vimpac.finetune", 1), *run, *model, "--epochs", "12", "--eval-per-epochs", "6"]
         cmd += ["--last-test-clips", "1,2", "--output", str(chunked), *extra]
         result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -317,14 +274,14 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
     resumed = json.loads((chunked / "eval" / "final_clips2.json").read_text())
     assert resumed["predictions"] == final[2]["predictions"] and resumed["loss"] == final[2]["loss"]
     # eval-only on the export reproduces the final evaluation
-    cmd = [sys.executable, "vimpac/finetune.py", *run, "--eval-only", "--load", str(out / "export")]
+    cmd = [*launcher("vimpac.finetune", 1), *run, "--eval-only", "--load", str(out / "export")]
     cmd += ["--last-test-clips", "2", "--output", str(tmp_path / "eval")]
     result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "eval" / "eval_only_clips2.json").read_text())
     assert again["predictions"] == final[2]["predictions"] and again["top1"] == final[2]["top1"]
     # another clip length without --different-shape is refused with both shapes named
-    cmd = [sys.executable, "vimpac/finetune.py", *run, "--load", str(out / "export"), "--clip-len", "3"]
+    cmd = [*launcher("vimpac.finetune", 1), *run, "--load", str(out / "export"), "--clip-len", "3"]
     cmd += ["--output", str(tmp_path / "bad")]
     result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "(2, 4, 4)" in result.stderr and "(3, 4, 4)" in result.stderr
@@ -343,11 +300,7 @@ def test_two_ranks_under_the_launcher_evaluate_every_video_once(tmp_path):
     records = {}
     for ranks in (1, 2):
         out = tmp_path / f"run{ranks}"
-        script = ["vimpac/finetune.py", *run, "--output", str(out)]
-        cmd = [sys.executable, *script]
-        if ranks == 2:
-            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-            cmd += script
+        cmd = [*launcher("vimpac.finetune", ranks), *run, "--output", str(out)]
         result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         records[ranks] = json.loads((out / "eval" / "final_clips2.json").read_text())

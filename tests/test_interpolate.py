@@ -7,7 +7,6 @@ API) or the checkpoint file itself (stage 0).
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import REPO, environment, launcher
 from tests.synthetic_codes import VOCAB, write_code_database
-from tests.test_pretrain_runs import DEEPSPEED, environment
 from vimpac.config import VimpacConfig
-from vimpac.dist_setup import free_port
 from vimpac.errors import UsageError
 from vimpac.interpolate import (
     check_resizable,
@@ -31,7 +29,6 @@ from vimpac.metrics import read_metrics
 from vimpac.modeling import VimpacBackbone, VimpacForPretraining
 from vimpac.optim import lr_multiplier
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "resume_probe.py"
 POS = "backbone.positional_embedding."
 
@@ -183,12 +180,10 @@ RUN = ["--deepspeed_config", "ds_configs/cpu.json", "--batch-size", "8", "--bs-p
 RUN += ["--lr", "1e-2", "--warm-up", "3", "--epochs", "4"]  # 2 steps per epoch on 16 videos: 8 steps in all
 
 
-def launch(script: Path, db: Path, output: Path, frame: int, ranks: int, *flags: str, probe: Path | None = None):
-    args = [str(script), "--data", str(db), "--output", str(output), "--frame-size", str(frame), *MODEL, *RUN, *flags]
-    if ranks > 1:
-        args = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
-    else:
-        args = [sys.executable, *args]
+def launch(entry: str, db: Path, output: Path, frame: int, ranks: int, *flags: str, probe: Path | None = None):
+    """Run `entry` (vimpac.pretrain, or the path of tests/resume_probe.py) in one process or over `ranks` ranks."""
+    args = [*launcher(entry, ranks), "--data", str(db), "--output", str(output), "--frame-size", str(frame)]
+    args += [*MODEL, *RUN, *flags]
     env = environment()
     if probe is not None:
         env["RESUME_PROBE_OUTPUT"] = str(probe)
@@ -203,7 +198,7 @@ def run_ok(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def probe_state(db: Path, output: Path, frame: int, ranks: int, *flags: str) -> dict:
     path = output.parent / f"probe_{output.name}_{frame}.pt"
-    run_ok(PROBE, db, output, frame, ranks, *flags, "--resume", probe=path)
+    run_ok(str(PROBE), db, output, frame, ranks, *flags, "--resume", probe=path)
     return torch.load(path, weights_only=False)
 
 
@@ -279,13 +274,13 @@ def test_resume_at_a_larger_frame_size_interpolates_and_continues(databases, tmp
     small, large = databases
     output = tmp_path / "run"
     old_config, new_config = small_model_configs()
-    run_ok(REPO / "vimpac/pretrain.py", small, output, 32, 1, "--interval", "2")  # epochs 0-1: steps 1-4, ZeRO 2
+    run_ok("vimpac.pretrain", small, output, 32, 1, "--interval", "2")  # epochs 0-1: steps 1-4, ZeRO 2
     new = probe_state(large, output, 64, 1)
     old = zero_checkpoint_state(output / "checkpoints" / "step00000004")
     assert_resized(new, old, old_config, new_config)
     assert not any(p.name.startswith("resized-") for p in (output / "checkpoints").iterdir()), "scratch removed"
 
-    resumed = run_ok(REPO / "vimpac/pretrain.py", large, output, 64, 1, "--resume")
+    resumed = run_ok("vimpac.pretrain", large, output, 64, 1, "--resume")
     assert "positional tables and their Adam moments interpolated" in resumed.stdout
     metrics = read_metrics(output)
     assert sorted(metrics) == list(range(1, 9))  # the step counter continues: 5-8 in epochs 2 and 3
@@ -296,7 +291,7 @@ def test_resume_at_a_larger_frame_size_interpolates_and_continues(databases, tmp
     assert VimpacConfig.load(output / "export" / "config.json").grid == (8, 8)
 
     # A resume that changes more than the shape is refused before anything is built.
-    refused = launch(REPO / "vimpac/pretrain.py", large, output, 64, 1, "--resume", "--dropout", "0.2")
+    refused = launch("vimpac.pretrain", large, output, 64, 1, "--resume", "--dropout", "0.2")
     assert refused.returncode == 2 and "dropout" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -305,7 +300,7 @@ def test_resume_at_a_larger_frame_size_from_zero_stage_0(databases, tmp_path):
     output = tmp_path / "run0"
     old_config, new_config = small_model_configs()
     flags = ["--zero-stage", "0", "--save-steps", "1", "--keep-checkpoints", "4"]
-    run_ok(REPO / "vimpac/pretrain.py", small, output, 32, 1, "--interval", "2", *flags)
+    run_ok("vimpac.pretrain", small, output, 32, 1, "--interval", "2", *flags)
     # Resume the checkpoint written in the middle of epoch 1, after step 3.
     (output / "checkpoints" / "latest").write_text("step00000003")
     # The old state straight from the checkpoint file: module weights and the torch AdamW state_dict, whose
@@ -340,11 +335,11 @@ def test_resume_at_a_larger_frame_size_over_two_ranks(databases, tmp_path, stage
     old_config, new_config = small_model_configs()
     # 2 ranks × 2 videos × 2 accumulation steps: still 2 steps per epoch.
     two = ["--batch-size", "8", "--bs-per-gpu", "2", "--zero-stage", str(stage)]
-    run_ok(REPO / "vimpac/pretrain.py", small, output, 32, 2, *two, "--interval", "2")
+    run_ok("vimpac.pretrain", small, output, 32, 2, *two, "--interval", "2")
     old = probe_state(small, output, 32, 2, *two)
     new = probe_state(large, output, 64, 2, *two)
     assert_resized(new, old, old_config, new_config)
-    run_ok(REPO / "vimpac/pretrain.py", large, output, 64, 2, *two, "--resume")
+    run_ok("vimpac.pretrain", large, output, 64, 2, *two, "--resume")
     metrics = read_metrics(output)
     assert sorted(metrics) == list(range(1, 9))
     for step, record in metrics.items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_modeling import random_batch
+from tests.helpers import random_batch
 from vimpac.config import VimpacConfig
 from vimpac.modeling import VimpacForPretraining
 

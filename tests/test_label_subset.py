@@ -5,19 +5,15 @@ subset, the flag checks, and one short fine-tuning run on 2 videos per class."""
 import json
 import random
 import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from tests.test_finetune import VOCAB, write_labeled
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment, launcher
+from tests.synthetic_codes import VOCAB, write_labeled
 from vimpac import finetune
 from vimpac.errors import UsageError
 from vimpac.finetune_data import FinetuneTrainClips, few_labels_warning, label_subset, subset_repeats
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _split(sizes: dict[int, int]) -> tuple[list[str], list[int]]:
@@ -153,7 +149,7 @@ def test_flag_checks_fail_before_any_work(capsys):
 def test_finetune_on_two_labels_per_class(tmp_path, db):
     """6 of 15 videos, batch 8: the subset is under one batch, so it is passed over twice per epoch (1 step)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "vimpac/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--precision", "fp32"]
+    cmd = [*launcher("vimpac.finetune", 1), "--deepspeed_config", "ds_configs/cpu.json", "--precision", "fp32"]
     cmd += ["--zero-stage", "0", "--num-workers", "0", "--batch-size", "8", "--bs-per-gpu", "8", "--data", str(db)]
     cmd += ["--layers", "1", "--hid-dim", "32", "--heads", "2", "--clip-len", "2", "--frame-size", "32"]
     cmd += ["--vocab-size", str(VOCAB), "--nce-proj-hid-dim", "32", "--epochs", "2", "--output", str(out)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_axial_attention_reference import naive_attention
+from tests.helpers import naive_attention, random_batch
 from vimpac.config import VimpacConfig, parse_layout
 from vimpac.errors import UsageError
 from vimpac.modeling import (
@@ -39,19 +39,6 @@ def tiny_config(**overrides) -> VimpacConfig:
         nce_dim=16,
     )
     return VimpacConfig(**(fields | overrides))
-
-
-def random_batch(config: VimpacConfig, batch: int = 3, seed: int = 0):
-    """Tokens with some PAD (a padded frame) and MASK, and labels at a few masked positions."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, config.vocab_size, (batch, *config.shape), generator=gen)
-    labels = torch.full_like(tokens, -100)
-    masked = torch.rand(tokens.shape, generator=gen) < 0.25
-    labels[masked] = tokens[masked]
-    tokens[masked] = config.mask_id
-    tokens[0, -1] = config.pad_id
-    labels[0, -1] = -100
-    return tokens, labels
 
 
 # Parameter counts -------------------------------------------------------------------------------------------

@@ -32,14 +32,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import DEEPSPEED, REPO
 from tests.synthetic_codes import FRAME_SIZE, VOCAB, write_code_database
 from vimpac.checkpoint import checkpoint_root, latest_tag
 from vimpac.dist_setup import free_port
 from vimpac.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "scripts" / "multinode" / "launch.sh"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 IFNAME = "vimpac0"  # the veth end in each namespace: the same name on both hosts, for GLOO_SOCKET_IFNAME
 MODEL = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
 MODEL += ["--vocab-size", str(VOCAB), "--frame-size", str(FRAME_SIZE), "--mask-blocks", "2"]

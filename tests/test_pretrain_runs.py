@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,58 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.synthetic_codes import FRAME_SIZE, VOCAB, write_code_database
+from tests.helpers import REPO, assert_same_curve, command, environment, shm_segments, train
+from tests.synthetic_codes import VOCAB, write_code_database
 from vimpac.checkpoint import latest_tag
 from vimpac.config import VimpacConfig
-from vimpac.dist_setup import free_port
 from vimpac.metrics import read_metrics
 from vimpac.modeling import VimpacForPretraining
-
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-MODEL = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
-MODEL += ["--vocab-size", str(VOCAB), "--frame-size", str(FRAME_SIZE), "--mask-blocks", "2"]
-RUN = ["--deepspeed_config", "ds_configs/cpu.json", "--batch-size", "16", "--bs-per-gpu", "4", "--num-workers", "0"]
-RUN += ["--lr", "1e-2", "--warm-up", "0.1"]
-LOSSES = ("loss/total", "loss/mlm", "loss/nce", "accuracy/mlm", "accuracy/nce")
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # One build of DeepSpeed's shm op per venv (docs/design.md §11.2), one thread per rank on the 2-core machine.
-    env["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-def command(db: Path, output: Path, ranks: int, *flags: str) -> list[str]:
-    script = ["vimpac/pretrain.py", "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
-    if ranks == 1:
-        return [sys.executable, *script]
-    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
-
-
-def shm_segments() -> set[Path]:
-    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
-
-
-def train(db: Path, output: Path, ranks: int, *flags: str) -> dict[int, dict]:
-    before = shm_segments()
-    result = subprocess.run(
-        command(db, output, ranks, *flags), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert shm_segments() <= before, "DeepSpeed's CPU all-reduce segments were left in /dev/shm"
-    return read_metrics(output)
-
-
-def assert_same_curve(actual: dict[int, dict], expected: dict[int, dict], rtol: float = 0.0) -> None:
-    assert sorted(actual) == sorted(expected)
-    for step in expected:
-        for name in LOSSES:
-            assert actual[step][name] == pytest.approx(expected[step][name], rel=rtol, abs=rtol * 1e-3), (step, name)
 
 
 def exported_state(output: Path) -> dict[str, torch.Tensor]:

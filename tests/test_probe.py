@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.synthetic_codes import write_code_database
-from tests.test_finetune import VOCAB, write_labeled
-from tests.test_pretrain_runs import environment
+from tests.helpers import REPO, environment
+from tests.synthetic_codes import VOCAB, write_code_database, write_labeled
 from vimpac import probe
 from vimpac.checkpoint import export_weights
 from vimpac.cli import main
@@ -31,7 +30,6 @@ from vimpac.probe import (
     linear_probe,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = VimpacConfig(vocab_size=VOCAB, hidden_size=32, heads=2, layers=1, clip_len=3, grid=(4, 4), nce_proj_hid_dim=32)
 
 

@@ -1,0 +1,34 @@
+"""The trainers start both ways the docs name: as modules (`python -m vimpac.pretrain`, `deepspeed --module
+vimpac.pretrain`; what the demo, the recipe scripts and the other tests use, needing only the installed package,
+so they run here from a directory outside the checkout) and as scripts from a checkout (`python vimpac/pretrain.py`,
+the README's form)."""
+
+import subprocess
+
+import pytest
+
+from tests.helpers import DEEPSPEED, REPO, environment, launcher
+from vimpac.dist_setup import free_port
+
+ENTRIES = [("vimpac.pretrain", "vimpac/pretrain.py"), ("vimpac.finetune", "vimpac/finetune.py")]
+
+
+def run_help(command: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, "--help"], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module, script", ENTRIES)
+def test_module_and_script_forms_print_the_same_usage(module, script, tmp_path):
+    as_module = run_help(launcher(module, 1), tmp_path)
+    as_script = run_help(launcher(script, 1), REPO)
+    for result in (as_module, as_script):
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert as_module.stdout.startswith(f"usage: {script} ")
+    assert as_module.stdout == as_script.stdout
+
+
+def test_the_deepspeed_launcher_starts_the_module(tmp_path):
+    ports = ["--num_gpus", "1", "--master_port", str(free_port())]
+    result = run_help([str(DEEPSPEED), *ports, "--module", "vimpac.pretrain"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "usage: vimpac/pretrain.py " in result.stdout
