@@ -9,23 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vimpac.losses import gather_masked, gather_with_grad, info_nce, masked_token_loss
+from vimpac.losses import gather_with_grad, info_nce, masked_token_loss
 from vimpac.masking import IGNORE_INDEX
-
-
-def test_gather_masked_selects_labelled_positions_in_order():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 3, 4, 5, 6, generator=g)
-    labels = torch.full((2, 3, 4, 5), IGNORE_INDEX)
-    picked = [(0, 0, 0, 1), (0, 2, 3, 4), (1, 1, 2, 0), (1, 2, 0, 3)]
-    for n, pos in enumerate(picked):
-        labels[pos] = 10 + n
-    rows, targets = gather_masked(hidden, labels)
-    assert rows.shape == (4, 6)
-    torch.testing.assert_close(rows, torch.stack([hidden[p] for p in picked]))
-    assert targets.tolist() == [10, 11, 12, 13]
-    with pytest.raises(ValueError):
-        gather_masked(hidden, labels[..., :4])
 
 
 def test_masked_loss_equals_full_logits_ce_over_masked_positions():
@@ -39,7 +24,7 @@ def test_masked_loss_equals_full_logits_ce_over_masked_positions():
     selected = labels != IGNORE_INDEX
     ref_acc = (logits_full.argmax(-1)[selected] == labels[selected]).float().mean()
 
-    at_masked, targets = gather_masked(logits_full, labels)
+    at_masked, targets = logits_full[selected], labels[selected]
     out = masked_token_loss(at_masked, targets)
     torch.testing.assert_close(out.loss, reference)
     assert out.num_masked.item() == selected.sum().item()

@@ -131,12 +131,6 @@ def average_view_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits.float(), dim=-1).mean(dim=1)
 
 
-def view_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every view of every video: logits [N, V, C], labels [N] → scalar (float32)."""
-    n, v, c = logits.shape
-    return F.cross_entropy(logits.float().reshape(n * v, c), labels.long().repeat_interleave(v))
-
-
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
     """top1 / top5 (fractions of videos whose label is among the 1 / 5 most probable classes; top-5 with fewer
     than 5 classes is 1), per_class {name: accuracy or None without videos} and mean_class_accuracy (over the

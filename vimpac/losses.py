@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vimpac.masking import IGNORE_INDEX
-
 
 class MaskedTokenLoss(NamedTuple):
     """loss: scalar mean CE over masked positions (0 with a graph when there are none, never NaN);
@@ -41,18 +39,6 @@ class ContrastiveLoss(NamedTuple):
 
     loss: torch.Tensor
     accuracy: torch.Tensor
-
-
-def gather_masked(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the predicted positions so the MLM head computes logits only there (docs/reference.md §8.7).
-
-    hidden: [B, T, H, W, D]; labels: [B, T, H, W] int64 with IGNORE_INDEX where nothing is predicted.
-    Returns (hidden_at_masked [M, D], targets [M]) in row-major (b, t, h, w) order.
-    """
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} plus a feature dim")
-    selected = labels != IGNORE_INDEX
-    return hidden[selected], labels[selected]
 
 
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> MaskedTokenLoss:
