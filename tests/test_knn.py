@@ -21,15 +21,14 @@ from vimpac.knn import (
     KnnClips,
     KnnMonitor,
     add_knn_arguments,
-    assemble_shards,
     extract_features,
     knn_monitor_from_args,
     knn_predict,
-    shard_positions,
     topk_accuracy,
 )
 from vimpac.modeling import VimpacBackbone
 from vimpac.pretrain_setup import PretrainTask
+from vimpac.sharded_eval import assemble_shards, shard_positions
 from vimpac.trainer import Trainer, TrainSettings
 
 CLASSES = ["a", "b", "c"]

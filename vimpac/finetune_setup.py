@@ -12,8 +12,8 @@ backbone's dropout is --dropout. Pre-training heads are dropped; a classifier of
 loaded too (how --eval-only evaluates a fine-tuned export). Without --load the model is trained from scratch.
 
 Evaluation (docs/reference.md §6.6): every test view × K clips per video, softmax per view, probabilities averaged; each
-rank takes its `shard_positions` share and the results are all-gathered and de-duplicated (`assemble_shards`), so every
-video counts exactly once whatever the world size. Results go to <output>/eval/<name>.json, TensorBoard and
+rank evaluates its share and the results are gathered so that every video counts exactly once whatever the world
+size (vimpac.sharded_eval). Results go to <output>/eval/<name>.json, TensorBoard and
 metrics.jsonl (eval/top1_clips<K>, eval/top5_clips<K>, eval/loss_clips<K>).
 
 Low-label regime (`--labels-per-class N`): every rank trains on the same vimpac.finetune_data.label_subset of the
@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Subset
 
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args, grid_from_frame_size
@@ -50,7 +49,6 @@ from vimpac.finetune_data import (
     training_views,
 )
 from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
-from vimpac.knn import all_gather_rows, assemble_shards, shard_positions
 from vimpac.modeling import VimpacForClassification
 from vimpac.run_setup import (
     launch_world,
@@ -61,6 +59,7 @@ from vimpac.run_setup import (
     start_engine,
     train_settings,
 )
+from vimpac.sharded_eval import evaluate_sharded
 from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_summary
 
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
@@ -171,36 +170,26 @@ def evaluate_clips(
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, C], per-video mean cross-entropy over views [N]) of every video of `dataset`, in its
-    order, each counted once: rank r takes shard_positions(N, r, W) (the padding repeats are dropped after the
-    all-gather). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in eval mode and is put back;
-    `clips_per_forward` is halved on out-of-memory (forward_in_chunks). A collective: every rank calls it."""
-    positions, valid = shard_positions(len(dataset), rank, world)
+    order, each counted once (vimpac.sharded_eval). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in
+    eval mode and is put back; `clips_per_forward` is halved on out-of-memory (forward_in_chunks). A collective:
+    every rank calls it."""
     views = len(dataset.views) * dataset.num_clips
-    loader = DataLoader(
-        Subset(dataset, positions.tolist()),
-        batch_size=max(1, clips_per_forward // views),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(0),
+    chunk = clips_per_forward
+
+    def rows_of(batch: dict[str, Any]) -> torch.Tensor:
+        nonlocal chunk
+        tokens = batch["tokens"].flatten(0, 1).to(device)  # [B·V, T, h, w]
+        logits, chunk = forward_in_chunks(model, tokens, chunk)
+        logits = logits.view(-1, views, logits.shape[-1])
+        labels = batch["label"].to(device)
+        probs = average_view_probabilities(logits)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(views), reduction="none")
+        return torch.cat([probs, loss.view(-1, views).mean(dim=1, keepdim=True)], dim=1)
+
+    batch_size = max(1, clips_per_forward // views)
+    result = evaluate_sharded(
+        model, dataset, rows_of, rank=rank, world=world, batch_size=batch_size, num_workers=num_workers
     )
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for batch in loader:
-            tokens = batch["tokens"].flatten(0, 1).to(device)  # [B·V, T, h, w]
-            logits, clips_per_forward = forward_in_chunks(model, tokens, clips_per_forward)
-            logits = logits.view(-1, views, logits.shape[-1])
-            labels = batch["label"].to(device)
-            probs = average_view_probabilities(logits)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(views), reduction="none")
-            rows.append(torch.cat([probs, loss.view(-1, views).mean(dim=1, keepdim=True)], dim=1))
-    finally:
-        model.train(was_training)
-    local = torch.cat(rows)
-    gathered = all_gather_rows(local, world)
-    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
-    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
-    result = assemble_shards(pos, keep, gathered, len(dataset))
     return result[:, :-1], result[:, -1]
 
 

@@ -12,10 +12,8 @@ as knn/top1 and knn/top5.
 The clip start of video i is drawn from a generator seeded by (seed, i) only, so every evaluation embeds the
 same clips and the curve shows what the backbone learned, not which clips were drawn.
 
-Across ranks every video is embedded exactly once: rank r takes videos r, r + W, r + 2W, ... of the split
-(`shard_positions`); the ranks with one video fewer repeat a video so that every rank runs the same number of
-forward passes (ZeRO-3 gathers parameters collectively in each), the features are all-gathered, and the repeats
-are dropped (`assemble_shards`), giving one feature per video in split order whatever the world size.
+Across ranks every video is embedded exactly once (vimpac.sharded_eval), giving one feature per video in split
+order whatever the world size.
 
 Entry points: `knn_predict` and `topk_accuracy` (pure functions), `KnnClips` (the dataset), `extract_features`
 (backbone → gathered features), `KnnMonitor` (what the trainer calls), `add_knn_arguments` /
@@ -25,21 +23,19 @@ Entry points: `knn_predict` and `topk_accuracy` (pure functions), `KnnClips` (th
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig
 from vimpac.data import clip_slack, frame_stride, random_start, sample_rng, take_clip
 from vimpac.errors import UsageError
+from vimpac.sharded_eval import evaluate_sharded
 from vimpac.tokenization.views import centre_view
 
 # Generator stream of the kNN clip draws; vimpac.data uses 0-2 for training samples.
@@ -107,51 +103,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {k: float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
-
-
-# ------------------------------------------------------------------------------------- sharding over ranks
-
-
-def shard_positions(num_items: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rank `rank`'s share of items 0..num_items-1: (positions [L], valid [L] bool), L = ceil(num_items / world).
-
-    Rank r owns positions r, r + W, r + 2W, ...; where it has one fewer than L, the last entry repeats an item
-    (so every rank does the same number of forward passes) and is marked invalid."""
-    if num_items < 1:
-        raise ValueError("nothing to shard")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of size {world}")
-    length = math.ceil(num_items / world)
-    positions = rank + world * np.arange(length)
-    valid = positions < num_items
-    return np.where(valid, positions, positions % num_items), valid
-
-
-def assemble_shards(positions: torch.Tensor, valid: torch.Tensor, feats: torch.Tensor, num_items: int) -> torch.Tensor:
-    """All-gathered shards → one feature per item in item order: positions / valid [W, L], feats [W, L, D] →
-    [num_items, D]. Invalid (repeated) entries are dropped; raises if an item is missing or appears twice."""
-    keep = valid.reshape(-1).to(torch.bool)
-    pos = positions.reshape(-1).long()[keep]
-    rows = feats.reshape(-1, feats.shape[-1])[keep.to(feats.device)]
-    counts = torch.bincount(pos.cpu(), minlength=num_items)
-    if pos.numel() != num_items or counts.numel() != num_items or not bool((counts == 1).all()):
-        missing = int((counts[:num_items] == 0).sum())
-        raise RuntimeError(
-            f"gathered {pos.numel()} features for {num_items} items ({missing} missing); the ranks disagree on the "
-            "split (same database and split on every rank?)"
-        )
-    ordered = torch.empty_like(rows)
-    ordered[pos.to(rows.device)] = rows
-    return ordered
-
-
-def all_gather_rows(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    """[...] on every rank → [world, ...] in rank order (identity plus a leading 1 without a process group)."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return tensor[None]
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
 
 
 # --------------------------------------------------------------------------------------------- the clips
@@ -237,27 +188,18 @@ def extract_features(
     """CLS features of every item of `dataset`, one row per item in item order: float32 [len(dataset), D].
 
     `backbone` maps tokens [B, T, h, w] to (cls [B, D], hiddens); it runs in eval mode (no dropout) and is put
-    back in its previous mode. Each rank embeds its `shard_positions` share; all ranks must call this together
+    back in its previous mode. Each rank embeds its share (vimpac.sharded_eval); all ranks must call this together
     (the result is all-gathered, on `device`). The loader has its own generator: no draw from the global RNG.
     """
-    positions, valid = shard_positions(len(dataset), rank, world)
-    loader = DataLoader(
-        Subset(dataset, positions.tolist()),
+    return evaluate_sharded(
+        backbone,
+        dataset,
+        lambda batch: backbone(batch["tokens"].to(device))[0].float(),
+        rank=rank,
+        world=world,
         batch_size=batch_size,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed(0),
     )
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        feats = [backbone(batch["tokens"].to(device))[0].float() for batch in loader]
-    finally:
-        backbone.train(was_training)
-    local = torch.cat(feats)
-    gathered = all_gather_rows(local, world)
-    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
-    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
-    return assemble_shards(pos, keep, gathered, len(dataset))
 
 
 class KnnMonitor:

@@ -15,7 +15,7 @@ Both are reported as top-1 accuracy over the evaluation videos. The numbers mean
 architecture at random initialisation, which `vimpac probe` computes too: a random transformer's features are
 already far above chance on many video datasets.
 
-Under a launcher every rank embeds its `vimpac.knn.shard_positions` share of the videos and the features are
+Under a launcher every rank embeds its share of the videos (vimpac.sharded_eval) and the features are
 all-gathered in video order (`extract_features`), so the result does not depend on the number of ranks; the
 probes themselves are fitted on one process.
 """
@@ -29,9 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from vimpac.knn import all_gather_rows, assemble_shards, knn_predict, shard_positions
+from vimpac.knn import knn_predict
+from vimpac.sharded_eval import evaluate_sharded
 
 FEATURES = ("cls", "mean")
 DEFAULT_K = 20
@@ -78,38 +79,20 @@ def extract_features(
     FinetuneTestClips); video i's feature is the mean over its C clips of `clip_features`. `backbone` maps
     tokens [B, T, h, w] to (cls [B, D], hidden [B, T, h, w, D]); it runs in eval mode, without gradients, and
     its mode is restored. About `clips_per_forward` clips go through it at once (whole videos, at least one).
-    Each rank embeds its shard_positions share and the features are all-gathered: a collective, every rank of
+    Each rank embeds its share (vimpac.sharded_eval) and the features are all-gathered: a collective, every rank of
     the process group calls it. A tqdm bar (rank 0, on a terminal) counts this rank's videos, titled `desc`.
     """
-    from tqdm import tqdm
-
-    positions, valid = shard_positions(len(clips), rank, world)
     per_video = int(clips[0]["tokens"].shape[0])
-    loader = DataLoader(
-        Subset(clips, positions.tolist()),
-        batch_size=max(1, clips_per_forward // per_video),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(0),  # no draw from the global RNG (nothing is shuffled anyway)
-    )
-    was_training = backbone.training
-    backbone.eval()
-    rows = []
-    bar = tqdm(total=len(positions), desc=desc, unit="video", disable=None if rank == 0 else True)
-    try:
-        for batch in loader:
-            tokens = batch["tokens"]  # [B, C, T, h, w]
-            cls, mean = clip_features(backbone, tokens.flatten(0, 1).to(device), pad_id)  # [B·C, D] each
-            feats = torch.cat([cls, mean], dim=1).view(tokens.shape[0], per_video, -1).mean(dim=1)  # [B, 2D]
-            rows.append(feats)
-            bar.update(tokens.shape[0])
-    finally:
-        bar.close()
-        backbone.train(was_training)
-    local = torch.cat(rows)
-    gathered = all_gather_rows(local, world)
-    pos = all_gather_rows(torch.from_numpy(positions).to(local.device), world)
-    keep = all_gather_rows(torch.from_numpy(valid).to(local.device), world)
-    both = assemble_shards(pos, keep, gathered, len(clips)).cpu()
+
+    def rows_of(batch: dict[str, Any]) -> torch.Tensor:
+        tokens = batch["tokens"]  # [B, C, T, h, w]
+        cls, mean = clip_features(backbone, tokens.flatten(0, 1).to(device), pad_id)  # [B·C, D] each
+        return torch.cat([cls, mean], dim=1).view(tokens.shape[0], per_video, -1).mean(dim=1)  # [B, 2D]
+
+    batch_size = max(1, clips_per_forward // per_video)
+    both = evaluate_sharded(
+        backbone, clips, rows_of, rank=rank, world=world, batch_size=batch_size, num_workers=num_workers, progress=desc
+    ).cpu()
     return both[:, : both.shape[1] // 2], both[:, both.shape[1] // 2 :]
 
 
