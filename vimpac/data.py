@@ -188,7 +188,40 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int, clip: int = 0) ->
 # --------------------------------------------------------------------------------------------- pre-training
 
 
-class PretrainClips(Dataset):
+class CodeClips(Dataset):
+    """What every clip dataset opens and checks: the code database, the `views` it reads (default all), the clip
+    length T, the PAD id for short videos, and the frame stride for `frame_rate` (None: the database's fps).
+    Bad values raise UsageError naming what is valid."""
+
+    def __init__(
+        self,
+        db: str | Path | CodeDatabase,
+        views: Sequence[str] | None,
+        clip_len: int,
+        pad_id: int,
+        frame_rate: float | None,
+    ) -> None:
+        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
+        self.views = list(views) if views is not None else list(self.db.views)
+        unknown = [v for v in self.views if v not in self.db.views]
+        if unknown or not self.views:
+            raise UsageError(
+                f"views {unknown or '[]'} are not in {self.db.path}; valid views: {', '.join(self.db.views)}"
+            )
+        if clip_len < 1:
+            raise UsageError(f"--clip-len must be >= 1, got {clip_len}")
+        self.clip_len, self.pad_id = clip_len, pad_id
+        self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
+
+    def split_ids(self, split: str | None) -> list[str]:
+        """The ids of `split` (None: every video); UsageError when it has none."""
+        ids = self.db.ids(split)
+        if not ids:
+            raise UsageError(f"split {split!r} of {self.db.path} has no videos")
+        return ids
+
+
+class PretrainClips(CodeClips):
     """Two masked clips of the same video and view per sample (docs/reference.md §3, §5.1–5.2).
 
     Item key: an index, or an (epoch, index) pair as yielded by `ResumableDistributedSampler` (so the masks follow
@@ -221,11 +254,8 @@ class PretrainClips(Dataset):
         on_bad_record: str = "stop",
     ):
         self.on_bad_record = check_bad_record_mode(on_bad_record)
-        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
-        manifest = self.db.manifest
-        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-        if clip_len < 1:
-            raise UsageError(f"--clip-len must be >= 1, got {clip_len}")
+        super().__init__(db, views, clip_len, pad_id, frame_rate)
+        self.vocab_size = int(self.db.manifest["tokenizer"]["vocab_size"])
         for name, value in (("pad_id", pad_id), ("mask_id", mask_id)):
             if 0 <= value < self.vocab_size:
                 raise UsageError(
@@ -237,18 +267,8 @@ class PretrainClips(Dataset):
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
         check_mask_config(mask_blocks, mlm_weight)
-        self.views = list(views) if views is not None else list(self.db.views)
-        unknown = [v for v in self.views if v not in self.db.views]
-        if unknown or not self.views:
-            raise UsageError(
-                f"views {unknown or '[]'} are not in {self.db.path}; valid views: {', '.join(self.db.views)}"
-            )
-        self.ids = self.db.ids(split)
-        if not self.ids:
-            raise UsageError(f"split {split!r} of {self.db.path} has no videos")
-        self.clip_len = clip_len
-        self.stride = frame_stride(float(manifest["fps"]), frame_rate)
-        self.pad_id, self.mask_id = pad_id, mask_id
+        self.ids = self.split_ids(split)
+        self.mask_id = mask_id
         self.mask_blocks, self.rand_replace = mask_blocks, rand_replace
         self.relevance_range = relevance_range
         self.seed = seed

@@ -46,16 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from vimpac.code_db import CodeDatabase, CorruptRecordError
 from vimpac.data import (
     SAMPLING_STREAM,
+    CodeClips,
     bad_record_fields,
     check_bad_record_mode,
     clip_slack,
     evaluation_starts,
-    frame_stride,
     random_start,
     read_or_substitute,
     sample_rng,
@@ -262,7 +261,7 @@ def num_classes_of(db: CodeDatabase) -> int:
     return len(classes)
 
 
-class FinetuneTrainClips(Dataset):
+class FinetuneTrainClips(CodeClips):
     """One training clip per video: item (epoch, index) → {"tokens": int64 [T, h, w], "label", "index", "view" (its
     position in `views`), "start" (database frame)}.
 
@@ -290,11 +289,7 @@ class FinetuneTrainClips(Dataset):
         eval_ids: Collection[str] = (),
     ):
         self.on_bad_record = check_bad_record_mode(on_bad_record)
-        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
-        self.views = list(views)
-        unknown = [v for v in self.views if v not in self.db.views]
-        if unknown or not self.views:
-            raise UsageError(f"views {unknown or '[]'} are not in {self.db.path}; valid: {', '.join(self.db.views)}")
+        super().__init__(db, views, clip_len, pad_id, frame_rate)
         self.num_classes = num_classes_of(self.db)
         self.ids, self.labels = _labeled_ids(self.db, split, self.views, self.num_classes, self.on_bad_record)
         self.split_videos = len(self.ids)
@@ -308,8 +303,7 @@ class FinetuneTrainClips(Dataset):
             label_of = dict(zip(self.ids, self.labels))
             self.ids, self.labels = chosen, [label_of[i] for i in chosen]
         self.repeats = 1
-        self.clip_len, self.pad_id, self.seed = clip_len, pad_id, seed
-        self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
+        self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -333,7 +327,7 @@ class FinetuneTrainClips(Dataset):
         return item
 
 
-class FinetuneTestClips(Dataset):
+class FinetuneTestClips(CodeClips):
     """Every test view × K clips of a video: item i → {"tokens": int64 [V·K, T, h, w] (row v·K + k: view v, clip
     k at evaluation_starts(delta, K)[k]), "label", "index"}. `labels` holds every label (known on every rank)."""
 
@@ -350,11 +344,7 @@ class FinetuneTestClips(Dataset):
         on_bad_record: str = "stop",
     ):
         self.on_bad_record = check_bad_record_mode(on_bad_record)
-        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
-        self.views = list(views)
-        unknown = [v for v in self.views if v not in self.db.views]
-        if unknown or not self.views:
-            raise UsageError(f"views {unknown or '[]'} are not in {self.db.path}; valid: {', '.join(self.db.views)}")
+        super().__init__(db, views, clip_len, pad_id, frame_rate)
         if num_clips < 1:
             raise UsageError(f"the number of test clips must be >= 1; got {num_clips}")
         self.num_classes = num_classes_of(self.db)
@@ -362,8 +352,7 @@ class FinetuneTestClips(Dataset):
         skip = self.on_bad_record == "skip"
         ids, labels = _labeled_ids(self.db, split, self.views, self.num_classes, self.on_bad_record, check_all=skip)
         self.ids, self.labels = ids, torch.tensor(labels, dtype=torch.long)
-        self.split, self.clip_len, self.pad_id, self.num_clips = split, clip_len, pad_id, num_clips
-        self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
+        self.split, self.num_clips = split, num_clips
 
     def __len__(self) -> int:
         return len(self.ids)

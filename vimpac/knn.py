@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig
-from vimpac.data import clip_slack, frame_stride, random_start, sample_rng, take_clip
+from vimpac.data import CodeClips, clip_slack, random_start, sample_rng, take_clip
 from vimpac.errors import UsageError
 from vimpac.sharded_eval import evaluate_sharded
 from vimpac.tokenization.views import centre_view
@@ -108,7 +108,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 # --------------------------------------------------------------------------------------------- the clips
 
 
-class KnnClips(Dataset):
+class KnnClips(CodeClips):
     """One clip per video of a labeled split: item i → {"tokens": int64 [T, h, w], "label": int, "index": i}.
 
     The clip takes T frames every db_fps / frame_rate database frames from a start drawn uniformly from the
@@ -128,26 +128,21 @@ class KnnClips(Dataset):
         view: str | None = None,
         seed: int = 0,
     ):
-        self.db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
-        manifest = self.db.manifest
-        self.num_classes = len(manifest.get("classes") or [])
+        db = db if isinstance(db, CodeDatabase) else CodeDatabase(db)
+        self.num_classes = len(db.manifest.get("classes") or [])
         if self.num_classes < 1:
-            raise UsageError(f"the kNN monitor needs a labeled database; {self.db.path} lists no classes")
+            raise UsageError(f"the kNN monitor needs a labeled database; {db.path} lists no classes")
         if view is None:
-            view = centre_view(self.db.views, manifest.get("frame_size"))
+            view = centre_view(db.views, db.manifest.get("frame_size"))
             if view is None:
                 raise UsageError(
-                    f"{self.db.path} has no centre view at its frame size; choose one with --knn-view from "
-                    f"{', '.join(self.db.views)}"
+                    f"{db.path} has no centre view at its frame size; choose one with --knn-view from "
+                    f"{', '.join(db.views)}"
                 )
+        super().__init__(db, [view], clip_len, pad_id, frame_rate)
         self.view = view
-        if self.view not in self.db.views:
-            raise UsageError(f"view {self.view!r} is not in {self.db.path}; valid views: {', '.join(self.db.views)}")
-        self.ids = self.db.ids(split)
-        if not self.ids:
-            raise UsageError(f"split {split!r} of {self.db.path} has no videos")
-        self.split, self.clip_len, self.pad_id, self.seed = split, clip_len, pad_id, seed
-        self.stride = frame_stride(float(manifest["fps"]), frame_rate)
+        self.ids = self.split_ids(split)
+        self.split, self.seed = split, seed
         self.labels = torch.tensor([self.db.record(i, self.view).label for i in self.ids], dtype=torch.long)
         bad = ((self.labels < 0) | (self.labels >= self.num_classes)).nonzero().flatten()
         if bad.numel():
