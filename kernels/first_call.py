@@ -8,7 +8,8 @@ against the reference and keeps using Triton for that key only if it agrees:
   axial_attention  key (device, dtype, axis, 1 + axis length, head dim, PAD mask?, dropout?): exactly what picks
                    the compiled kernels (the constexprs N, HEAD_DIM, HAS_PAD, HAS_DROPOUT, the compute dtype and
                    with them the tile). The check runs forward and backward on synthetic inputs of a small slice
-                   of the call's shape (batch 1, ≤ 2 heads, the full axis, just enough lines for two programs),
+                   of the call's shape (≤ 2 samples, ≤ 2 heads, the full axis, enough lines for two programs per
+                   sample, since programs never span samples),
                    so it costs two tiny launches of each kernel (plus the keep-mask kernel with dropout) and a
                    reference run on a few hundred tokens: well under a millisecond on a GPU once compiled, and the
                    compile is the one the real call needs anyway.
@@ -191,15 +192,16 @@ def axial_key(q: torch.Tensor, axis: str, key_padding_mask: torch.Tensor | None,
 
 
 def check_shape(shape: tuple[int, ...], axis: str, dropout_p: float) -> tuple[int, ...]:
-    """A small slice of [B, T, H, W, heads, d]: batch 1, ≤ 2 heads, the full axis, and just over one program's
-    worth of lines (so a second, partly filled program covers the tile's tail masking)."""
+    """A small slice of [B, T, H, W, heads, d]: ≤ 2 samples (a second sample's programs index their lines from
+    another base), ≤ 2 heads, the full axis, and just over one program's worth of lines per sample (so a second,
+    partly filled program covers the tile's tail masking)."""
     from vimpac.kernels.axial_attention_triton import _tile
 
     a = AXIS_DIMS[axis]
     o1, o2 = (d for d in (1, 2, 3) if d != a)
     _, lines_per_program = _tile(1 + shape[a], dropout_p > 0.0, None)
     want = lines_per_program + 1
-    out = [1, *shape[1:4], min(shape[4], 2), shape[5]]
+    out = [min(shape[0], 2), *shape[1:4], min(shape[4], 2), shape[5]]
     out[o1] = min(shape[o1], want)
     out[o2] = min(shape[o2], -(-want // out[o1]))
     return tuple(out)
