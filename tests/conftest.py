@@ -34,3 +34,14 @@ def video_factory(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """What prepare_environment would set, registered with monkeypatch so the test leaves os.environ as it was: a
+    trainer's main() then runs in the test process (for refusals before any process group exists)."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")

@@ -108,21 +108,11 @@ def database(tmp_path_factory):
     return write_code_database(tmp_path_factory.mktemp("db") / "db", videos=8)
 
 
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """What prepare_environment would set, registered with monkeypatch so the test leaves os.environ as it was."""
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29999")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--frame-size", "36", "--vocab-size", str(VOCAB)], "frame size 36 is not a positive multiple of 8"),
-        (["--frame-size", "32"], f"tokenized with {VOCAB} codes but the model has --vocab-size 8192"),
+        (["--vocab-size", "8192"], f"tokenized with {VOCAB} codes but the model has --vocab-size 8192"),
         (["--frame-size", "64", "--vocab-size", str(VOCAB)], "4x4 codes per frame"),
         (
             ["--frame-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "6", "--bs-per-gpu", "4"],

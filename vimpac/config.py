@@ -28,6 +28,7 @@ SPECIAL_ID_LAYOUTS = ("compact", "original")
 POS_EMB_KINDS = ("hw_separation", "temporal_separation", "full")
 LAYOUT_PREFIX = "efflayout"
 AXES = "THW"
+DEFAULT_FRAME_SIZE = 128  # px, the paper's stage-1 frames: the default grid (16, 16) with 8x downsampling
 
 
 def parse_layout(layout: str) -> tuple[tuple[str, ...], ...]:
@@ -220,8 +221,12 @@ class VimpacConfig:
         return cls.from_json(Path(path).read_text())
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The seed's model flags (`--model "efflayoutT,H|W" --layers --hid-dim ...`), shared by every command."""
+def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | None = None) -> None:
+    """The seed's model flags (`--model "efflayoutT,H|W" --layers --hid-dim ...`), shared by every command.
+
+    data_default: for commands that read a code database, which decides --vocab-size and --frame-size when they
+    are not given: both then default to None (filled by fill_from_database) and their help says "default:
+    <data_default>". Without it (model-info, selfcheck: no database) they default to 8192 codes and 128 px."""
     d = VimpacConfig()
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -238,7 +243,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pre-ln", "--pre-activation", action="store_true", help="pre-LN blocks (default post-LN)")
     g.add_argument("--pos-emb", default=d.pos_emb, choices=POS_EMB_KINDS, help="positions (default %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="backbone dropout (default %(default)s)")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer codes (default %(default)s)")
+    from_data = f"default: {data_default}" if data_default else None
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None if from_data else d.vocab_size,
+        help=f"tokenizer codes ({from_data or 'default %(default)s'})",
+    )
     g.add_argument(
         "--special-ids",
         default=d.special_ids,
@@ -246,14 +257,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="PAD/MASK ids: compact (PAD=V, MASK=V+1) or original (PAD=V+1, MASK=V+4, V+5 rows; default %(default)s)",
     )
     g.add_argument("--clip-len", type=int, default=d.clip_len, help="frames per clip T (default %(default)s)")
-    g.add_argument("--frame-size", type=int, default=128, help="frame side in px, multiple of 8 (default 128)")
+    g.add_argument(
+        "--frame-size",
+        type=int,
+        default=None if from_data else DEFAULT_FRAME_SIZE,
+        help=f"frame side in px, multiple of 8 ({from_data or 'default %(default)s'})",
+    )
     g.add_argument("--nce-proj-layers", type=int, default=d.nce_proj_layers, help="projection depth (default 2)")
     g.add_argument("--nce-proj-hid-dim", type=int, default=d.nce_proj_hid_dim, help="projection width (default 2048)")
     g.add_argument("--nce-dim", type=int, default=d.nce_dim, help="contrastive embedding size (default 256)")
 
 
+def fill_from_database(args: argparse.Namespace, manifest: dict[str, Any], name: str | Path) -> str | None:
+    """Set --vocab-size and --frame-size that were not given (None) to those of the code database `name`: its
+    tokenizer's vocabulary and its frame size (manifest.json). Returns the start-up log line saying what was
+    taken ("vocabulary 256 and frame size 64 taken from DB"), or None when both were given. Given values are
+    kept; vimpac.trainer.check_database_matches refuses them when they contradict the database."""
+    taken = []
+    if args.vocab_size is None:
+        args.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        taken.append(f"vocabulary {args.vocab_size}")
+    if args.frame_size is None:
+        args.frame_size = int(manifest["frame_size"])
+        taken.append(f"frame size {args.frame_size}")
+    return f"{' and '.join(taken)} taken from {name}" if taken else None
+
+
 def config_from_args(args: argparse.Namespace) -> VimpacConfig:
-    """VimpacConfig from the flags of add_model_arguments (UsageError on invalid combinations)."""
+    """VimpacConfig from the flags of add_model_arguments (UsageError on invalid combinations). --vocab-size and
+    --frame-size must be set: a trainer fills them from its database first (fill_from_database)."""
+    unset = [flag for flag in ("vocab_size", "frame_size") if getattr(args, flag) is None]
+    if unset:
+        raise ValueError(f"{', '.join(unset)} unset: fill them from the database first (fill_from_database)")
     return VimpacConfig.from_frame_size(
         args.frame_size,
         vocab_size=args.vocab_size,

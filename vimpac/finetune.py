@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow --clip-len / --frame-size to differ from the checkpoint's: positional tables are interpolated",
     )
-    add_model_arguments(parser)
-    # The input shape comes from the checkpoint unless named (None); without --load: 5 frames of 128 px.
-    parser.set_defaults(clip_len=None, frame_size=None)
+    add_model_arguments(parser, data_default="the export's with --load, else from the --data database")
+    # The input shape comes from the checkpoint unless named (None); without --load: 5 frames at --data's frame size.
+    parser.set_defaults(clip_len=None)
     model.add_argument("--last-dropout", type=float, default=0.0, help="dropout before the classifier")
     model.add_argument("--label-smoothing", type=float, default=0.0, help="ε: (1 − ε)·NLL + ε·mean(−log p)")
 

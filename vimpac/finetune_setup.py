@@ -9,7 +9,8 @@ fine-tuning run; they are read without pickle. The architecture comes from that 
 size too, unless --clip-len / --frame-size name another shape, which needs --different-shape (the positional
 tables are then interpolated per axis, vimpac.interpolate) and is otherwise an error naming both shapes. The
 backbone's dropout is --dropout. Pre-training heads are dropped; a classifier of the same number of classes is
-loaded too (how --eval-only evaluates a fine-tuned export). Without --load the model is trained from scratch.
+loaded too (how --eval-only evaluates a fine-tuned export). Without --load the model is trained from scratch, with
+--vocab-size and --frame-size, when not given, those of --data (vimpac.config.fill_from_database).
 
 Evaluation (docs/reference.md §6.6): every test view × K clips per video, softmax per view, probabilities averaged; each
 rank evaluates its share and the results are gathered so that every video counts exactly once whatever the world
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vimpac.code_db import CodeDatabase
-from vimpac.config import VimpacConfig, config_from_args, grid_from_frame_size
+from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
 from vimpac.errors import UsageError
 from vimpac.finetune_data import (
@@ -65,7 +66,7 @@ from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
 OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 DEFAULT_BATCH = 128
-DEFAULT_FRAME_SIZE, DEFAULT_CLIP_LEN = 128, 5
+DEFAULT_CLIP_LEN = 5
 EVAL_DIR = "eval"
 
 
@@ -96,13 +97,12 @@ def describe_shape(config: VimpacConfig) -> str:
 
 
 def finetune_config(args: argparse.Namespace, saved: VimpacConfig | None) -> VimpacConfig:
-    """The model to fine-tune: the checkpoint's architecture (or the flags' without --load), the backbone dropout
-    of --dropout, and the checkpoint's clip length / frame size unless --clip-len / --frame-size change them,
-    which needs --different-shape."""
+    """The model to fine-tune: the checkpoint's architecture (or the flags' without --load, whose --vocab-size and
+    --frame-size must be filled in: fill_from_database), the backbone dropout of --dropout, and the checkpoint's
+    clip length / frame size unless --clip-len / --frame-size change them, which needs --different-shape."""
     if saved is None:
         flags = argparse.Namespace(**vars(args))
         flags.clip_len = args.clip_len if args.clip_len is not None else DEFAULT_CLIP_LEN
-        flags.frame_size = args.frame_size if args.frame_size is not None else DEFAULT_FRAME_SIZE
         return config_from_args(flags)
     fields = saved.to_dict()
     fields["dropout"] = args.dropout
@@ -317,10 +317,12 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     saved, state = load_exported(args.load) if args.load else (None, None)
     if args.eval_only and state is None:
         raise UsageError("--eval-only needs --load with fine-tuned weights (the export/ folder of a fine-tuning run)")
-    config = finetune_config(args, saved)
-
     train_db = CodeDatabase(args.data)
     eval_db = CodeDatabase(args.eval_data) if args.eval_data else train_db
+    # From scratch, --vocab-size / --frame-size not given are --data's; with --load, the export's.
+    taken = fill_from_database(args, train_db.manifest, args.data) if saved is None else None
+    config = finetune_config(args, saved)
+
     dataset_name = train_db.manifest.get("dataset")
     for db in (train_db, eval_db):
         if args.dataset_name is not None and args.dataset_name != db.manifest.get("dataset"):
@@ -414,6 +416,8 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             label_subset=label_subset_record(train_set),
         )
         source = f"weights of {export_folder(args.load)}" if args.load else "scratch (no --load)"
+        if taken is not None:
+            print(taken, flush=True)
         print(f"fine-tuning from {source}: {num_classes} classes, model {describe_shape(config)}", flush=True)
         print(f"train {train_split}: views {views_train}; eval {eval_split}: views {views_test}", flush=True)
         if train_set.labels_per_class is not None:

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="max start distance of the two clips, database frames (default: whole video)",
     )
 
-    add_model_arguments(parser)
+    add_model_arguments(parser, data_default="from the --data database")
 
     obj = parser.add_argument_group("objectives")
     obj.add_argument("--mlm-weight", type=float, default=1.0, help="weight of the masked-token loss (0: no MLM head)")

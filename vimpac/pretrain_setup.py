@@ -27,7 +27,7 @@ import torch
 
 from vimpac.checkpoint import load_resized_checkpoint, needs_universal_loading, resize_source, with_universal_loading
 from vimpac.code_db import CodeDatabase
-from vimpac.config import VimpacConfig, config_from_args
+from vimpac.config import VimpacConfig, config_from_args, fill_from_database
 from vimpac.data import PretrainClips
 from vimpac.ds_config import precision_of
 from vimpac.entry import check_launch_arguments
@@ -114,8 +114,8 @@ class PretrainTask(Task):
         return values
 
 
-def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeDatabase:
-    db = CodeDatabase(args.data)
+def check_database(db: CodeDatabase, args: argparse.Namespace, model_config: VimpacConfig) -> None:
+    """UsageError when --data is not the --dataset-name asked for, or does not fit the model."""
     manifest = db.manifest
     if args.dataset_name is not None and args.dataset_name != manifest.get("dataset"):
         raise UsageError(
@@ -123,7 +123,6 @@ def open_database(args: argparse.Namespace, model_config: VimpacConfig) -> CodeD
             "drop the flag or point --data at the right database"
         )
     check_database_matches(manifest, model_config)
-    return db
 
 
 def recorded_total_steps(output: Path) -> int | None:
@@ -165,9 +164,11 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     output = Path(args.output)
     refuse_existing_run(output, args.resume)
     check_launch_arguments(args)
+    db = CodeDatabase(args.data)
+    taken = fill_from_database(args, db.manifest, args.data)  # --vocab-size / --frame-size not given
     model_config = config_from_args(args)
     resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
-    db = open_database(args, model_config)
+    check_database(db, args, model_config)
     world = launch_world()
     ds_config = merged_engine_config(args, world)
     stage = ds_config["zero_optimization"]["stage"]
@@ -219,6 +220,8 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
             peak_flops=peak,
             resumed=resumed,
         )
+        if taken is not None:
+            print(taken, flush=True)
         print(steps_summary(trainer), flush=True)
         if knn is not None:
             print(knn.describe(), flush=True)
