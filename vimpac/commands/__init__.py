@@ -2,6 +2,7 @@
 
 from vimpac.commands import (
     convert_dalle,
+    convert_original,
     db,
     demo,
     model_info,
@@ -19,6 +20,7 @@ COMMANDS = [
     synth.register,
     train_tokenizer.register,
     convert_dalle.register,
+    convert_original.register,
     tokenize.register,
     db.register,
     model_info.register,
