@@ -836,6 +836,7 @@ def inspect(path: str | Path, sample: int = 100, seed: int = 0) -> dict:
             "codes_dtype",
             "complete",
             "args",
+            "source",
         )
     }
     summary["classes"] = len(manifest["classes"])

@@ -1,4 +1,5 @@
-"""`vimpac db inspect|merge`: look inside a code database, or merge shards of one extraction into one database."""
+"""`vimpac db inspect|merge|import-original`: look inside a code database, merge shards of one extraction into one
+database, or import the original release's token LMDBs (vimpac/commands/import_original.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 
 from vimpac import code_db
+from vimpac.commands import import_original
 
 _DESCRIPTION = """\
 Work with code databases (the output of `vimpac tokenize`: manifest.json, views/<view>/ LMDBs, failures.jsonl).
@@ -14,6 +16,8 @@ Work with code databases (the output of `vimpac tokenize`: manifest.json, views/
                                   reason, per view and per split) and a check of a random sample of records
   vimpac db merge OUT DB [DB...]  merge databases tokenized with the same settings (e.g. shards run on several
                                   machines) into a new database OUT
+  vimpac db import-original LMDB_DIR... --out DB
+                                  import token LMDBs of the original VIMPAC release (one view per directory)
 """
 
 _INSPECT_EPILOG = """\
@@ -81,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     merge.set_defaults(func=run)
 
+    import_original.register(sub)
+
 
 def _non_negative(text: str) -> int:
     value = int(text)
@@ -128,6 +134,12 @@ def format_report(report: dict) -> str:
                 f"           {name:<12} {s['listed']:>8} {s['videos']:>8} {s['frames']:>10} {s['failed']:>7} "
                 f"{s['missing']:>8}"
             )
+    source = m.get("source")
+    if source:
+        lines.append(
+            f"source     {source.get('format', '?')}: "
+            + ", ".join(f"{d.get('path')} ({d.get('view')})" for d in source.get("directories", []))
+        )
     lines.append(f"checked    {report['verified']} random videos: {len(report['problems'])} problems")
     lines += [f"  {p['id']} [{p['view'] or 'all views'}]: {p['problem']}" for p in report["problems"]]
     lines += [f"warning: {w}" for w in report["warnings"]]
