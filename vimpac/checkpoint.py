@@ -28,9 +28,10 @@ deleted, and stale `.partial-*` directories of earlier, killed saves are deleted
 `latest` naming a complete checkpoint (the previous one until the new one is published) and at most some
 `.partial-*` debris, which the next save removes. `latest_tag` and `load_checkpoint` accept complete tags only.
 
-Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume` on a 128 px run; docs/reference.md §4.9,
-§5.7). When the newest checkpoint's model differs from the requested one only in clip_len / grid (resize_source), the
-checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own loader (load_resized_checkpoint):
+Resuming at another shape (stage-2 pre-training: `--frame-size 256 --resume-from` a 128 px run, or `--resume` in it;
+docs/reference.md §4.9, §5.7). When the newest checkpoint's model differs from the requested one only in clip_len /
+grid (resize_source), the checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own loader
+(load_resized_checkpoint):
   ZeRO 1-3  DeepSpeed's universal-checkpoint converter (deepspeed.checkpoint.ds_to_universal) turns the
             partitioned, flattened optimizer state into one folder per parameter (fp32 master, exp_avg,
             exp_avg_sq, step); the positional tables' files are interpolated (vimpac.interpolate; exp_avg_sq
@@ -39,7 +40,8 @@ checkpoint is rewritten at the new shape and then loaded by DeepSpeed's own load
             that loader leaves alone) are copied from the checkpoint's module state.
   stage 0   (fp32 only) the model-states file holds the whole module and the torch AdamW state_dict: both are
             interpolated in place, per parameter name, and loaded as a normal checkpoint.
-The rewritten checkpoint lives in checkpoints/resized-<tag>/ only while it is loaded. Everything else is restored
+The rewritten checkpoint lives in checkpoints/resized-<tag>/ of the run being started (with --resume-from, its
+--output, not the run it reads) only while it is loaded. Everything else is restored
 as saved: optimizer step and bias-correction count, LR-scheduler position, loss scale, engine step counters, each
 rank's RNG (where the rank existed). Since the partitions are rebuilt, the world size may differ from the run that
 wrote the checkpoint. The same path resumes a ZeRO checkpoint at the same shape on another number of ranks
@@ -410,14 +412,22 @@ def _resize_stage0_checkpoint(source: Path, target: Path, engine, old: VimpacCon
 
 
 def load_resized_checkpoint(
-    engine, output: str | Path, tag: str, old: VimpacConfig, new: VimpacConfig, zero_stage: int
+    engine,
+    output: str | Path,
+    tag: str,
+    old: VimpacConfig,
+    new: VimpacConfig,
+    zero_stage: int,
+    scratch_run: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load checkpoint `tag` (model `old`) into `engine` (model `new`, same but for clip_len / grid), resizing
-    the positional tables and their Adam moments (see the module docstring). Collective; returns the
-    client_state. For ZeRO >= 1 the engine must have been built with with_universal_loading(ds_config)."""
+    """Load checkpoint `tag` (model `old`) of run directory `output` into `engine` (model `new`, same but for
+    clip_len / grid), resizing the positional tables and their Adam moments (see the module docstring).
+    Collective; returns the client_state. For ZeRO >= 1 the engine must have been built with
+    with_universal_loading(ds_config). The resized copy is written under the checkpoints/ of `scratch_run`
+    (default `output`): a run started from another run's checkpoint (--resume-from) leaves that run untouched."""
     check_resizable(old, new)
     root = checkpoint_root(output)
-    scratch = root / f"{RESIZED_PREFIX}{tag}"
+    scratch = checkpoint_root(output if scratch_run is None else scratch_run) / f"{RESIZED_PREFIX}{tag}"
     rank, _ = _rank_world()
     universal = zero_stage >= 1
     # Checked on every rank alike, so that all of them stop together.
@@ -477,6 +487,7 @@ def _write_resized_checkpoint(
 ) -> None:
     """Rank 0: write checkpoint `source` at the new shape into `target` (universal for ZeRO, else stage 0)."""
     shutil.rmtree(target.parent, ignore_errors=True)
+    target.parent.mkdir(parents=True)
     if universal:
         from deepspeed.checkpoint import ds_to_universal
 

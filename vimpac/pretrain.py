@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-size than the checkpoint, its positional tables and their Adam moments are interpolated and the "
         "run goes on at the next epoch boundary with the same LR schedule (stage-2 pre-training)",
     )
+    run.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="when --output holds no checkpoint yet, continue from the newest checkpoint of another run directory "
+        "instead, as --resume would (weights, optimizer, LR-schedule position, loss scale; another --clip-len or "
+        "--frame-size interpolated): stage 2 of a two-stage pre-training, in its own --output. RUN_DIR is only "
+        "read; once --output has checkpoints, --resume continues those and RUN_DIR is not needed",
+    )
     run.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     run.add_argument(
         "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: only at epoch ends)"

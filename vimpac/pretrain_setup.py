@@ -13,6 +13,11 @@ size and number of videos (the same videos tokenized at the new frame size) the 
 learning rate, is unchanged. The position inside an epoch does not carry over, since it indexes the old database's
 shuffled order: the run continues at the next epoch boundary (a checkpoint written mid-epoch, with --save-steps, skips
 the rest of that epoch, so the schedule then ends short of its last steps).
+
+`--resume-from RUN_DIR` continues the newest checkpoint of another run directory the same way (at the same shape:
+exactly where it stopped; at another: as above) while writing to --output, so stage 2 gets its own run directory and
+stage 1's checkpoints and export stay as they were: RUN_DIR is only read (a resized copy is staged under --output).
+It applies while --output holds no checkpoint; after that, --resume continues --output's own (checkpoint_source).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vimpac.checkpoint import load_resized_checkpoint, needs_universal_loading, resize_source, with_universal_loading
+from vimpac.checkpoint import (
+    checkpoint_root,
+    latest_tag,
+    load_resized_checkpoint,
+    needs_universal_loading,
+    resize_source,
+    with_universal_loading,
+)
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database
 from vimpac.data import PretrainClips
@@ -134,17 +146,38 @@ def recorded_total_steps(output: Path) -> int | None:
         return None
 
 
-def resume_resized(trainer: Trainer, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
-    """Resume checkpoint `tag` of a model `saved` that differs from the trainer's in clip_len / grid only: load it
-    interpolated, then continue at the epoch boundary after the checkpoint (see the module docstring)."""
+def checkpoint_source(args: argparse.Namespace, output: Path) -> Path | None:
+    """The run directory whose newest checkpoint this launch continues: --output's own when it has one (which
+    refuse_existing_run lets through only with --resume), else --resume-from's; None for a fresh start.
+    UsageError when --resume-from is needed but holds no checkpoint."""
+    if latest_tag(output) is not None:
+        return output
+    if args.resume_from is None:
+        return None
+    source = Path(args.resume_from)
+    if latest_tag(source) is None:
+        raise UsageError(
+            f"--resume-from {source}: no complete checkpoint in {checkpoint_root(source)}; point it at the run "
+            "directory (--output) of a pre-training run that has saved one"
+        )
+    return source
+
+
+def resume_resized(trainer: Trainer, source: Path, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
+    """Resume checkpoint `tag` of run directory `source`, a model `saved` that differs from the trainer's in
+    clip_len / grid only: load it interpolated, then continue at the epoch boundary after the checkpoint (see the
+    module docstring)."""
     zero_stage = int(trainer.engine.zero_optimization_stage())
-    state = load_resized_checkpoint(trainer.engine, trainer.output, tag, saved, trainer.config, zero_stage)
+    state = load_resized_checkpoint(
+        trainer.engine, source, tag, saved, trainer.config, zero_stage, scratch_run=trainer.output
+    )
     trainer.epoch = int(state["epoch"]) + (1 if int(state["step_in_epoch"]) > 0 else 0)
     trainer.step_in_epoch = 0
     if trainer.rank == 0:
         step = int(trainer.engine.global_steps)
+        where = tag if source == trainer.output else checkpoint_root(source) / tag
         print(
-            f"resumed {tag} at a new shape: (T, h, w) {saved.shape} -> {trainer.config.shape}, positional tables "
+            f"resumed {where} at a new shape: (T, h, w) {saved.shape} -> {trainer.config.shape}, positional tables "
             f"and their Adam moments interpolated ({saved.pos_emb}); continuing at epoch {trainer.epoch}, optimizer "
             f"step {step} of {trainer.total_steps}",
             flush=True,
@@ -167,12 +200,13 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     db = CodeDatabase(args.data)
     taken = fill_from_database(args, db.manifest, args.data)  # --vocab-size / --frame-size not given
     model_config = config_from_args(args)
-    resize = resize_source(output, model_config) if args.resume else None  # (tag, saved config): shape changed
+    source = checkpoint_source(args, output)  # the run directory whose checkpoint this launch continues
+    resize = resize_source(source, model_config) if source else None  # (tag, saved config): shape changed
     check_database(db, args, model_config)
     world = launch_world()
     ds_config = merged_engine_config(args, world)
     stage = ds_config["zero_optimization"]["stage"]
-    other_world = args.resume and needs_universal_loading(output, world, stage)
+    other_world = source is not None and needs_universal_loading(source, world, stage)
     if (resize is not None and stage >= 1) or other_world:
         ds_config = with_universal_loading(ds_config)  # a resized or re-partitioned checkpoint is a universal one
     dataset = PretrainClips(
@@ -202,11 +236,11 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         peak = peak_flops(torch.cuda.get_device_name(), precision)
     task = PretrainTask(args.mlm_weight, args.nce_weight, args.temperature, peak, knn)
     trainer = Trainer(engine, model_config, dataset, train_settings(args, schedule), output, ds_config, task)
-    previous_total = recorded_total_steps(output)
+    start_tag = latest_tag(source) if source else None
     if resize is not None:
-        resumed = resume_resized(trainer, *resize, previous_total)
+        resumed = resume_resized(trainer, source, *resize, recorded_total_steps(source))
     else:
-        resumed = trainer.resume() if args.resume else False
+        resumed = trainer.resume(source) if source else False
     if rank == 0:
         record_run(
             output,
@@ -219,6 +253,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
             warmup_steps=schedule.warmup,
             peak_flops=peak,
             resumed=resumed,
+            resumed_from=str(checkpoint_root(source) / start_tag) if resumed else None,
         )
         if taken is not None:
             print(taken, flush=True)

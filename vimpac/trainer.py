@@ -212,32 +212,37 @@ class Trainer:
         return self.steps_per_epoch * self.settings.epochs
 
     # ------------------------------------------------------------------------------------------- resume
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint of the output directory, if any; True when one was loaded."""
-        tag = latest_tag(self.output)
+    def resume(self, source: str | Path | None = None) -> bool:
+        """Load the newest complete checkpoint of run directory `source` (default: the output directory; another
+        run's is only read, for --resume-from), if any; True when one was loaded."""
+        source = self.output if source is None else Path(source)
+        tag = latest_tag(source)
         if tag is None:
             return False
-        saved = checkpoint_model_config(self.output, tag)
+        saved = checkpoint_model_config(source, tag)
         if saved is not None and saved.to_dict() != self.config.to_dict():
             changed = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v)
             raise UsageError(
-                f"checkpoint {tag} in {self.output} was trained with a different model ({', '.join(changed)} "
+                f"checkpoint {tag} in {source} was trained with a different model ({', '.join(changed)} "
                 "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
                 "positional tables are interpolated)"
             )
-        saved_world = checkpoint_world_size(self.output, tag) or self.world
-        if needs_universal_loading(self.output, self.world, self.zero_stage):
+        saved_world = checkpoint_world_size(source, tag) or self.world
+        if needs_universal_loading(source, self.world, self.zero_stage):
             # ZeRO shards of another world size: converted to a universal checkpoint and re-partitioned.
-            state = load_resized_checkpoint(self.engine, self.output, tag, self.config, self.config, self.zero_stage)
+            state = load_resized_checkpoint(
+                self.engine, source, tag, self.config, self.config, self.zero_stage, scratch_run=self.output
+            )
         else:
-            state = load_checkpoint(self.engine, self.output, tag)
+            state = load_checkpoint(self.engine, source, tag)
         # The sampler position counts samples of all ranks, so it carries over to another world size.
         self.sampler.load_state_dict(state["sampler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.rank == 0:
-            print(f"resumed from {tag}: epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}")
+            where = tag if source == self.output else checkpoint_root(source) / tag
+            print(f"resumed from {where}: epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}")
             if saved_world != self.world:
                 print(
                     f"note: {tag} was written by {saved_world} ranks and this run has {self.world}: state "

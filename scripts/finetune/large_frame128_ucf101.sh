@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Large-half model, 128 px, on UCF101 (docs/reference.md §6.5: lr 5e-5, batch 128, 50 epochs, evaluated at the end).
-# Usage: SPLIT=1 bash scripts/finetune/large_frame128_ucf101.sh 0,...,7 [extra flags]; LOAD: the stage-1 export.
+# Usage: SPLIT=1 bash scripts/finetune/large_frame128_ucf101.sh 0,...,7 [extra flags]; LOAD: the stage-1 export
+# (default: that of scripts/pretrain/large.sh's default OUTPUT, which stage 2 leaves as it was).
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true

@@ -2,7 +2,8 @@
 # Large-half model, 256 px, on UCF101 (docs/reference.md §6.5: lr 5e-5, batch 128, --bs-per-gpu 2, evaluated at
 # the end).
 # The paper's final T=10: add --different-shape --clip-len 10 (positional tables interpolated).
-# Usage: SPLIT=1 bash scripts/finetune/large_frame256_ucf101.sh 0,...,7 [extra flags]; LOAD: the stage-2 export.
+# Usage: SPLIT=1 bash scripts/finetune/large_frame256_ucf101.sh 0,...,7 [extra flags]; LOAD: the stage-2 export
+# (default: that of scripts/pretrain/large_frame256cont.sh's default OUTPUT).
 source "$(dirname "$0")/../_launch.sh"
 GPUS=${1:-}
 shift || true
