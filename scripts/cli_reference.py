@@ -30,7 +30,7 @@ def help_text(parser: argparse.ArgumentParser) -> str:
 
 
 def sections() -> list[tuple[str, str]]:
-    """(title, help text) of each entry point, in pipeline order."""
+    """(title, help text) of each entry point, in pipeline order; a command's own subcommands follow it."""
     from vimpac import finetune, pretrain
     from vimpac.commands import COMMANDS
 
@@ -38,7 +38,13 @@ def sections() -> list[tuple[str, str]]:
     sub = parser.add_subparsers(dest="command")
     for register in COMMANDS:
         register(sub)
-    out = [(f"vimpac {name}", help_text(command)) for name, command in sub.choices.items()]
+    out = []
+    for name, command in sub.choices.items():
+        out.append((f"vimpac {name}", help_text(command)))
+        # Actions of a command with its own subcommands (vimpac db inspect, merge, import-original).
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                out += [(f"vimpac {name} {sub_name}", help_text(p)) for sub_name, p in action.choices.items()]
     out.append(("vimpac/pretrain.py", help_text(pretrain.build_parser())))
     out.append(("vimpac/finetune.py", help_text(finetune.build_parser())))
     return out

@@ -1,7 +1,8 @@
 """`vimpac convert-dalle ENCODER_PKL OUT`: OpenAI's DALL-E `encoder.pkl` → a dalle tokenizer directory.
 
 The official file is a whole pickled `dall_e.encoder.Encoder` module. This is the only place in vimpac that
-unpickles anything, and it does so with a restricted unpickler: `dall_e.*` and `torch.nn` module classes become
+unpickles objects (`vimpac convert-original` unpickles an argparse.Namespace of plain values and nothing else), and
+it does so with a restricted unpickler: `dall_e.*` and `torch.nn` module classes become
 inert attribute holders (no code of theirs runs, and the `dall_e` package is not needed), only torch's tensor
 rebuild functions and a few plain containers are allowed, and any other global (os.system, eval, …) is refused.
 The tensors are then read off the object tree, checked name by name and shape by shape, renamed
@@ -35,9 +36,10 @@ where to get encoder.pkl:
   The decoder (decoder.pkl) is not needed: VIMPAC only uses the encoder's codes.
 
 safety:
-  A .pkl file can run arbitrary code when unpickled. This command is the only step that unpickles; it uses a
-  restricted unpickler that refuses everything a DALL-E checkpoint does not need, but still: only convert a
-  file you trust (the official OpenAI release). Everything after it loads safetensors.
+  A .pkl file can run arbitrary code when unpickled. This command is the only step that unpickles objects
+  (convert-original reads an argparse.Namespace of plain values, nothing else); it uses a restricted unpickler
+  that refuses everything a DALL-E checkpoint does not need, but still: only convert a file you trust (the
+  official OpenAI release). Everything after it loads safetensors.
 """
 
 
@@ -194,8 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="convert OpenAI's DALL-E encoder.pkl (downloaded by you) into a dalle tokenizer directory",
         description="Read the DALL-E dVAE encoder of the VIMPAC paper from OpenAI's encoder.pkl (a pickled "
         "module) with a restricted unpickler, check every parameter, and write OUT/config.json + "
-        "OUT/model.safetensors. This is the only vimpac step that unpickles; the tokenizer directory it writes "
-        "loads without pickle.",
+        "OUT/model.safetensors. Besides convert-original (an argparse.Namespace only), this is the only vimpac "
+        "step that unpickles; the tokenizer directory it writes loads without pickle.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -214,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if args.encoder_pkl.is_file():
         print(
             f"unpickling {args.encoder_pkl} (sha256 {_sha256(args.encoder_pkl)}) with a restricted unpickler: this "
-            "is the only vimpac step that unpickles; only convert a file you trust (OpenAI's release)"
+            "unpickles objects as no other vimpac step does; only convert a file you trust (OpenAI's release)"
         )
     fp = convert(args.encoder_pkl, out)
     print(f"wrote dalle tokenizer {out} (fingerprint {fp}); use it with `vimpac tokenize --tokenizer {out} ...`")
