@@ -283,6 +283,8 @@ def test_converted_weights_finetune_and_evaluate_on_an_imported_database(exports
         assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-3000:]
     trained = json.loads((tmp_path / "train" / "eval" / "final_clips2.json").read_text())
     assert trained["num_videos"] == 2 and trained["split"] == "test_1"
+    tuned = vimpac.load_model(tmp_path / "train")  # a run directory: its export/, now with a 5-class classifier
+    assert tuned.num_classes == 5 and tuned.config.special_ids == "original" and tuned.producer == "vimpac.finetune"
     evaluated = json.loads((tmp_path / "eval" / "eval" / "eval_only_clips2.json").read_text())
     # the same clips as the original's test loader: ApplyEyeMakeup (3 frames) is PAD-filled, BalanceBeam is not
     model = vimpac.load_model(exports["finetune"])
