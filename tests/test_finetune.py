@@ -132,6 +132,24 @@ def test_test_clips_are_views_times_uniform_clips(index_db):
                 assert int(tokens[v * k + c, 0, 0, 0]) == 10 * view_id + start
 
 
+def test_single_test_clip_starts_the_video_by_default_when_fine_tuning(index_db):
+    """K = 1: --single-clip start (the original's evaluation, fine-tuning's default) takes frame 0, centre takes
+    the middle (evaluation_starts); K > 1 ignores the option."""
+    from vimpac.finetune import build_parser
+
+    assert build_parser().parse_args(["--data", "x"]).single_clip == "start"
+    views = ["r32_top_f0", "r32_bottom_f0"]
+    common = {"pad_id": VOCAB, "views": views, "frame_rate": 1}
+    for where, start in (("start", 0), ("centre", 2)):
+        ds = FinetuneTestClips(index_db, "val", 3, num_clips=1, single_clip=where, **common)
+        assert ds.single_clip == where and ds.starts(9) == [start]
+        assert [int(t) for t in ds[0]["tokens"][:, 0, 0, 0]] == [start, 20 + start]
+    spread = FinetuneTestClips(index_db, "val", 3, num_clips=3, single_clip="start", **common)
+    assert spread.starts(9) == evaluation_starts(4, 3) == [0, 2, 4]
+    with pytest.raises(UsageError, match="single-clip"):
+        FinetuneTestClips(index_db, "val", 3, num_clips=1, single_clip="middle", **common)
+
+
 # --------------------------------------------------------------------------------- exact-once over 2 ranks
 
 
@@ -256,6 +274,8 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     final = {k: json.loads((out / "eval" / f"final_clips{k}.json").read_text()) for k in (1, 2)}
     assert json.loads((out / "eval" / "epoch005_clips1.json").read_text())["num_test_clips"] == 1
+    assert json.loads((out / "run_config.json").read_text())["single_clip"] == "start"
+    assert {record["single_clip"] for record in final.values()} == {"start"}  # K = 1 took each video's first clip
     for k, record in final.items():
         assert record["num_videos"] == 16 and record["num_test_clips"] == k and record["views"] == ["r32_center_f0"]
         assert len(record["predictions"]) == 16

@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--num-test-clips", type=int, default=1, help="K clips per video in evaluations during training")
     ev.add_argument("--last-test-clips", default=None, help="comma list of K for the final evaluation, e.g. 2,5,10")
+    ev.add_argument(
+        "--single-clip",
+        default="start",
+        choices=("start", "centre"),
+        help="where the one clip of K = 1 lies: at the video's start (the original release's evaluation) or its "
+        "centre (what vimpac used before this option); K > 1 always spreads the clips from start to end. Recorded "
+        "in every <output>/eval/*.json and in run_config.json",
+    )
     ev.add_argument("--eval-per-epochs", type=int, default=5, help="evaluate every N epochs (and after the last)")
     ev.add_argument("--eval-only", action="store_true", help="evaluate --load (a fine-tuned export) and exit")
     ev.add_argument("--eval-batch-size", type=int, default=None, help="clips per forward pass (default 4 × micro)")

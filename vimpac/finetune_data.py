@@ -21,7 +21,8 @@ Datasets:
                         vimpac.data.ResumableDistributedSampler; optionally on a label_subset of the split, seen
                         `repeats` times per epoch
   FinetuneTestClips     every test view × K uniformly spaced clips (vimpac.data.evaluation_starts; K = 1 is the
-                        centre clip): item i → tokens [V·K, T, h, w], view-major (view v, clip k at row v·K + k)
+                        centre clip, or the first with single_clip="start", the original's and fine-tuning's
+                        default): item i → tokens [V·K, T, h, w], view-major (view v, clip k at row v·K + k)
 Training and test views may live in different databases of the same videos (the demo writes a 6-view train
 database and a 3-view test database); the split's video ids are looked up in each database separately.
 
@@ -327,9 +328,14 @@ class FinetuneTrainClips(CodeClips):
         return item
 
 
+SINGLE_CLIP_CHOICES = ("start", "centre")
+
+
 class FinetuneTestClips(CodeClips):
     """Every test view × K clips of a video: item i → {"tokens": int64 [V·K, T, h, w] (row v·K + k: view v, clip
-    k at evaluation_starts(delta, K)[k]), "label", "index"}. `labels` holds every label (known on every rank)."""
+    k at evaluation_starts(delta, K)[k]), "label", "index"}. `labels` holds every label (known on every rank).
+    `single_clip` places the one clip of K = 1: "centre" (evaluation_starts; the default here, which vimpac probe
+    uses) or "start" (frame 0, as the original evaluated; vimpac/finetune.py's --single-clip default)."""
 
     def __init__(
         self,
@@ -342,11 +348,15 @@ class FinetuneTestClips(CodeClips):
         num_clips: int = 1,
         frame_rate: float | None = None,
         on_bad_record: str = "stop",
+        single_clip: str = "centre",
     ):
         self.on_bad_record = check_bad_record_mode(on_bad_record)
         super().__init__(db, views, clip_len, pad_id, frame_rate)
         if num_clips < 1:
             raise UsageError(f"the number of test clips must be >= 1; got {num_clips}")
+        if single_clip not in SINGLE_CLIP_CHOICES:
+            raise UsageError(f"--single-clip must be one of {', '.join(SINGLE_CLIP_CHOICES)}; got {single_clip!r}")
+        self.single_clip = single_clip
         self.num_classes = num_classes_of(self.db)
         self.class_names = list(self.db.manifest["classes"])
         skip = self.on_bad_record == "skip"
@@ -358,6 +368,8 @@ class FinetuneTestClips(CodeClips):
         return len(self.ids)
 
     def starts(self, num_frames: int) -> list[int]:
+        if self.num_clips == 1 and self.single_clip == "start":
+            return [0]
         return evaluation_starts(clip_slack(num_frames, self.clip_len, self.stride), self.num_clips)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -237,6 +237,7 @@ class FinetuneTask(Task):
                     "split": dataset.split,
                     "num_videos": len(dataset),
                     "num_test_clips": k,
+                    "single_clip": dataset.single_clip,  # where the clip of K = 1 lies (start or centre)
                     "views": dataset.views,
                     "views_per_video": k * len(dataset.views),
                     "world_size": world,
@@ -352,7 +353,9 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         train_db, train_split, config.clip_len, views=views_train, seed=args.seed, **subset, **common
     )
     test_sets = {
-        k: FinetuneTestClips(eval_db, eval_split, config.clip_len, views=views_test, num_clips=k, **common)
+        k: FinetuneTestClips(
+            eval_db, eval_split, config.clip_len, views=views_test, num_clips=k, single_clip=args.single_clip, **common
+        )
         for k in clip_counts
     }
     num_classes = train_set.num_classes
@@ -407,6 +410,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             eval_split=eval_split,
             train_views=views_train,
             test_views=views_test,
+            single_clip=args.single_clip,
             precision=precision_of(ds_config),
             world_size=world,
             steps_per_epoch=trainer.steps_per_epoch,
