@@ -106,3 +106,24 @@ def test_cpu_config():
     assert precision_of(config) in ("fp32", "bf16")
     merged = merge_ds_config(config, 2)
     assert merged["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    merged = merge_ds_config(load_json(path), 8 if path.name != "cpu.json" else 2)
+    assert precision_of(merged) == ("bf16" if path.stem.endswith("_bf16") else precision_of(load_json(path)))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_bf16.json")), ids=lambda p: p.name)
+def test_bf16_variants_differ_from_their_fp16_config_only_in_precision(path):
+    config, sibling = load_json(path), load_json(CONFIGS / path.name.replace("_bf16", ""))
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert merge_ds_config(config, 8)["bf16"]["enabled"] and not merge_ds_config(config, 8)["fp16"]["enabled"]
+    assert sibling["fp16"]["enabled"] is True
+    strip = {"fp16", "bf16"}
+    assert {k: v for k, v in config.items() if k not in strip} == {k: v for k, v in sibling.items() if k not in strip}
+
+
+def test_every_fp16_config_has_a_bf16_variant():
+    fp16 = {p.stem for p in CONFIGS.glob("*.json") if load_json(p).get("fp16", {}).get("enabled")}
+    assert fp16 and {f"{name}_bf16" for name in fp16} <= {p.stem for p in CONFIGS.glob("*_bf16.json")}
