@@ -127,3 +127,17 @@ def test_bf16_variants_differ_from_their_fp16_config_only_in_precision(path):
 def test_every_fp16_config_has_a_bf16_variant():
     fp16 = {p.stem for p in CONFIGS.glob("*.json") if load_json(p).get("fp16", {}).get("enabled")}
     assert fp16 and {f"{name}_bf16" for name in fp16} <= {p.stem for p in CONFIGS.glob("*_bf16.json")}
+
+
+def test_optim_adam_and_sgd_are_the_originals_alternatives():
+    base = json.loads((CONFIGS / "finetune_small.json").read_text())
+    adamw = merge_ds_config(base, 8)
+    assert adamw == merge_ds_config(base, 8, optimizer_kind="adamw") and adamw["optimizer"]["type"] == "AdamW"
+    adam = merge_ds_config(base, 8, optimizer_kind="adam", beta1=0.8)
+    assert adam["optimizer"]["type"] == "Adam" and adam["optimizer"]["params"]["adam_w_mode"] is False
+    assert adam["optimizer"]["params"]["betas"] == [0.8, 0.999] and adam["optimizer"]["params"]["torch_adam"]
+    sgd = merge_ds_config(base, 8, optimizer_kind="sgd", lr=0.1, weight_decay=1e-4)
+    assert sgd["optimizer"] == {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
+    assert sgd["zero_allow_untested_optimizer"] is True and "zero_allow_untested_optimizer" not in adamw
+    with pytest.raises(UsageError, match="--optim"):
+        merge_ds_config(base, 8, optimizer_kind="lamb")

@@ -307,6 +307,25 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
     assert result.returncode == 2 and "(2, 4, 4)" in result.stderr and "(3, 4, 4)" in result.stderr
 
 
+def test_finetune_runs_with_the_originals_optimizers_and_decay_groups(tmp_path):
+    """--optim adam / sgd (ZeRO-2, as ds_configs/cpu.json) and --decay-groups original train and are recorded."""
+    db = write_labeled(tmp_path / "db", videos_per_class=4, val_per_class=1, classes=2)
+    model = ["--layers", "1", "--hid-dim", "64", "--heads", "2", "--clip-len", "2", "--frame-size", "32"]
+    model += ["--vocab-size", str(VOCAB), "--nce-proj-hid-dim", "32"]
+    run = ["--deepspeed_config", "ds_configs/cpu.json", "--precision", "fp32", "--num-workers", "0", "--data", str(db)]
+    run += ["--batch-size", "4", "--bs-per-gpu", "4", "--epochs", "2", "--eval-per-epochs", "2"]
+    for optim, kind in (("adam", "Adam"), ("sgd", "SGD")):
+        out = tmp_path / optim
+        cmd = [*launcher("vimpac.finetune", 1), *run, *model, "--optim", optim, "--decay-groups", "original"]
+        result = subprocess.run(
+            [*cmd, "--output", str(out)], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        recorded = json.loads((out / "run_config.json").read_text())
+        assert recorded["deepspeed"]["optimizer"]["type"] == kind and recorded["args"]["decay_groups"] == "original"
+        assert json.loads((out / "eval" / "final_clips1.json").read_text())["num_videos"] == 2
+
+
 @pytest.mark.slow
 def test_two_ranks_under_the_launcher_evaluate_every_video_once(tmp_path):
     """ZeRO-2 over 2 ranks (deepspeed launcher) and 1 plain process train the same global batches: the final

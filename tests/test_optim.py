@@ -40,6 +40,24 @@ def test_decay_only_on_weight_matrices_and_the_token_embedding(model):
     assert any(n.startswith("nce_head.") and n.endswith(".weight") for n in keep["names"])  # BatchNorm weight
 
 
+def test_original_decay_groups_spare_only_biases_and_backbone_layernorm_weights(model):
+    """--decay-groups original: the original's name rule (bias, ln_pre, ln, LayerNorm), so the positional tables,
+    the CLS vector, the MLM head's LayerNorm weight and the projection head's BatchNorm weights are decayed."""
+    decay, keep = parameter_groups(model, 0.05, "original")
+    names = dict(model.named_parameters())
+    assert sorted(decay["names"] + keep["names"]) == sorted(names)
+    backbone_ln = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    backbone_ln = {n for n in backbone_ln if n.startswith("backbone.")}
+    assert backbone_ln and set(keep["names"]) == {n for n in names if n.endswith("bias")} | backbone_ln
+    for name in ("backbone.cls", "mlm_head.norm.weight", "nce_head.net.1.weight", "backbone.token_embedding.weight"):
+        assert name in decay["names"]
+    assert any(n.startswith("backbone.positional_embedding.") for n in decay["names"])
+    structural_decay, _ = parameter_groups(model, 0.05)
+    assert set(structural_decay["names"]) < set(decay["names"])
+    with pytest.raises(UsageError, match="decay-groups"):
+        parameter_groups(model, 0.05, "by-name")
+
+
 def test_frozen_parameters_are_left_out(model):
     model.backbone.cls.requires_grad_(False)
     try:

@@ -15,7 +15,9 @@ the command line holds the experiment. Where both name a value the command line 
 
 Values named by neither come from DEFAULTS (the paper's pre-training settings, docs/reference.md §5.6). Gradient
 accumulation is always derived: global = micro × accumulation × world size, and a global batch that the micro-batches of
-all ranks do not divide is refused. The optimizer is always AdamW; `"torch_adam": true` (torch.optim.AdamW) is the
+all ranks do not divide is refused. The optimizer is AdamW unless `optimizer=` (fine-tuning's --optim) asks for the
+original release's alternatives: "adam" (torch.optim.Adam: weight decay as an L2 term in the gradient) or "sgd"
+(torch.optim.SGD, momentum = β1, L2 weight decay; eps and β2 unused). `"torch_adam": true` (torch.optim.AdamW) is the
 default because DeepSpeed's FusedAdam is JIT-compiled on first use (docs/design.md §11.2). The learning-rate schedule
 belongs to the trainer (--lr-scheduler, --warm-up), so a json "scheduler" section is refused.
 """
@@ -39,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "train_batch_size": 64,
 }
 ADAM_TYPES = ("adam", "adamw")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 # Printing from inside the engine would interleave with our own logging; the trainer logs every step itself.
 QUIET_STEPS_PER_PRINT = 10**9
 
@@ -112,8 +115,12 @@ def merge_ds_config(
     precision: str | None = None,
     zero_stage: int | None = None,
     grad_checkpoint: bool | None = None,
+    optimizer_kind: str = "adamw",
 ) -> dict[str, Any]:
-    """The config DeepSpeed runs with: `base` (the json) overridden by every argument that is not None."""
+    """The config DeepSpeed runs with: `base` (the json) overridden by every argument that is not None;
+    `optimizer_kind` one of OPTIMIZERS (see the module docstring)."""
+    if optimizer_kind not in OPTIMIZERS:
+        raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}; got {optimizer_kind!r}")
     config = copy.deepcopy(base)
     if "scheduler" in config:
         raise UsageError(
@@ -151,6 +158,13 @@ def merge_ds_config(
         raise UsageError(f"--lr must be positive; got {params['lr']}")
     if not all(0 <= b < 1 for b in betas):
         raise UsageError(f"--beta1/--beta2 must lie in [0, 1); got {betas}")
+    if optimizer_kind == "adam":
+        optimizer["type"] = "Adam"
+        params["adam_w_mode"] = False  # torch.optim.Adam: the decay is added to the gradient, as in the original
+    elif optimizer_kind == "sgd":
+        optimizer["type"] = "SGD"  # not one of DeepSpeed's own: it builds torch.optim.SGD from these params
+        optimizer["params"] = {"lr": params["lr"], "momentum": betas[0], "weight_decay": params["weight_decay"]}
+        config["zero_allow_untested_optimizer"] = True  # ZeRO partitions SGD's state like any torch optimizer
 
     if clip_grad_norm is not None:
         config["gradient_clipping"] = clip_grad_norm

@@ -21,9 +21,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
 from vimpac.config import add_model_arguments
+from vimpac.ds_config import OPTIMIZERS
 from vimpac.entry import add_launch_arguments, check_launch_arguments, run_reporting_errors
 from vimpac.errors import UsageError
-from vimpac.optim import SCHEDULES
+from vimpac.optim import DECAY_GROUPS, SCHEDULES
 
 DEBUG_STEPS = 5
 
@@ -131,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epsilon", type=float, default=None, help="AdamW eps (default 1e-8)")
     opt.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0.01)")
     opt.add_argument("--clip-grad-norm", type=float, default=None, help="gradient-norm clip, 0 off (default 1.0)")
+    opt.add_argument(
+        "--optim",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw (decoupled decay), or the original release's alternatives: adam (torch.optim.Adam, decay as an "
+        "L2 term) or sgd (momentum --beta1, L2 decay; --beta2 and --epsilon unused)",
+    )
+    opt.add_argument(
+        "--decay-groups",
+        default="structural",
+        choices=DECAY_GROUPS,
+        help="parameters spared from weight decay: structural (biases, norm weights, positional tables, CLS) or "
+        "original (the original release's name rule: biases and backbone LayerNorm weights only)",
+    )
     opt.add_argument("--lr-scheduler", default="linear", choices=SCHEDULES, help="decay after warm-up")
     opt.add_argument("--warm-up", type=float, default=0.1, help="ratio of all steps if < 1, else a step count")
     opt.add_argument("--bs-per-gpu", type=int, default=None, help="videos per rank per micro-step")

@@ -6,6 +6,9 @@ head's LayerNorm and the projection head's BatchNorm weights (docs/reference.md 
             the MLM output bias) and every parameter of a positional-embedding module (the T/H/W tables and the
             CLS position: they are additive offsets, like biases, and shrinking them towards 0 erases position);
   decay     the weight matrices of every Linear and the token embedding (tied to the MLM decoder, as in BERT).
+With decay_groups="original" (--decay-groups original) the original's rule is reproduced instead: no decay for
+every bias and the backbone's LayerNorm weights only; the positional tables, the CLS vector, the MLM head's
+LayerNorm weight and the projection head's BatchNorm weights are decayed with the weight matrices.
 
 Schedules (HF `get_*_schedule_with_warmup` semantics, which the original used): the multiplier of the peak
 learning rate at optimizer step s (0-based, the value used by update s) is s / warmup during warm-up, then
@@ -24,6 +27,7 @@ from torch import nn
 from vimpac.errors import UsageError
 
 SCHEDULES = ("linear", "cosine", "constant")
+DECAY_GROUPS = ("structural", "original")
 
 
 def no_decay_parameter_ids(model: nn.Module) -> set[int]:
@@ -35,10 +39,23 @@ def no_decay_parameter_ids(model: nn.Module) -> set[int]:
     return excluded
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def original_no_decay_parameter_ids(model: nn.Module) -> set[int]:
+    """ids excluded from decay by the original's name rule, in vimpac's names: every bias and the LayerNorm weights
+    of the backbone (the original's `ln_pre`, `ln` and `LayerNorm`); its name list missed every other parameter."""
+    excluded = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and name.startswith("backbone.") and module.weight is not None:
+            excluded.add(id(module.weight))
+    return excluded
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_groups: str = "structural") -> list[dict]:
     """Two AdamW groups, decayed and not, of the trainable parameters; each dict has "params", "weight_decay"
-    and "names" (parameter names, for logging and tests; DeepSpeed and torch ignore unknown group keys)."""
-    excluded = no_decay_parameter_ids(model)
+    and "names" (parameter names, for logging and tests; DeepSpeed and torch ignore unknown group keys).
+    decay_groups: "structural" (vimpac's rule) or "original" (the original release's; module docstring)."""
+    if decay_groups not in DECAY_GROUPS:
+        raise UsageError(f"--decay-groups must be one of {', '.join(DECAY_GROUPS)}; got {decay_groups!r}")
+    excluded = no_decay_parameter_ids(model) if decay_groups == "structural" else original_no_decay_parameter_ids(model)
     decay: list[tuple[str, nn.Parameter]] = []
     keep: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():

@@ -74,6 +74,7 @@ def merged_engine_config(
         precision=args.precision,
         zero_stage=args.zero_stage,
         grad_checkpoint=args.grad_checkpoint,
+        optimizer_kind=getattr(args, "optim", "adamw"),
     )
     precision = precision_of(config)
     accelerator = get_accelerator()
@@ -121,16 +122,18 @@ def build_engine(
     warmup: int,
     total: int,
     compile_backend: str | None = None,
+    decay_groups: str = "structural",
 ):
     """deepspeed.initialize on `model` (which has a `backbone`): AdamW groups with and without decay
     (vimpac.optim), the warm-up + decay schedule stepped per optimizer step, per-layer activation checkpointing
     when the config asks for it, and torch.compile of the module by the engine when `compile_backend` names a
-    backend ("inductor" on GPUs; the Triton attention is a registered op it traces through). Returns the engine."""
+    backend ("inductor" on GPUs; the Triton attention is a registered op it traces through). `decay_groups`: which
+    parameters are decayed (vimpac.optim.DECAY_GROUPS). Returns the engine."""
     if uses_activation_checkpointing(ds_config):
         enable_activation_checkpointing(model.backbone.layers)
     groups = [
         {"params": g["params"], "weight_decay": g["weight_decay"]}
-        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
+        for g in parameter_groups(model, ds_config["optimizer"]["params"]["weight_decay"], decay_groups)
     ]
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -151,7 +154,10 @@ def start_engine(
     rank, _, _ = init_distributed(args.dist_backend)
     seed_everything(args.seed)
     model = make_model()
-    engine = build_engine(model, ds_config, args.lr_scheduler, schedule.warmup, schedule.total, args.compile)
+    decay_groups = getattr(args, "decay_groups", "structural")
+    engine = build_engine(
+        model, ds_config, args.lr_scheduler, schedule.warmup, schedule.total, args.compile, decay_groups
+    )
     seed_everything(args.seed + rank)
     return engine, rank
 
