@@ -5,6 +5,9 @@
     tokens = ...                                         # int64 [B, T, h, w]: codes, PAD (model.config.pad_id), MASK
     cls = model.cls(tokens)                              # [B, D]
     hidden = model.hidden_states(tokens)                 # [B, T, h, w, D]
+    ft = vimpac.load_model("runs/ft", tokenizer="runs/tok")  # tokenizer: default the one the run's database names
+    ft.predict("clip.mp4")                               # [(label, probability)] × 5, as the evaluation scores it
+    ft.embed("clip.mp4")                                 # float32 [D]: the video's mean CLS over its test clips
 
 What `path` may be: an export folder (config.json + model.safetensors, read without pickle), a run directory
 holding export/, or a checkpoint folder of the original release (classifier.pt + args.pickle, or an output folder
@@ -15,6 +18,10 @@ the `device` given. Inputs are token ids [B, T, h, w] with (T, h, w) = `config.s
 (PAD keys are never attended to). Which methods work depends on the heads the weights hold: `mlm_logits` needs
 the MLM head and `projection` the contrastive head (pre-training exports), `class_logits` the classifier
 (fine-tuning exports); calling one whose head is absent raises MissingHeadError saying which export has it.
+
+`predict(video)` and `embed(video)` take a video file or a uint8 array [T, H, W, 3] (frames at the database's fps)
+and run vimpac.inference.VideoPipeline: decoding, views, tokenizer and clips as the model's evaluation database
+and fine-tuning evaluation (settings from export/inference.json, vimpac.export_info).
 """
 
 from __future__ import annotations
@@ -107,6 +114,8 @@ class VimpacModel:
             raise UsageError(f"the weights of {source} do not fit the model of their config.json: {err}") from None
         self.device = torch.device(device)
         self._model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer_spec: Any = None  # load_model's tokenizer=; None: the one the inference settings name
+        self._pipeline = None
 
     # ------------------------------------------------------------------------------------------- heads
     @property
@@ -219,6 +228,35 @@ class VimpacModel:
         cls, _ = self._model.backbone(self.tokens(tokens))
         return self._model.nce_head(cls)
 
+    # ------------------------------------------------------------------------------------------- videos
+    def pipeline(self, **overrides: Any):
+        """The vimpac.inference.VideoPipeline of this model (settings: vimpac.export_info; `overrides` such as
+        num_clips=, views= replace them). Cached when called without overrides."""
+        from vimpac.export_info import inference_info
+        from vimpac.inference import VideoPipeline
+
+        if self.source is None:
+            raise UsageError("predict / embed need a model loaded from an export (vimpac.load_model(path))")
+        if overrides:
+            return VideoPipeline(self, inference_info(self.source, overrides=overrides), self.tokenizer_spec)
+        if self._pipeline is None:
+            self._pipeline = VideoPipeline(self, inference_info(self.source), self.tokenizer_spec)
+        return self._pipeline
+
+    def predict(self, video: Any, top_k: int = 5) -> list[tuple[str, float]]:
+        """The `top_k` (class name, probability) of a video file or uint8 array [T, H, W, 3]: softmax per view ×
+        clip, probabilities averaged, as fine-tuning's evaluation. Raises DecodeError for an unusable file."""
+        self._need(self.has_classifier, "predict", "a classifier (the export of a fine-tuning run)")
+        pipeline = self.pipeline()
+        return pipeline.top_k(pipeline.probabilities(video), top_k)
+
+    def embed(self, video: Any, feature: str = "cls", per_clip: bool = False) -> np.ndarray:
+        """float32 [D] embedding of a video file or uint8 array [T, H, W, 3]: the mean over the test views × K clips
+        of the CLS vector ("cls"), the non-PAD token mean ("mean") or both concatenated ("both", [2D]);
+        `per_clip`: [V·K, D] without the mean."""
+        pipeline = self.pipeline()
+        return pipeline.features_of(pipeline.tokens(video), feature, per_clip)
+
     @torch.no_grad()
     def class_logits(self, tokens: Any) -> torch.Tensor:
         """Classifier logits [B, num_classes] of one clip each (no softmax, no view averaging)."""
@@ -227,8 +265,12 @@ class VimpacModel:
         return self._model.classifier(cls)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> VimpacModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", tokenizer: Any = None) -> VimpacModel:
     """Load the model in `path` (an export folder, a run directory holding export/, or an original release checkpoint
-    folder) onto `device`, in eval mode. UsageError when there is nothing loadable there."""
+    folder) onto `device`, in eval mode. UsageError when there is nothing loadable there. `tokenizer` (a tokenizer
+    directory or a loaded Tokenizer) is what `predict` / `embed` encode videos with; by default the tokenizer the
+    export's inference settings name."""
     config, state, metadata, folder = _read(path)
-    return VimpacModel(config, state, device=device, source=folder, producer=metadata.get("producer"))
+    model = VimpacModel(config, state, device=device, source=folder, producer=metadata.get("producer"))
+    model.tokenizer_spec = tokenizer
+    return model

@@ -1,0 +1,220 @@
+"""`vimpac predict` / `vimpac embed` / model.predict on real video files: the same numbers as the evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import REPO, environment, launcher
+from tests.tokenizers import tiny_vqvae_dir
+from tests.videos import write_video
+from vimpac.checkpoint import export_weights
+from vimpac.cli import main as cli_main
+from vimpac.code_db import CodeDatabase
+from vimpac.config import VimpacConfig
+from vimpac.export_info import INFO_FILE, inference_info
+from vimpac.finetune_data import FinetuneTestClips
+from vimpac.finetune_setup import evaluate_clips
+from vimpac.inference import load_pipeline
+from vimpac.modeling import VimpacForClassification
+from vimpac.tokenization.extract import ExtractConfig, extract
+
+CLASSES = ("jump", "run", "walk")
+VIDEOS = {"a": (0, 20), "b": (1, 14), "c": (2, 9), "d": (0, 26)}  # id: (class, frames at 8 fps)
+VIEWS = ["r32_top_f0", "r32_center_f0", "r32_bottom_f0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny tokenizer, 4 real .mp4 files tokenized by `vimpac tokenize` (list format, test views, 4 fps, 32 px),
+    and a fine-tuning run directory (random classifier, exported) whose run_config.json names that database."""
+    root = tmp_path_factory.mktemp("predict")
+    tok = tiny_vqvae_dir(root / "tok")
+    videos = root / "videos"
+    videos.mkdir()
+    for i, (vid, (_label, frames)) in enumerate(VIDEOS.items()):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(frames, 48, 64, 3), dtype=np.uint8)
+        write_video(videos / f"{vid}.mp4", frames=pixels, fps=8)
+    lines = "".join(f"{vid}.mp4 {CLASSES[label]}\n" for vid, (label, _) in VIDEOS.items())
+    for split in ("train", "val"):
+        (root / f"{split}.txt").write_text(lines)
+    db = root / "db"
+    cfg = ExtractConfig(
+        videos=videos,
+        annotations=[root / "train.txt", root / "val.txt"],
+        format="list",
+        tokenizer=str(tok),
+        out=db,
+        fps=4.0,
+        frame_size=32,
+        views="test",
+        workers=1,
+        encode_batch=64,
+        progress=False,
+    )
+    assert extract(cfg).tokenized == len(VIDEOS)
+    config = VimpacConfig(vocab_size=64, hidden_size=32, layers=1, heads=2, clip_len=2, grid=(4, 4), dropout=0.0)
+    torch.manual_seed(0)
+    model = VimpacForClassification(config, len(CLASSES))
+    with torch.no_grad():
+        model.classifier.fc.weight.mul_(200.0)  # decisive predictions: top-1 does not hang on rounding
+    run = root / "ft"
+    export_weights(model.state_dict(), config, run, producer="vimpac.finetune")
+    args = {"data": str(db), "eval_data": str(db), "frame_rate": 2.0, "num_test_clips": 1, "last_test_clips": "1,2"}
+    args["single_clip"] = "start"
+    (run / "run_config.json").write_text(json.dumps({"args": args, "test_views": VIEWS}))
+    return {"root": root, "tok": tok, "videos": videos, "db": db, "run": run}
+
+
+def test_inference_info_is_derived_from_the_run_and_saved(setup):
+    info = inference_info(setup["run"])
+    assert info["tokenizer"]["path"] == str(setup["tok"]) and len(info["tokenizer"]["fingerprint"]) == 16
+    assert (info["fps"], info["frame_rate"], info["frame_size"], info["clip_len"]) == (4.0, 2.0, 32, 2)
+    assert info["views"] == VIEWS and info["num_clips"] == 2 and info["classes"] == list(CLASSES)
+    assert json.loads((setup["run"] / "export" / INFO_FILE).read_text()) == info
+    assert inference_info(setup["run"] / "export", overrides={"num_clips": 3})["num_clips"] == 3
+
+
+def test_predict_equals_the_evaluation_of_a_database_of_the_same_files(setup, tmp_path):
+    pipeline = load_pipeline(setup["run"], need_classifier=True)
+    db = CodeDatabase(setup["db"])
+    pad = pipeline.model.config.pad_id
+    test_set = FinetuneTestClips(db, "val", 2, pad_id=pad, views=VIEWS, num_clips=2, frame_rate=2.0)
+    model = VimpacForClassification(pipeline.model.config, len(CLASSES))
+    model.load_state_dict(pipeline.model._model.state_dict())
+    expected, _ = evaluate_clips(model, test_set, "cpu")
+    got = torch.stack([pipeline.probabilities(setup["videos"] / f"{vid}.mp4") for vid in test_set.ids])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # K = 1: the clip at the video's start, as the run's --single-clip start evaluated it
+    single = FinetuneTestClips(db, "val", 2, pad_id=pad, views=VIEWS, frame_rate=2.0, single_clip="start")
+    expected_one, _ = evaluate_clips(model, single, "cpu")
+    one = load_pipeline(setup["run"], overrides={"num_clips": 1})
+    got_one = torch.stack([one.probabilities(setup["videos"] / f"{vid}.mp4") for vid in single.ids])
+    torch.testing.assert_close(got_one, expected_one, rtol=1e-5, atol=1e-6)
+    # the CLI, against `finetune.py --eval-only` on that database (2 clips, test views, --frame-rate 2)
+    out = tmp_path / "eval"
+    cmd = [*launcher("vimpac.finetune", 1), "--deepspeed_config", "ds_configs/cpu.json", "--precision", "fp32"]
+    cmd += ["--zero-stage", "0", "--num-workers", "0", "--batch-size", "4", "--bs-per-gpu", "4"]
+    cmd += ["--data", str(setup["db"]), "--load", str(setup["run"] / "export"), "--eval-only", "--frame-rate", "2"]
+    cmd += ["--last-test-clips", "2", "--output", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evaluated = json.loads((out / "eval" / "eval_only_clips2.json").read_text())
+    assert evaluated["views"] == VIEWS
+    report = tmp_path / "p.json"
+    assert cli_main(["predict", str(setup["videos"]), "--model", str(setup["run"]), "--json", str(report)]) == 0
+    predictions = json.loads(report.read_text())["predictions"]
+    assert len(predictions) == len(VIDEOS)
+    for p in predictions:
+        vid = Path(p["video"]).stem
+        assert p["top"][0]["label"] == CLASSES[evaluated["predictions"][vid]]
+        row = expected[test_set.ids.index(vid)]
+        assert p["top"][0]["probability"] == pytest.approx(float(row.max()), rel=1e-5)
+    probs = [t["probability"] for t in predictions[0]["top"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+
+
+def test_bad_inputs_are_reported_and_the_others_go_on(setup, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.mp4").write_bytes(b"")
+    data = (setup["videos"] / "d.mp4").read_bytes()
+    (bad / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (bad / "noise.mp4").write_bytes(os.urandom(5000))
+    write_audio_only(bad / "audio.mp4")
+    good = setup["videos"] / "a.mp4"
+    files = [good, bad / "missing.mp4", *sorted(bad.iterdir())]
+    out = tmp_path / "p.csv"
+    assert cli_main(["predict", *map(str, files), "--model", str(setup["run"]), "--csv", str(out)]) == 1
+    rows = list(csv.DictReader(out.open()))
+    errors = {Path(r["video"]).name: r["error"] for r in rows if r["error"]}
+    assert next(r["label"] for r in rows if Path(r["video"]) == good) in CLASSES
+    assert "file not found" in errors["missing.mp4"] and "empty" in errors["empty.mp4"]
+    assert "not a video" in errors["noise.mp4"] and "no video stream" in errors["audio.mp4"]
+    assert re.match(r"(open|decode): ", errors["truncated.mp4"])
+    err = capsys.readouterr().err
+    assert "missing.mp4: cannot predict (open: file not found" in err
+    # an export without a classifier, a tokenizer of another vocabulary
+    config = VimpacConfig(vocab_size=64, hidden_size=32, layers=1, heads=2, clip_len=2, grid=(4, 4))
+    from vimpac.modeling import VimpacBackbone
+
+    pre = tmp_path / "pt"
+    export_weights({f"backbone.{k}": v for k, v in VimpacBackbone(config).state_dict().items()}, config, pre)
+    assert cli_main(["predict", str(good), "--model", str(pre), "--data", str(setup["db"])]) == 2
+    assert "holds no classifier" in capsys.readouterr().err
+    other = tiny_vqvae_dir(tmp_path / "tok32", vocab_size=32)
+    assert cli_main(["predict", str(good), "--model", str(setup["run"]), "--tokenizer", str(other)]) == 2
+    assert "32 codes but the model was trained on a vocabulary of 64" in capsys.readouterr().err
+    same_size = tiny_vqvae_dir(tmp_path / "tok64", vocab_size=64, seed=1)
+    assert cli_main(["predict", str(good), "--model", str(setup["run"]), "--tokenizer", str(same_size)]) == 2
+    assert "is not the one the model's code database was made with" in capsys.readouterr().err
+
+
+def write_audio_only(path: Path) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_embed_files_equals_embed_database_and_resumes(setup, tmp_path, capsys):
+    files, from_db = tmp_path / "files", tmp_path / "db"
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{setup['videos'] / vid}.mp4\n" for vid in sorted(VIDEOS)[:2]))
+    common = ["--model", str(setup["run"]), "--feature", "both", "--no-progress"]
+    assert cli_main(["embed", str(listing), "--out", str(files), *common]) == 0
+    assert len(np.load(files / "embeddings.npy")) == 2
+    assert cli_main(["embed", str(setup["videos"]), "--out", str(files), *common]) == 0  # resumes: 2 new
+    assert cli_main(["embed", "--db", str(setup["db"]), "--split", "val", "--out", str(from_db), *common]) == 0
+    a, b = np.load(files / "embeddings.npy"), np.load(from_db / "embeddings.npy")
+    assert a.dtype == np.float32 and a.shape == (4, 64)
+    ids_a = [Path(r["video"]).stem for r in csv.DictReader((files / "index.csv").open())]
+    ids_b = [r["id"] for r in csv.DictReader((from_db / "index.csv").open())]
+    assert sorted(ids_a) == sorted(ids_b) == sorted(VIDEOS)
+    order = [ids_a.index(i) for i in ids_b]
+    np.testing.assert_allclose(a[order], b, rtol=1e-5, atol=1e-6)
+    assert cli_main(["embed", str(setup["videos"]), "--out", str(files), *common[:2], "--feature", "cls"]) == 2
+    assert "other settings (feature)" in capsys.readouterr().err
+    per_clip = tmp_path / "clips"
+    assert cli_main(["embed", "--db", str(setup["db"]), "--out", str(per_clip), *common, "--per-clip"]) == 0
+    assert np.load(per_clip / "embeddings.npy").shape == (4, 6, 64)  # 3 views × 2 clips
+
+
+def test_api_predict_and_embed_on_a_path_and_an_array(setup):
+    import vimpac
+
+    model = vimpac.load_model(setup["run"], tokenizer=setup["tok"])
+    pipeline = load_pipeline(setup["run"])
+    path = setup["videos"] / "a.mp4"
+    top = model.predict(path, top_k=2)
+    assert [n for n, _ in top] == [n for n, _ in pipeline.top_k(pipeline.probabilities(path), 2)]
+    assert model.embed(path).shape == (32,) and model.embed(path, "both", per_clip=True).shape == (6, 64)
+    frames = np.random.default_rng(0).integers(0, 256, size=(7, 48, 64, 3), dtype=np.uint8)
+    assert len(model.predict(frames)) == 3 and model.embed(frames).dtype == np.float32
+
+
+def test_readme_example_runs(setup, tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ft").symlink_to(setup["run"])
+    (tmp_path / "runs" / "tok").symlink_to(setup["tok"])
+    (tmp_path / "clip.mp4").symlink_to(setup["videos"] / "a.mp4")
+    exec(compile(code, "README.md", "exec"), {})

@@ -1,0 +1,134 @@
+"""What a fine-tuned export needs to run on video files: `export/inference.json` (tokenizer, rates, views, classes).
+
+An export (config.json + model.safetensors) holds the model only. Predicting on a video file also needs what the
+evaluation database was made with and how fine-tuning evaluated it:
+
+  tokenizer   {path, fingerprint, name, vocab_size, fp16}: the tokenizer of the code database (its manifest)
+  fps         the database's frame rate: videos are decoded and resampled to it (vimpac.tokenization.decode)
+  frame_rate  fine-tuning's --frame-rate (null: fps): clips take every (fps / frame_rate)-th decoded frame
+  frame_size  S: the side of the square views
+  views       the test views fine-tuning evaluated (run_config.json's test_views, e.g. r128_{top,center,bottom}_f0)
+  num_clips   K: clips per view at vimpac.data.evaluation_starts (default: the largest --last-test-clips)
+  single_clip where the one clip of K = 1 starts: "start" (frame 0) or "centre" (fine-tuning's --single-clip;
+              "centre" for runs that predate the flag and for pre-training exports, as vimpac probe)
+  clip_len    T of the model
+  classes     the class names, in label order (the database manifest's)
+  dataset, database, run: where it came from
+
+How it is obtained (`inference_info`): export/inference.json when present; otherwise it is derived from the run
+directory the export lies in (export/../run_config.json: the evaluation database, --frame-rate, the test views and
+clip counts) and the manifest of that database (fps, frame size, tokenizer path and fingerprint, classes), then
+written to export/inference.json (when the folder is writable) so the export keeps working after the database is
+moved or deleted. The trainer writes the export without it; deriving it from the run directory the first time the
+export is used (or with `write_inference_info`) keeps the training code untouched. `--data DB` (the `data`
+argument) names the database when the run directory is not available; explicit overrides win over everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vimpac.atomic_write import write_json_atomic
+from vimpac.errors import UsageError
+
+INFO_FILE = "inference.json"
+FORMAT = 1
+FIELDS = ("tokenizer", "fps", "frame_rate", "frame_size", "views", "num_clips", "single_clip", "clip_len", "classes")
+
+
+def _export_folder(path: str | Path) -> Path:
+    path = Path(path)
+    for folder in (path, path / "export"):
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    raise UsageError(f"{path}: no config.json + model.safetensors there or in {path / 'export'}")
+
+
+def _manifest(db: str | Path) -> dict[str, Any]:
+    path = Path(db) / "manifest.json"
+    if not path.is_file():
+        raise UsageError(
+            f"code database {db} not found (no {path}); pass --data with the code database the model was "
+            "evaluated on (its manifest names the tokenizer, fps, frame size and classes)"
+        )
+    return json.loads(path.read_text())
+
+
+def _largest_count(text: Any, default: int) -> int:
+    if text in (None, ""):
+        return default
+    return max(int(x) for x in str(text).split(",") if x.strip())
+
+
+def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
+    """inference.json's fields from the run directory of `export` (run_config.json) and the database manifest.
+    `data` replaces the run's evaluation database (and is enough without a run_config.json)."""
+    config = json.loads((export / "config.json").read_text())
+    run_config_path = export.parent / "run_config.json"
+    run: dict[str, Any] = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+    args = run.get("args", {})
+    if data is None:
+        data = args.get("eval_data") or args.get("data")
+    if data is None:
+        raise UsageError(
+            f"{export} has no {INFO_FILE} and no run_config.json beside it ({run_config_path}); pass --data with the "
+            "code database the model was evaluated on, or --model the run directory of the fine-tuning"
+        )
+    manifest = _manifest(data)
+    views = run.get("test_views")
+    if not views:
+        from vimpac.finetune_data import evaluation_views
+
+        views = evaluation_views(manifest["views"], manifest.get("dataset"), manifest.get("frame_size"))
+    tokenizer = dict(manifest.get("tokenizer") or {})
+    tokenizer["path"] = (manifest.get("args") or {}).get("tokenizer")
+    return {
+        "format": FORMAT,
+        "tokenizer": tokenizer,
+        "fps": float(manifest["fps"]),
+        "frame_rate": args.get("frame_rate"),
+        "frame_size": int(manifest["frame_size"]),
+        "views": list(views),
+        "num_clips": _largest_count(args.get("last_test_clips"), int(args.get("num_test_clips") or 1)),
+        "single_clip": args.get("single_clip") or "centre",
+        "clip_len": int(config["clip_len"]),
+        "classes": list(manifest.get("classes") or []),
+        "dataset": manifest.get("dataset"),
+        "database": str(data),
+        "run": str(export.parent) if run else None,
+    }
+
+
+def write_inference_info(path: str | Path, data: str | Path | None = None) -> Path:
+    """Derive and write <export>/inference.json for the export in `path` (an export or its run directory)."""
+    export = _export_folder(path)
+    write_json_atomic(export / INFO_FILE, derive_info(export, data))
+    return export / INFO_FILE
+
+
+def inference_info(
+    path: str | Path, data: str | Path | None = None, overrides: Mapping[str, Any] | None = None, save: bool = True
+) -> dict[str, Any]:
+    """The inference settings of the export in `path`: inference.json, else derived (derive_info) and, with
+    `save`, written beside the export (best effort: a read-only export is left as it is). `data` forces the
+    derivation from that database; `overrides` ({field: value}, None values ignored) win over both."""
+    export = _export_folder(path)
+    file = export / INFO_FILE
+    if file.is_file() and data is None:
+        info = json.loads(file.read_text())
+    else:
+        info = derive_info(export, data)
+        if save and data is None:
+            with contextlib.suppress(OSError):  # a read-only export is left as it is
+                write_json_atomic(file, info)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            info[key] = value
+    missing = [k for k in FIELDS if k not in info]
+    if missing:
+        raise UsageError(f"{file}: missing {', '.join(missing)}; delete it to derive it again from the run directory")
+    return info

@@ -1,0 +1,219 @@
+"""Video files (or frame arrays) → tokens → class probabilities or embeddings, exactly as the evaluation sees them.
+
+`VideoPipeline(model, info, tokenizer)` runs the steps of `vimpac tokenize` + fine-tuning's evaluation on one
+video at a time, with the same functions:
+  decode     vimpac.tokenization.decode.iter_view_frames: PyAV decoding, resampled to the database's fps, each
+             test view (shorter-side resize, square crop) at the frame size
+  encode     the tokenizer of the database (fingerprint checked), at its fixed network batch
+  clips      K clips per view at vimpac.data.evaluation_starts (K = 1: frame 0 with single_clip "start"), frame
+             stride fps / frame_rate, PAD-padded
+             (vimpac.data.take_clip), view-major as vimpac.finetune_data.FinetuneTestClips
+  predict    classifier logits per clip, softmax per clip, mean (vimpac.finetune_data.average_view_probabilities)
+  embed      per clip the CLS vector and the non-PAD token mean (vimpac.probe.clip_features), mean over the clips
+so a video's probabilities equal those of `finetune.py --eval-only` on a code database of the same file made with
+the same tokenizer and settings. A frame array [T, H, W, 3] uint8 is taken as already at the database's fps; its
+frames are resized (area filter) and cropped like decoded frames, from RGB instead of the file's YUV.
+
+Bad videos raise vimpac.tokenization.decode.DecodeError(stage, reason): the failure kinds of `vimpac tokenize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
+from vimpac.errors import UsageError
+from vimpac.finetune_data import average_view_probabilities
+from vimpac.tokenization.decode import DecodeError, iter_view_frames, resize_frame
+from vimpac.tokenization.views import View, apply_view, shorter_sides
+
+FEATURES = ("cls", "mean", "both")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
+DEFAULT_ENCODE_BATCH = 64  # `vimpac tokenize --encode-batch`'s default
+
+
+def _load_tokenizer(spec: Any, info: dict[str, Any], model_vocab: int, device: Any):
+    from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
+
+    wanted = info.get("tokenizer") or {}
+    if isinstance(spec, Tokenizer):
+        tokenizer = spec
+    else:
+        spec = spec or wanted.get("path")
+        if not spec:
+            raise UsageError("the export does not name its tokenizer; pass --tokenizer DIR (the one its database used)")
+        if not Path(spec).is_dir():
+            raise UsageError(
+                f"tokenizer {spec} not found (named by the model's inference settings); pass --tokenizer DIR with "
+                "the tokenizer the model's code database was made with"
+            )
+        tokenizer = load_tokenizer(spec, device=device, fp16=bool(wanted.get("fp16", False)))
+    if tokenizer.vocab_size != model_vocab:
+        raise UsageError(
+            f"tokenizer {getattr(spec, 'name', spec)} has {tokenizer.vocab_size} codes but the model was trained on "
+            f"a vocabulary of {model_vocab}; pass --tokenizer with the tokenizer of the model's code database"
+        )
+    expected = wanted.get("fingerprint")
+    if expected and tokenizer.fingerprint != expected:
+        raise UsageError(
+            f"tokenizer {spec} (fingerprint {tokenizer.fingerprint}) is not the one the model's code database was "
+            f"made with (fingerprint {expected}); pass --tokenizer with that tokenizer"
+        )
+    tokenizer.batch_size = DEFAULT_ENCODE_BATCH
+    return tokenizer
+
+
+class VideoPipeline:
+    """A loaded model (vimpac.api.VimpacModel) with its inference settings (vimpac.export_info) and tokenizer."""
+
+    def __init__(self, model, info: dict[str, Any], tokenizer: Any = None, clips_per_forward: int = 32) -> None:
+        self.model, self.info = model, info
+        if int(info["clip_len"]) != model.config.clip_len:
+            raise UsageError(
+                f"inference settings say clip length {info['clip_len']}, the model {model.config.clip_len}"
+            )
+        self._tokenizer_spec, self._tokenizer = tokenizer, None
+        self.views = [View.parse(v) for v in info["views"]]
+        self.frame_size = int(info["frame_size"])
+        self.fps = float(info["fps"])
+        self.stride = frame_stride(self.fps, info.get("frame_rate"))
+        self.num_clips = int(info["num_clips"])
+        self.single_clip = info.get("single_clip") or "centre"
+        self.classes = list(info.get("classes") or [])
+        self.clips_per_forward = clips_per_forward
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (loaded when first needed: embedding from a code database never needs it)."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self._tokenizer_spec, self.info, self.model.config.vocab_size, "cpu")
+        return self._tokenizer
+
+    # --------------------------------------------------------------------------------------------- tokens
+    def _view_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [T, H, W, 3] (at the database's fps) → [V, T, S, S, 3] as decoding makes them."""
+        import av
+
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+            raise ValueError(f"a video array must be uint8 [T, H, W, 3] with T >= 1; got {frames.dtype} {frames.shape}")
+        out = np.empty((len(self.views), len(frames), self.frame_size, self.frame_size, 3), dtype=np.uint8)
+        sides = shorter_sides(self.views)
+        for t, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            resized = {side: resize_frame(picture, side) for side in sides}
+            for v, view in enumerate(self.views):
+                out[v, t] = apply_view(resized[view.shorter], view, self.frame_size)
+        return out
+
+    def codes(self, video: str | Path | np.ndarray) -> list[np.ndarray]:
+        """Codes int64 [n, h, w] per test view of a video file (DecodeError when it cannot be used) or array."""
+        if isinstance(video, (str, Path)):
+            chunks = iter_view_frames(video, self.fps, self.views, self.frame_size, chunk=DEFAULT_ENCODE_BATCH)
+        else:
+            chunks = [self._view_frames(video)]
+        per_view: list[list[np.ndarray]] = [[] for _ in self.views]
+        for chunk in chunks:
+            for v in range(len(self.views)):
+                per_view[v].append(self.tokenizer.encode(chunk[v]).numpy())
+        return [np.concatenate(parts) for parts in per_view]
+
+    def starts(self, num_frames: int) -> list[int]:
+        """Clip starts of a video of `num_frames` codes: FinetuneTestClips.starts."""
+        if self.num_clips == 1 and self.single_clip == "start":
+            return [0]
+        return evaluation_starts(clip_slack(num_frames, self.model.config.clip_len, self.stride), self.num_clips)
+
+    def clips(self, codes: Sequence[np.ndarray]) -> torch.Tensor:
+        """int64 [V·K, T, h, w]: K evaluation clips of each view's codes, view-major (FinetuneTestClips' order)."""
+        t, pad = self.model.config.clip_len, self.model.config.pad_id
+        rows = []
+        for view_codes in codes:
+            rows += [take_clip(view_codes, s, t, self.stride, pad) for s in self.starts(view_codes.shape[0])]
+        return torch.from_numpy(np.stack(rows))
+
+    def tokens(self, video: str | Path | np.ndarray) -> torch.Tensor:
+        return self.clips(self.codes(video))
+
+    # --------------------------------------------------------------------------------------------- outputs
+    def _chunks(self, tokens: torch.Tensor):
+        return tokens.split(max(1, self.clips_per_forward))
+
+    def probabilities_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [C] of one video's clips [V·K, T, h, w]: softmax per clip, mean."""
+        logits = torch.cat([self.model.class_logits(part) for part in self._chunks(tokens)])
+        return average_view_probabilities(logits[None]).squeeze(0).cpu()
+
+    def probabilities(self, video: str | Path | np.ndarray) -> torch.Tensor:
+        return self.probabilities_of(self.tokens(video))
+
+    def top_k(self, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+        values, indices = probs.topk(min(k, probs.numel()))
+        names = self.classes if len(self.classes) == probs.numel() else [str(i) for i in range(probs.numel())]
+        return [(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
+
+    @torch.no_grad()
+    def features_of(self, tokens: torch.Tensor, feature: str = "cls", per_clip: bool = False) -> np.ndarray:
+        """float32 [D] (mean over the clips), [V·K, D] with `per_clip`, [2D] / [V·K, 2D] for "both" (cls, mean)."""
+        from vimpac.probe import clip_features
+
+        if feature not in FEATURES:
+            raise UsageError(f"--feature must be one of {', '.join(FEATURES)}; got {feature!r}")
+        backbone, pad = self.model._model.backbone, self.model.config.pad_id
+        parts = [clip_features(backbone, self.model.tokens(p), pad) for p in self._chunks(tokens)]
+        cls = torch.cat([c for c, _ in parts]).cpu()
+        mean = torch.cat([m for _, m in parts]).cpu()
+        rows = {"cls": cls, "mean": mean, "both": torch.cat([cls, mean], dim=1)}[feature]
+        return (rows if per_clip else rows.mean(dim=0)).numpy().astype(np.float32)
+
+
+def load_pipeline(
+    model_path: str | Path,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    data: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    need_classifier: bool = False,
+) -> VideoPipeline:
+    """VideoPipeline of the export (or run directory) `model_path`: vimpac.load_model + vimpac.export_info."""
+    from vimpac.api import MissingHeadError, load_model
+    from vimpac.export_info import inference_info
+
+    model = load_model(model_path, device=device)
+    if need_classifier and not model.has_classifier:
+        raise MissingHeadError(
+            f"{model.source} holds no classifier (a pre-training export?); predict needs the export of a fine-tuning "
+            "run (runs/ft/export); use `vimpac embed` for features of a pre-trained model"
+        )
+    info = inference_info(model.source, data=data, overrides=overrides)
+    return VideoPipeline(model, info, tokenizer)  # its tokenizer loads (and is checked) on first use
+
+
+def video_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Video paths from files, directories (their video files, recursively, sorted) and list files (.txt/.lst: one
+    path per line, relative to the list's folder; # comments). A missing path is kept: it fails as a video."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        elif item.suffix.lower() in (".txt", ".lst") and item.is_file():
+            for line in item.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    path = Path(line.split()[0])
+                    found.append(path if path.is_absolute() else item.parent / path)
+        else:
+            found.append(item)
+    return found
+
+
+def failure(video: str | Path, err: Exception) -> dict[str, str]:
+    """{video, stage, reason} of a video that could not be used (the kinds of `vimpac tokenize`'s failures.jsonl)."""
+    if isinstance(err, DecodeError):
+        return {"video": str(video), "stage": err.stage, "reason": err.reason}
+    return {"video": str(video), "stage": "decode", "reason": f"unexpected {type(err).__name__}: {err}"}
