@@ -150,3 +150,56 @@ def test_help_lists_the_seed_flags(capsys):
     )
     missing = [flag for flag in seed_flags.split() if flag not in text]
     assert not missing
+
+
+def test_load_starts_pretraining_from_an_export(tmp_path):
+    """--load EXPORT: backbone and heads from the export (positional tables interpolated to another clip length),
+    a fine-tuning export's classifier dropped and the heads it lacks left fresh; another architecture refused."""
+    from vimpac.checkpoint import export_weights
+    from vimpac.modeling import VimpacForClassification
+    from vimpac.pretrain import build_parser
+    from vimpac.pretrain_setup import load_export_weights
+
+    assert build_parser().parse_args(["--data", "x"]).load is None
+    config = VimpacConfig(vocab_size=VOCAB, hidden_size=64, heads=2, layers=1, clip_len=2, grid=(4, 4))
+    torch.manual_seed(0)
+    source = VimpacForPretraining(config)
+    export_weights(source.state_dict(), config, tmp_path / "pt")
+    torch.manual_seed(1)
+    model = VimpacForPretraining(config)
+    assert load_export_weights(model, str(tmp_path / "pt"), config) == []
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    longer = VimpacConfig.from_dict({**config.to_dict(), "clip_len": 4})
+    resized = VimpacForPretraining(longer)
+    assert load_export_weights(resized, str(tmp_path / "pt" / "export"), longer) == []
+    assert resized.backbone.positional_embedding.temporal.shape[0] == 4
+    assert torch.equal(resized.mlm_head.dense.weight, source.mlm_head.dense.weight)
+    export_weights(VimpacForClassification(config, 3).state_dict(), config, tmp_path / "ft", "vimpac.finetune")
+    fresh = load_export_weights(VimpacForPretraining(config), str(tmp_path / "ft"), config)
+    assert fresh and all(k.startswith(("mlm_head.", "nce_head.")) for k in fresh)
+    deeper = VimpacConfig.from_dict({**config.to_dict(), "layers": 2})
+    with pytest.raises(UsageError, match="layers"):
+        load_export_weights(VimpacForPretraining(deeper), str(tmp_path / "pt"), deeper)
+
+
+def test_load_runs_and_a_mismatched_export_is_refused(database, tmp_path, capsys, single_process_env):
+    import json
+    import subprocess
+
+    from tests.helpers import REPO, environment, launcher
+    from vimpac.checkpoint import export_weights
+
+    flags = ["--data", str(database), *TINY, "--frame-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "4"]
+    one = VimpacConfig(vocab_size=VOCAB, hidden_size=64, heads=2, layers=1, clip_len=4, grid=(4, 4))
+    export_weights(VimpacForPretraining(one).state_dict(), one, tmp_path / "one")
+    assert main([*flags, "--output", str(tmp_path / "bad"), "--load", str(tmp_path / "one")]) == 2
+    assert "differs in layers" in capsys.readouterr().err and not (tmp_path / "bad" / "checkpoints").exists()
+    two = VimpacConfig.from_dict({**one.to_dict(), "layers": 2, "nce_proj_hid_dim": 64})
+    export_weights(VimpacForPretraining(two).state_dict(), two, tmp_path / "two")
+    out = tmp_path / "run"
+    cmd = [*launcher("vimpac.pretrain", 1), *flags, "--load", str(tmp_path / "two"), "--output", str(out)]
+    cmd += ["--epochs", "1", "--max-steps-per-epoch", "1", "--num-workers", "0"]
+    result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["loaded"] == str(tmp_path / "two")
+    assert "weights from --load" in result.stdout

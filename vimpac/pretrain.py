@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-size interpolated): stage 2 of a two-stage pre-training, in its own --output. RUN_DIR is only "
         "read; once --output has checkpoints, --resume continues those and RUN_DIR is not needed",
     )
+    run.add_argument(
+        "--load",
+        default=None,
+        metavar="EXPORT",
+        help="start from exported weights (config.json + model.safetensors, or a run directory with export/) with "
+        "a fresh optimizer and schedule, as the original's --load; the model flags must match the export's but "
+        "for --clip-len / --frame-size (positional tables interpolated); a checkpoint continued by --resume or "
+        "--resume-from replaces these weights",
+    )
     run.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     run.add_argument(
         "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: only at epoch ends)"

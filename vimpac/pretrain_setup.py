@@ -18,6 +18,9 @@ the rest of that epoch, so the schedule then ends short of its last steps).
 exactly where it stopped; at another: as above) while writing to --output, so stage 2 gets its own run directory and
 stage 1's checkpoints and export stay as they were: RUN_DIR is only read (a resized copy is staged under --output).
 It applies while --output holds no checkpoint; after that, --resume continues --output's own (checkpoint_source).
+
+`--load EXPORT` starts from exported weights (load_export_weights) with a fresh optimizer and schedule, as the
+original's --load did; a checkpoint that --resume / --resume-from continues replaces them.
 """
 
 from __future__ import annotations
@@ -192,6 +195,25 @@ def resume_resized(trainer: Trainer, source: Path, tag: str, saved: VimpacConfig
     return True
 
 
+def load_export_weights(model: VimpacForPretraining, load: str, config: VimpacConfig) -> list[str]:
+    """Load an export (`--load`: config.json + model.safetensors, or a run directory) into `model` (of `config`):
+    the backbone, interpolated when only the clip length / frame size differ (any other architecture difference
+    is a UsageError naming it), and the MLM / contrastive heads it holds in the same shapes; a classifier is
+    dropped. Returns the names left at their initial values (heads the export lacks)."""
+    from vimpac.finetune_setup import load_exported
+    from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
+
+    saved, state = load_exported(load)
+    state = resize_positional_state(state, saved, config, allowed=(*SHAPE_FIELDS, "dropout"))
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k.startswith("backbone.") or (k in own and v.shape == own[k].shape)}
+    kept = {k: v for k, v in kept.items() if not k.startswith("classifier.")}
+    result = model.load_state_dict(kept, strict=False)
+    if result.unexpected_keys or any(k.startswith("backbone.") for k in result.missing_keys):
+        raise UsageError(f"--load {load}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return list(result.missing_keys)
+
+
 def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. Raises UsageError for bad input before training."""
     output = Path(args.output)
@@ -226,8 +248,16 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     knn = knn_monitor_from_args(args, model_config)  # checks its database before any process group exists
     schedule = plan_schedule(args, ds_config, len(dataset), world, debug_steps)
 
+    load = getattr(args, "load", None)
+    if load is not None:  # refuse a mismatched export before any process group exists
+        load_export_weights(VimpacForPretraining(model_config, mlm=False, nce=False), load, model_config)
+
     def make_model() -> VimpacForPretraining:
-        return VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
+        model = VimpacForPretraining(model_config, mlm=args.mlm_weight > 0, nce=args.nce_weight > 0)
+        if load is not None:
+            fresh = load_export_weights(model, load, model_config)
+            print(f"weights from --load {load}" + (f"; initialised fresh: {fresh}" if fresh else ""), flush=True)
+        return model
 
     engine, rank = start_engine(args, ds_config, schedule, make_model)
     precision = precision_of(ds_config)
@@ -254,6 +284,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
             peak_flops=peak,
             resumed=resumed,
             resumed_from=str(checkpoint_root(source) / start_tag) if resumed else None,
+            **({"loaded": load} if load is not None else {}),
         )
         if taken is not None:
             print(taken, flush=True)
