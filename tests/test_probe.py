@@ -28,6 +28,7 @@ from vimpac.probe import (
     holdout_split,
     knn_accuracy,
     linear_probe,
+    retrieval_recall,
 )
 
 CONFIG = VimpacConfig(vocab_size=VOCAB, hidden_size=32, heads=2, layers=1, clip_len=3, grid=(4, 4), nce_proj_hid_dim=32)
@@ -265,3 +266,21 @@ def test_two_ranks_under_torchrun_give_the_single_process_numbers(setup, tmp_pat
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert two["settings"].pop("world_size") == 2 and one["settings"].pop("world_size") == 1
     assert two["settings"] == one["settings"] and two["results"] == one["results"]
+
+
+def test_retrieval_recall_on_separable_clusters_and_against_brute_force():
+    x, y = clusters(torch.eye(3) * 10, per_class=4, spread=0.1, seed=0)
+    assert retrieval_recall(x, y) == {1: 1.0, 5: 1.0}  # every nearest neighbour shares the class
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 8, generator=g), torch.randint(0, 4, (30,), generator=g)
+    got = retrieval_recall(x, y, ks=(1, 3))
+    for k in (1, 3):
+        hits = 0
+        for i in range(len(x)):
+            others = [j for j in range(len(x)) if j != i]
+            sims = [float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0)) for j in others]
+            top = [others[n] for n in sorted(range(len(others)), key=lambda n: -sims[n])[:k]]
+            hits += any(int(y[j]) == int(y[i]) for j in top)
+        assert got[k] == pytest.approx(hits / len(x))
+    with pytest.raises(ValueError, match="at least two"):
+        retrieval_recall(x[:1], y[:1])

@@ -241,6 +241,20 @@ def knn_accuracy(
     return float((probs.argmax(dim=1).cpu() == test_y.cpu()).double().mean())
 
 
+def retrieval_recall(x: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Same-class retrieval among the videos x [M, D] with labels y [M] (M ≥ 2): each video queries all the others
+    by cosine similarity; recall@k is the share of queries with at least one video of their class among their
+    k nearest (k capped at M − 1). {k: recall}."""
+    if x.shape[0] < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"retrieval needs at least two videos with one label each; got {x.shape[0]} and {y.shape[0]}")
+    unit = F.normalize(x.double(), dim=1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(float("-inf"))  # a video never retrieves itself
+    nearest = sim.topk(min(max(ks), x.shape[0] - 1), dim=1).indices  # [M, k], most similar first
+    same = y.cpu()[nearest.cpu()] == y.cpu()[:, None]
+    return {k: float(same[:, :k].any(dim=1).double().mean()) for k in ks}
+
+
 def majority_accuracy(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
     """Accuracy of always answering the most frequent training class (ties: the smallest label): the floor that
     a probe must beat on an unbalanced split."""
@@ -253,11 +267,15 @@ def majority_accuracy(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
 
 def format_table(results: dict[str, dict[str, dict[str, Any]]], k: int) -> str:
     """Aligned rows feature × classifier, one column per model, from
-    results[model][feature] = {"linear": {"accuracy", "weight_decay", ...}, "knn": accuracy}."""
+    results[model][feature] = {"linear": {"accuracy", "weight_decay", ...}, "knn": accuracy, "recall@1": r,
+    "recall@5": r} (recall: same-class retrieval among the held-out videos, retrieval_recall)."""
     models = list(results)
     rows = [("feature", "classifier", *models)]
     for feature in FEATURES:
         rows.append((feature, "linear probe", *(f"{results[m][feature]['linear']['accuracy']:.3f}" for m in models)))
         rows.append((feature, f"kNN (k={k})", *(f"{results[m][feature]['knn']:.3f}" for m in models)))
+        for name in ("recall@1", "recall@5"):
+            if all(name in results[m][feature] for m in models):
+                rows.append((feature, f"retrieval {name}", *(f"{results[m][feature][name]:.3f}" for m in models)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

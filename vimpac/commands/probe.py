@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         knn_accuracy,
         linear_probe,
         majority_accuracy,
+        retrieval_recall,
     )
 
     check_flags(args)
@@ -318,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
                 knn = knn_accuracy(
                     train_x, train_y, eval_x, eval_y, args.k, temperature=args.temperature, num_classes=len(classes)
                 )
-                results[name][feature] = {"linear": linear, "knn": knn}
+                recall = retrieval_recall(eval_x, eval_y)
+                results[name][feature] = {"linear": linear, "knn": knn, **{f"recall@{k}": r for k, r in recall.items()}}
     finally:
         if owns_group:
             from vimpac.dist_setup import shutdown_distributed
