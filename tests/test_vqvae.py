@@ -283,8 +283,10 @@ def test_metrics_and_reservoir():
 def test_tiny_training_reaches_psnr_and_round_trips(tmp_path):
     frames = shapes_frames(72, 48, 64, seed=3)
     holdout, train_frames = list(frames[:8]), list(frames[8:])
+    # Half the default widths and one residual block: about 6× less compute than the default architecture
+    # (21.0-21.6 dB at these settings), the same test of learning.
     settings = TrainSettings(
-        model=VQVAEConfig(vocab_size=256),
+        model=VQVAEConfig(vocab_size=256, widths=(16, 32, 64), res_blocks=1),
         steps=600,
         batch_size=16,
         crop_size=32,
@@ -293,9 +295,10 @@ def test_tiny_training_reaches_psnr_and_round_trips(tmp_path):
         checkpoint_every=600,
     )
     result = train(settings, train_frames, holdout, tmp_path / "tok", log=lambda _: None, progress=False)
-    # Measured over seeds 0-5: 21.0-21.6 dB; mean-colour baseline 15.3 dB. Broken variants stay below the
-    # baseline: no straight-through gradient 14.2 dB, codebook never updated (no EMA) 15.2 dB.
-    assert result.psnr >= 20.0 and result.psnr >= result.baseline_psnr + 4.0
+    # Measured over training seeds 0-5: 20.0-21.1 dB (seed 0, this test: 21.1), 47-59% of codes used; mean-colour
+    # baseline 15.3 dB. Broken variants stay at the baseline (seeds 0-1): no straight-through gradient 14.2-14.3 dB,
+    # codebook never updated (no EMA) 15.4-15.6 dB with 4-6% of codes used.
+    assert result.psnr >= 19.5 and result.psnr >= result.baseline_psnr + 4.0
     assert result.used_fraction > 0.2
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.fingerprint == result.fingerprint
