@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 from vimpac.code_db import CorruptRecordError, record_error_message
 from vimpac.errors import NonFiniteLossError, UsageError
+from vimpac.optim import DECAY_GROUPS
 
 
 def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGroup) -> None:
-    """Launch chunking, checkpoint cadence and the non-finite stop (group `run`); compilation (group `opt`)."""
+    """Launch chunking, checkpoint cadence and the non-finite stop (group `run`); compilation and weight-decay
+    groups (group `opt`)."""
     run.add_argument(
         "--interval",
         type=int,
@@ -38,6 +40,13 @@ def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGr
         metavar="BACKEND",
         help="torch.compile the model through the engine with this backend: inductor on a GPU, aot_eager to check "
         "tracing (default: eager)",
+    )
+    opt.add_argument(
+        "--decay-groups",
+        default="structural",
+        choices=DECAY_GROUPS,
+        help="parameters spared from weight decay: structural (biases, norm weights, positional tables, CLS) or "
+        "original (the original release's name rule: biases and backbone LayerNorm weights only)",
     )
 
 

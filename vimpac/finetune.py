@@ -24,7 +24,7 @@ from vimpac.config import add_model_arguments
 from vimpac.ds_config import OPTIMIZERS
 from vimpac.entry import add_launch_arguments, check_launch_arguments, run_reporting_errors
 from vimpac.errors import UsageError
-from vimpac.optim import DECAY_GROUPS, SCHEDULES
+from vimpac.optim import SCHEDULES
 
 DEBUG_STEPS = 5
 
@@ -138,13 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OPTIMIZERS,
         help="adamw (decoupled decay), or the original release's alternatives: adam (torch.optim.Adam, decay as an "
         "L2 term) or sgd (momentum --beta1, L2 decay; --beta2 and --epsilon unused)",
-    )
-    opt.add_argument(
-        "--decay-groups",
-        default="structural",
-        choices=DECAY_GROUPS,
-        help="parameters spared from weight decay: structural (biases, norm weights, positional tables, CLS) or "
-        "original (the original release's name rule: biases and backbone LayerNorm weights only)",
     )
     opt.add_argument("--lr-scheduler", default="linear", choices=SCHEDULES, help="decay after warm-up")
     opt.add_argument("--warm-up", type=float, default=0.1, help="ratio of all steps if < 1, else a step count")

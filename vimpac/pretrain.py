@@ -23,7 +23,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 from vimpac.config import add_model_arguments
 from vimpac.entry import add_launch_arguments, run_reporting_errors
 from vimpac.knn import add_knn_arguments
-from vimpac.optim import DECAY_GROUPS, SCHEDULES
+from vimpac.optim import SCHEDULES
 
 DEBUG_STEPS = 5
 
@@ -142,13 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0.05)")
     opt.add_argument(
         "--clip-grad-norm", type=float, default=None, help="global gradient-norm clip, 0 off (default 1.0)"
-    )
-    opt.add_argument(
-        "--decay-groups",
-        default="structural",
-        choices=DECAY_GROUPS,
-        help="parameters spared from weight decay: structural (biases, norm weights, positional tables, CLS) or "
-        "original (the original release's name rule: biases and backbone LayerNorm weights only)",
     )
     opt.add_argument("--lr-scheduler", default="linear", choices=SCHEDULES, help="decay after warm-up")
     opt.add_argument(
