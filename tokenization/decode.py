@@ -9,6 +9,10 @@ Resampling rule (same as the fps filter's "shown frame" semantics): with t_0 the
 t_k = t_0 + k/fps for k = 0 .. floor((end - t_0)·fps + 1e-6) - 1, and shows the last source frame whose time is
 <= t_k + 1e-6. `end` is when the last source frame stops being shown.
 
+Frame selection "ffmpeg" instead reproduces the original release's extraction, libavfilter's `fps` filter (default
+rounding "near", eof_action "round") followed by its `scale` filter: see `ffmpeg_fps_indices` for the rule, and
+frames are resized by the `scale` filter itself (default flags: bicubic), not by swscale's area filter.
+
 Every bad input raises `DecodeError(stage, reason)`; extraction records it and moves on to the next video.
 """
 
@@ -36,6 +40,13 @@ TRUNCATION_FRACTION = 0.1
 MAX_LAST_FRAME_SECONDS = 1.0
 # swscale's area averaging: proper anti-aliasing when shrinking (the usual case here), bilinear-like when enlarging.
 INTERPOLATION = "AREA"
+# How target frames are picked and resized: "vimpac" (the rule above, area resize) or "ffmpeg" (the original
+# release's fps + scale filters). A code database records both facts (FRAME_RESIZE gives the resize of each).
+FRAME_SELECTIONS = ("vimpac", "ffmpeg")
+DEFAULT_FRAME_SELECTION = "vimpac"
+FRAME_RESIZE = {"vimpac": "area", "ffmpeg": "bicubic"}
+# av_parse_video_rate reads a decimal rate with av_d2q(rate, 1001000): 29.97 -> 2997/100.
+_MAX_RATE_TERM = 1001000
 # Demuxers that accept almost any bytes without being video: ffmpeg renders text files as ANSI art ("tty").
 _TEXT_FORMATS = frozenset({"tty"})
 _MATROSKA_DURATION = re.compile(r"(\d+):(\d+):(\d+(?:\.\d*)?)")
@@ -105,6 +116,43 @@ def resample_indices(times: Sequence[float], end: float, fps: float) -> list[int
         k_next = count if i + 1 == len(times) else shown_until(times[i + 1], start, fps, k, count)
         indices.extend([i] * (k_next - k))
         k = k_next
+    return indices
+
+
+def fps_fraction(fps: float | Fraction) -> Fraction:
+    """`fps` as the exact rational the fps filter would use for it (2 -> 2/1, 29.97 -> 2997/100)."""
+    if isinstance(fps, (int, Fraction)):
+        return Fraction(fps)
+    return Fraction(fps).limit_denominator(_MAX_RATE_TERM)
+
+
+def ffmpeg_tick(time: float | Fraction, fps: float | Fraction) -> int:
+    """The fps filter's output tick of a source frame at `time` s: time·fps rounded to the nearest integer, halves
+    away from zero (av_rescale_q_rnd with AV_ROUND_NEAR_INF), in exact rational arithmetic."""
+    x = Fraction(time) * fps_fraction(fps)
+    tick = math.floor(abs(x) + Fraction(1, 2))
+    return tick if x >= 0 else -tick
+
+
+def ffmpeg_fps_indices(times: Sequence[float | Fraction], end: float | Fraction, fps: float | Fraction) -> list[int]:
+    """Index of the source frame libavfilter's `fps` filter outputs at each tick, for source frames at `times`
+    (s, presentation order; Fractions keep the filter's integer arithmetic exact) that end at `end` (s).
+
+    Frame i falls on tick r_i = round(times[i]·fps) (`ffmpeg_tick`). Ticks run from r_0 up to, not including,
+    round(end·fps); tick n shows frame j, the current frame, after advancing j while the next frame's r <= n. For
+    monotonic times that is the last frame with times·fps < n + 1/2; on a constant-rate source faster than `fps`,
+    the source frame nearest to the tick's time n/fps (of two equally near, the earlier). On a 30 fps source at
+    2 fps: frames 7, 22, 37, 52, ... where the "vimpac" rule takes 0, 15, 30, 45, ...
+    """
+    if not times:
+        return []
+    ticks = [ffmpeg_tick(t, fps) for t in times]
+    indices: list[int] = []
+    j = 0
+    for n in range(ticks[0], ffmpeg_tick(end, fps)):
+        while j + 1 < len(ticks) and ticks[j + 1] <= n:
+            j += 1
+        indices.append(j)
     return indices
 
 
@@ -270,11 +318,14 @@ def _set_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
 
 @dataclass
 class _Timed:
-    """A decoded frame with its time and display duration in seconds."""
+    """A decoded frame with its time and display duration in seconds (`exact`, `exact_duration`: the same as
+    rationals, from the stamps and time base without rounding; for the fps filter's arithmetic)."""
 
     frame: av.VideoFrame
     time: float
     duration: float
+    exact: Fraction
+    exact_duration: Fraction
 
 
 def _timed_frames(
@@ -308,30 +359,77 @@ def _timed_frames(
         )
         if first_time is None:
             first_time = time
-        previous = _Timed(frame, time, duration)
+        exact = Fraction(stamp) * Fraction(time_base) if stamp is not None and time_base else Fraction(time)
+        exact_duration = Fraction(frame.duration) * Fraction(time_base) if duration else Fraction(0)
+        previous = _Timed(frame, time, duration, exact, exact_duration)
         yield previous
 
 
-def resize_frame(frame: av.VideoFrame, shorter: int) -> np.ndarray:
-    """uint8 [h, w, 3] RGB of `frame` with its shorter side scaled to `shorter` (resized_size rule, area filter)."""
+class ScaleFilter:
+    """libavfilter's `scale` filter as the original release ran it (`scale=W:H`, default flags: bicubic), with the
+    conversion to rgb24 in the same swscale pass (the original's later crop and flip accept rgb24, so format
+    negotiation puts rgb24 on the scaler's output). Not swscale through `VideoFrame.reformat`: the filter places
+    chroma samples differently, so the two disagree on colour edges even with the same bicubic kernel.
+
+    One graph per (input geometry and pixel format, output size), built on first use.
+    """
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+        key = (frame.width, frame.height, frame.format.name, width, height)
+        ends = self._graphs.get(key)
+        if ends is None:
+            graph = av.filter.Graph()
+            source = graph.add_buffer(
+                width=frame.width, height=frame.height, format=frame.format.name, time_base=Fraction(1, 1000)
+            )
+            scale, rgb, sink = (
+                graph.add("scale", f"{width}:{height}"),
+                graph.add("format", "rgb24"),
+                graph.add("buffersink"),
+            )
+            source.link_to(scale)
+            scale.link_to(rgb)
+            rgb.link_to(sink)
+            graph.configure()
+            ends = self._graphs[key] = (graph, source, sink)
+        _, source, sink = ends
+        source.push(frame)
+        return sink.pull().to_ndarray()
+
+
+def resize_frame(
+    frame: av.VideoFrame, shorter: int, selection: str = DEFAULT_FRAME_SELECTION, scaler: ScaleFilter | None = None
+) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of `frame` with its shorter side scaled to `shorter` (resized_size rule): swscale's area
+    filter for selection "vimpac", libavfilter's `scale` filter (bicubic) for "ffmpeg" (`scaler` reuses graphs)."""
     h, w = resized_size(frame.height, frame.width, shorter)
+    if selection == "ffmpeg":
+        return (scaler or ScaleFilter())(frame, w, h)
     return frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
 
 
-def _resize(frame: av.VideoFrame, sides: Sequence[int]) -> dict[int, np.ndarray]:
-    """{shorter: resize_frame(frame, shorter)} for each of `sides`."""
-    return {shorter: resize_frame(frame, shorter) for shorter in sides}
+def _check_selection(selection: str) -> None:
+    if selection not in FRAME_SELECTIONS:
+        raise ValueError(f"frame selection must be one of {FRAME_SELECTIONS}, got {selection!r}")
 
 
 def iter_frames(
-    path: str | Path, fps: float, shorter_sides: Sequence[int], threads: int = 1
+    path: str | Path,
+    fps: float,
+    shorter_sides: Sequence[int],
+    threads: int = 1,
+    selection: str = DEFAULT_FRAME_SELECTION,
 ) -> Iterator[dict[int, np.ndarray]]:
     """Stream `path` resampled to `fps`: one {shorter: uint8 [h, w, 3]} per target time, in time order.
 
     Each frame is resized so its shorter side equals `shorter` (long side truncated, `resized_size`), with swscale
     area interpolation straight from the decoder's pixel format. A source frame shown at several target times is
     resized once and its arrays are yielded again (do not modify them). Dropped frames are never converted.
-    `threads`: decoder threads (see `_set_threads`); 1 suits one process per core.
+    `threads`: decoder threads (see `_set_threads`); 1 suits one process per core. `selection` "ffmpeg" picks
+    frames as the fps filter (`ffmpeg_fps_indices`) and resizes with the scale filter (module docstring).
 
     Raises DecodeError: "open"/"probe" before the first item; "decode" when the decoder fails mid-stream or the
     stream ends well before its declared duration (truncated file) — the error can come after some items were
@@ -339,7 +437,16 @@ def iter_frames(
     """
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    _check_selection(selection)
     sides = list(dict.fromkeys(shorter_sides))
+    scaler = ScaleFilter() if selection == "ffmpeg" else None
+
+    def _resize(frame: av.VideoFrame) -> dict[int, np.ndarray]:
+        return {shorter: resize_frame(frame, shorter, selection, scaler) for shorter in sides}
+
+    if selection == "ffmpeg":
+        yield from _iter_ffmpeg_frames(path, fps, threads, _resize)
+        return
     with _open(path) as container:
         stream = _video_stream(container)
         _set_threads(stream, threads)
@@ -354,7 +461,7 @@ def iter_frames(
             else:
                 k_next = shown_until(timed.time, start, fps, k)
                 if k_next > k:
-                    resized = _resize(held.frame, sides)
+                    resized = _resize(held.frame)
                     for _ in range(k_next - k):
                         yield dict(resized)
                 k = k_next
@@ -371,13 +478,62 @@ def iter_frames(
         if count == 0:
             raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
         if count > k:
-            resized = _resize(held.frame, sides)
+            resized = _resize(held.frame)
             for _ in range(count - k):
                 yield dict(resized)
 
 
+def _iter_ffmpeg_frames(path, fps: float, threads: int, resize) -> Iterator[dict[int, np.ndarray]]:
+    """`iter_frames` with the fps filter's choice, streamed: the held frame is shown at every tick before the next
+    frame's tick (`ffmpeg_fps_indices`); `resize(frame)` gives the {shorter: array} of a chosen frame."""
+    rate = fps_fraction(fps)
+    with _open(path) as container:
+        stream = _video_stream(container)
+        _set_threads(stream, threads)
+        declared_end = _declared_end(container, stream)
+        held: _Timed | None = None
+        first = tick = 0
+        start = 0.0
+        gap: float | None = None
+        for timed in _timed_frames(container, stream, declared_end):
+            if held is None:
+                start = timed.time
+                first = tick = ffmpeg_tick(timed.exact, rate)
+            else:
+                next_tick = ffmpeg_tick(timed.exact, rate)
+                if next_tick > tick:
+                    resized = resize(held.frame)
+                    for _ in range(next_tick - tick):
+                        yield dict(resized)
+                    tick = next_tick
+                gap = timed.time - held.time
+            held = timed
+        if held is None:
+            total = "unknown length" if declared_end is None else f"{declared_end - _stream_start(stream):.1f} s"
+            raise DecodeError("decode", f"truncated or damaged: no frame could be decoded (declared {total})")
+        end = stream_end(held.time, held.duration, declared_end, gap)
+        declared = None if declared_end is None else declared_end - start
+        if is_truncated(end - start, declared, gap or held.duration):
+            raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
+        # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
+        exact_end = held.exact + held.exact_duration if held.duration > 0 else Fraction(end)
+        stop = ffmpeg_tick(exact_end, rate)
+        if stop <= first:
+            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps (ffmpeg)")
+        if stop > tick:
+            resized = resize(held.frame)
+            for _ in range(stop - tick):
+                yield dict(resized)
+
+
 def iter_view_frames(
-    path: str | Path, fps: float, views: Sequence[View], out: int, chunk: int = 64, threads: int = 1
+    path: str | Path,
+    fps: float,
+    views: Sequence[View],
+    out: int,
+    chunk: int = 64,
+    threads: int = 1,
+    selection: str = DEFAULT_FRAME_SELECTION,
 ) -> Iterator[np.ndarray]:
     """Chunks uint8 [V, n, out, out, 3] (n <= chunk; V = len(views), in `views` order) of every view, in time order.
 
@@ -390,7 +546,7 @@ def iter_view_frames(
         raise ValueError(f"views {too_small} resize the shorter side below the crop size {out}")
     buffer = np.empty((len(views), chunk, out, out, 3), dtype=np.uint8)
     n = 0
-    for resized in iter_frames(path, fps, shorter_sides(views), threads=threads):
+    for resized in iter_frames(path, fps, shorter_sides(views), threads=threads, selection=selection):
         for v, view in enumerate(views):
             buffer[v, n] = apply_view(resized[view.shorter], view, out)
         n += 1

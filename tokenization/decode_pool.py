@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vimpac.tokenization.decode import DecodeError, iter_view_frames, probe
+from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, probe
 from vimpac.tokenization.views import View
 
 SLOTS_PER_WORKER = 3
@@ -40,7 +40,17 @@ def chunk_frames(num_views: int, size: int, wanted: int) -> int:
 
 
 def _decode_worker(
-    tasks, results, free, shm_name: str, slot_shape: tuple, fps: float, views, out: int, worker: int, generation: int
+    tasks,
+    results,
+    free,
+    shm_name: str,
+    slot_shape: tuple,
+    fps: float,
+    views,
+    out: int,
+    selection: str,
+    worker: int,
+    generation: int,
 ):
     """Decode the videos of `tasks` into this worker's slots; `results` is the write end of its own pipe."""
     shm = SharedMemory(name=shm_name)
@@ -56,7 +66,7 @@ def _decode_worker(
             try:
                 info = probe(path)
                 frames = 0
-                for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk):
+                for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk, selection=selection):
                     slot = free.get()
                     n = frames_chunk.shape[1]
                     slots[slot, :, :n] = frames_chunk
@@ -83,11 +93,19 @@ class DecodePool:
     reports the videos they held.
     """
 
-    def __init__(self, workers: int, fps: float, views: Sequence[View], out: int, chunk: int):
+    def __init__(
+        self,
+        workers: int,
+        fps: float,
+        views: Sequence[View],
+        out: int,
+        chunk: int,
+        selection: str = DEFAULT_FRAME_SELECTION,
+    ):
         self._ctx = mp.get_context("forkserver")
         self.tasks = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)
-        self._args = (fps, list(views), out)
+        self._args = (fps, list(views), out, selection)
         self.current: dict[int, str] = {}  # worker → the video it is decoding
         self._procs: list = [None] * workers
         self._shm: list = [None] * workers

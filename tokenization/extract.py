@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vimpac.code_db import CodeDatabaseWriter
 from vimpac.errors import UsageError
 from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations
+from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, FRAME_RESIZE, FRAME_SELECTIONS
 from vimpac.tokenization.decode_pool import DecodePool
 from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
 from vimpac.tokenization.views import View, views_for
@@ -44,6 +45,7 @@ class ExtractConfig:
     fps: float
     frame_size: int
     views: str = "center"
+    frame_selection: str = DEFAULT_FRAME_SELECTION
     workers: int = 2
     device: str = "cpu"
     encode_batch: int = 64
@@ -87,6 +89,10 @@ def validate(cfg: ExtractConfig) -> None:
         )
     if not cfg.fps > 0:
         raise UsageError(f"--fps must be positive, got {cfg.fps}")
+    if cfg.frame_selection not in FRAME_SELECTIONS:
+        raise UsageError(
+            f"unknown --frame-selection {cfg.frame_selection!r}; choose one of: {', '.join(FRAME_SELECTIONS)}"
+        )
     if cfg.views not in VIEW_KINDS:
         raise UsageError(f"unknown --views {cfg.views!r}; choose one of: {', '.join(VIEW_KINDS)}")
     if not cfg.videos.is_dir():
@@ -203,6 +209,9 @@ def _manifest_base(cfg: ExtractConfig, annotations: AnnotationSet, tokenizer: To
             "fp16": cfg.fp16,
         },
         "views": [v.name for v in views],
+        # how frames were picked and resized: databases made differently hold different frames (docs/design.md §3.2)
+        "frame_selection": cfg.frame_selection,
+        "resize": FRAME_RESIZE[cfg.frame_selection],
         "classes": list(annotations.classes),
         "args": args,
     }
@@ -217,7 +226,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.monotonic()
     tokenized = failed = frames = 0
     # Started first, so the workers' start-up overlaps with loading the tokenizer.
-    pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames)
+    pool = DecodePool(cfg.workers, cfg.fps, views, cfg.frame_size, cfg.chunk_frames, cfg.frame_selection)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer, device=cfg.device, fp16=cfg.fp16)
         tokenizer.batch_size = cfg.encode_batch  # its fixed network batch: codes never depend on batch composition

@@ -61,7 +61,20 @@ MAGIC = b"VPCR"
 # Sparse on Linux: the file only grows with the data actually written (docs/design.md §11.3).
 DEFAULT_MAP_SIZE = 1 << 40
 # Keys whose values must agree for two runs (resume) or two databases (merge) to share one database.
-CONFIG_KEYS = ("schema_version", "dataset", "fps", "frame_size", "grid", "tokenizer", "views", "classes")
+CONFIG_KEYS = (
+    "schema_version",
+    "dataset",
+    "fps",
+    "frame_size",
+    "grid",
+    "tokenizer",
+    "views",
+    "classes",
+    "frame_selection",
+    "resize",
+)
+# How the frames were made (tokenization.decode.FRAME_SELECTIONS / FRAME_RESIZE); see `extraction_method`.
+EXTRACTION_KEYS = ("frame_selection", "resize")
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 VIEWS_DIR = "views"
@@ -219,6 +232,28 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def extraction_method(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """{"frame_selection", "resize"} of a manifest. Manifests written before these keys existed hold vimpac's own
+    rule ("vimpac", "area"), or the original's ffmpeg extraction ("ffmpeg", "bicubic") when imported from the
+    original release (they carry `source`)."""
+    if "source" in manifest:
+        default = {"frame_selection": "ffmpeg", "resize": "bicubic"}
+    else:
+        default = {"frame_selection": "vimpac", "resize": "area"}
+    return {key: manifest.get(key) or default[key] for key in EXTRACTION_KEYS}
+
+
+def extraction_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """One "key: a vs b" line per way two databases made their frames differently (frame selection, resize)."""
+    ma, mb = extraction_method(a), extraction_method(b)
+    return [f"{key}: {ma[key]!r} vs {mb[key]!r}" for key in EXTRACTION_KEYS if ma[key] != mb[key]]
+
+
+def _config_value(manifest: Mapping[str, Any], key: str) -> Any:
+    """manifest[key], with `extraction_method`'s defaults for manifests older than its keys."""
+    return extraction_method(manifest)[key] if key in EXTRACTION_KEYS else manifest.get(key)
+
+
 def _normalized(manifest: Mapping[str, Any]) -> dict:
     """JSON round trip, so tuples compare equal to the lists they become on disk."""
     return json.loads(json.dumps(manifest))
@@ -228,7 +263,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     """One readable line per configuration key (CONFIG_KEYS; tokenizer field by field) whose values differ."""
     lines = []
     for key in CONFIG_KEYS:
-        a, b = old.get(key), new.get(key)
+        a, b = _config_value(old, key), _config_value(new, key)
         if key == "tokenizer" and isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
@@ -264,6 +299,7 @@ def _validate_base(manifest: Mapping[str, Any]) -> dict:
     views = base["views"]
     if not views or len(set(views)) != len(views) or any(not v or "/" in v or v.startswith(".") for v in views):
         raise ValueError(f"views must be distinct non-empty directory names, got {views!r}")
+    base.update(extraction_method(base))
     base["schema_version"] = SCHEMA_VERSION
     base["codes_dtype"] = codes_dtype(int(tok["vocab_size"])).name
     return base
@@ -839,6 +875,7 @@ def inspect(path: str | Path, sample: int = 100, seed: int = 0) -> dict:
             "source",
         )
     }
+    summary.update(extraction_method(manifest))
     summary["classes"] = len(manifest["classes"])
     summary["splits"] = {name: len(ids) for name, ids in db.splits.items()}
     db.close()
@@ -872,9 +909,9 @@ def merge(out: str | Path, paths: Sequence[str | Path], progress: bool = True) -
     """Merge complete databases (e.g. shards of one extraction) into a new database `out`; returns its manifest.
 
     Refuses (UsageError, before writing anything) when `out` exists and is not empty, an input is incomplete,
-    the inputs' configurations differ (tokenizer, fps, frame size, grid, views, classes, dataset), or one id has
-    different records in two inputs. Identical duplicates are kept once. Splits are united; failures are united,
-    dropping ids that succeeded in another input.
+    the inputs' configurations differ (tokenizer, fps, frame size, grid, views, classes, dataset, frame selection,
+    resize), or one id has different records in two inputs. Identical duplicates are kept once. Splits are united;
+    failures are united, dropping ids that succeeded in another input.
     """
     from tqdm import tqdm
 
@@ -921,7 +958,7 @@ def merge(out: str | Path, paths: Sequence[str | Path], progress: bool = True) -
             if entry["id"] not in owner:
                 failures.setdefault(entry["id"], entry)
 
-    base = {key: first.manifest[key] for key in CONFIG_KEYS}
+    base = {key: _config_value(first.manifest, key) for key in CONFIG_KEYS}
     base["args"] = {"merged_from": [str(db.path) for db in dbs]}
     with CodeDatabaseWriter(out, base, resume=False, commit_every=1000) as writer:
         for video_id in tqdm(sorted(owner), desc="merge", unit="video", disable=None if progress else True):

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vimpac.code_db import CodeDatabase
+from vimpac.code_db import CodeDatabase, extraction_differences
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
 from vimpac.errors import UsageError
@@ -336,6 +338,15 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             raise UsageError(f"{db.path}: {err}") from None
     if list(train_db.manifest.get("classes") or []) != list(eval_db.manifest.get("classes") or []):
         raise UsageError(f"{args.data} and {args.eval_data} list different classes")
+    made_differently = extraction_differences(train_db.manifest, eval_db.manifest)
+    if made_differently and os.environ.get("RANK", "0") == "0":
+        print(
+            f"warning: {args.data} and {args.eval_data} picked or resized frames differently "
+            f"({'; '.join(made_differently)}): training and evaluation see slightly different frames "
+            "(`vimpac tokenize --frame-selection` makes a matching database)",
+            file=sys.stderr,
+            flush=True,
+        )
     default_train, default_eval = split_names(dataset_name, args.split_id)
     train_split, eval_split = args.train_split or default_train, args.eval_split or default_eval
     frame_size = eval_db.manifest.get("frame_size")

@@ -539,6 +539,9 @@ def import_original(
             },
             "views": view_names,
             "classes": classes,
+            # the original extracted through ffmpeg's fps and scale filters (`vimpac tokenize --frame-selection ffmpeg`)
+            "frame_selection": "ffmpeg",
+            "resize": "bicubic",
             "args": {
                 "command": "vimpac db import-original",
                 "directories": [str(s.path) for s in sources],

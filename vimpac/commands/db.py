@@ -118,6 +118,7 @@ def format_report(report: dict) -> str:
         f"dataset    {m['dataset']}  ({m['classes']} classes)",
         f"sampling   {m['fps']} fps, frame size {m['frame_size']}, grid {m['grid'][0]}x{m['grid'][1]}, "
         f"codes {m['codes_dtype']}",
+        f"frames     selection {m.get('frame_selection', 'vimpac')}, resize {m.get('resize', 'area')}",
         f"tokenizer  {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint']}",
         f"videos     {c['videos']}  ({c['frames']} frames; {c['partial']} in some views only)",
         "views      " + ", ".join(f"{view} ({n})" for view, n in c["views"].items()),

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from vimpac.tokenization.annotations import FORMATS
 
+# tokenization.decode.FRAME_SELECTIONS, spelled out so that building the parser does not import PyAV.
+FRAME_SELECTIONS = ("vimpac", "ffmpeg")
+
 EPILOG = """\
 examples:
   # the synthetic corpus of `vimpac synth --out data/synth` (SSV2 layout), centre view at 2 fps, 128 px
@@ -22,6 +25,11 @@ examples:
 
 views: center = 1 (resize S, centre crop); test = 3 (resize S; top-left, centre, bottom-right);
        train = 12 (resize S and 1.25·S × 3 crops × flip), 6 for ssv2 (no flip: left/right is in its labels).
+
+frame selection: vimpac (default) = target k at t0 + k/fps shows the source frame on screen then (30 fps at 2 fps:
+       frames 0, 15, 30, ...), area resize; ffmpeg = as the original release's ffmpeg fps and scale filters (the
+       source frame nearest each tick: 7, 22, 37, ...; bicubic resize), for databases that sit next to ones made
+       by `vimpac db import-original`. The database records the choice.
 
 The run is resumable: if it is killed, run the same command again and it finishes the job. Videos that cannot
 be read are listed with the reason in OUT/failures.jsonl; the exit code is non-zero only when nothing could be
@@ -53,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-size", type=int, default=128, help="square frame side S in pixels, multiple of 8 (128)")
     p.add_argument("--views", choices=("center", "test", "train"), default="center", help="which spatial views")
     p.add_argument(
+        "--frame-selection",
+        choices=FRAME_SELECTIONS,
+        default="vimpac",
+        help="how frames are picked at --fps and resized: vimpac (default) or ffmpeg, as the original release",
+    )
+    p.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: one per CPU core)"
     )
     p.add_argument("--device", default="cpu", help="where the encoder runs: cpu or cuda[:N] (default cpu)")
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         fps=args.fps,
         frame_size=args.frame_size,
         views=args.views,
+        frame_selection=args.frame_selection,
         workers=args.workers,
         device=args.device,
         encode_batch=args.encode_batch,
