@@ -234,16 +234,17 @@ def test_missing_files_are_named(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"pre_activation": True}, "--pre-activation"),
+        ({"pre_activation": True, "halve_att": True}, "--pre-activation True, .*--halve-att"),
+        ({"pre_activation": True}, r"lacks backbone\.ln_post\.weight"),  # post-LN weights, pre-LN arguments
         ({"model": "bert"}, "--model 'bert'"),
         ({"pos_emb": "frozen"}, "--pos-emb 'frozen'"),
-        ({"nce_bn_after_proj": True}, "--nce-bn-after-proj"),
+        ({"nce_bn_after_proj": True}, r"lacks cls_head\.mlp\.bn_1\.weight"),  # the weights have no such BN
         ({"model": "efflayoutT|H|W"}, "cannot be built"),  # 2 heads over 3 parallel patterns
         ({"frame_size": 64}, "shapes differ"),
         ({"vocab_size": 2048}, "8197 rows"),
     ],
 )
-def test_options_vimpac_cannot_express_are_refused_by_name(tmp_path, change, message):
+def test_options_vimpac_cannot_express_or_weights_that_do_not_fit_are_refused_by_name(tmp_path, change, message):
     args = {**read_args(PRETRAIN / "args.pickle"), **change}
     with pytest.raises(UsageError, match=message):
         convert_checkpoint(copy_checkpoint(tmp_path, args))

@@ -29,6 +29,8 @@ POS_EMB_KINDS = ("hw_separation", "temporal_separation", "full")
 LAYOUT_PREFIX = "efflayout"
 AXES = "THW"
 DEFAULT_FRAME_SIZE = 128  # px, the paper's stage-1 frames: the default grid (16, 16) with 8x downsampling
+# Fields added after config.json existed: to_dict leaves them out at these defaults (VimpacConfig docstring).
+OPTIONAL_FIELDS = {"pre_ln_original": False, "nce_bn_after_proj": False}
 
 
 def parse_layout(layout: str) -> tuple[tuple[str, ...], ...]:
@@ -84,9 +86,16 @@ class VimpacConfig:
 
     heads None → hidden_size // 64 (the original's rule). halve_att: attention width hidden/2 (Q/K/V and the
     output projection's input); halve_mlp: MLP width 2·hidden instead of 4·hidden. pre_ln: a correct pre-LN block
-    (the original's pre-LN attention residual is buggy, docs/reference.md §4.5). grid: code grid (h, w) per frame.
-    nce_*: contrastive projection head (nce_proj_layers − 1 hidden Linear-BN-ReLU layers of nce_proj_hid_dim, then
-    Linear → nce_dim without bias). Invalid values raise UsageError at construction.
+    (the original's pre-LN attention residual is buggy, docs/reference.md §4.5). pre_ln_original (needs pre_ln):
+    the original's pre-LN block instead, whose attention blocks add the residual to the normalised input, for
+    its ablation and its `--pre-activation` checkpoints. grid: code grid (h, w) per frame. nce_*: contrastive
+    projection head (nce_proj_layers − 1 hidden Linear-BN-ReLU layers of nce_proj_hid_dim, then Linear → nce_dim
+    without bias; nce_bn_after_proj adds a BatchNorm after that last Linear). Invalid values raise UsageError at
+    construction.
+
+    OPTIONAL_FIELDS (pre_ln_original, nce_bn_after_proj) are left out of to_dict at their default, so the
+    config.json of every model without them is what it was before they existed, and a vimpac that does not know
+    them refuses (unknown key) a model that uses them instead of building another one.
     """
 
     vocab_size: int = 8192
@@ -99,12 +108,14 @@ class VimpacConfig:
     halve_att: bool = False
     halve_mlp: bool = False
     pre_ln: bool = False
+    pre_ln_original: bool = False
     dropout: float = 0.1
     clip_len: int = 5
     grid: tuple[int, int] = (16, 16)
     nce_proj_layers: int = 2
     nce_proj_hid_dim: int = 2048
     nce_dim: int = 256
+    nce_bn_after_proj: bool = False
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
 
@@ -173,6 +184,11 @@ class VimpacConfig:
             raise UsageError(f"grid must be two positive sizes (h, w); got {self.grid}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.pre_ln_original and not self.pre_ln:
+            raise UsageError(
+                "pre_ln_original selects the original release's pre-LN block and needs pre_ln=True "
+                "(the flag --pre-ln-original sets both)"
+            )
         if self.heads is not None and self.heads < 1:
             raise UsageError(f"heads must be at least 1 (or None for hidden_size // 64); got {self.heads}")
         if self.hidden_size % 2 and self.halve_att:
@@ -194,8 +210,12 @@ class VimpacConfig:
 
     # Serialisation -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values; an OPTIONAL_FIELDS entry only when it differs from its default."""
         data = dataclasses.asdict(self)
         data["grid"] = list(self.grid)
+        for name, default in OPTIONAL_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod
@@ -241,6 +261,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | Non
     g.add_argument("--halve-att", action="store_true", help="attention width D/2 (large-half model)")
     g.add_argument("--halve-mlp", action="store_true", help="MLP width 2·D instead of 4·D (large-half model)")
     g.add_argument("--pre-ln", "--pre-activation", action="store_true", help="pre-LN blocks (default post-LN)")
+    g.add_argument(
+        "--pre-ln-original",
+        action="store_true",
+        help="the original release's pre-LN ablation instead: its attention blocks add the residual to the "
+        "normalised input (implies --pre-ln)",
+    )
     g.add_argument("--pos-emb", default=d.pos_emb, choices=POS_EMB_KINDS, help="positions (default %(default)s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="backbone dropout (default %(default)s)")
     from_data = f"default: {data_default}" if data_default else None
@@ -266,6 +292,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | Non
     g.add_argument("--nce-proj-layers", type=int, default=d.nce_proj_layers, help="projection depth (default 2)")
     g.add_argument("--nce-proj-hid-dim", type=int, default=d.nce_proj_hid_dim, help="projection width (default 2048)")
     g.add_argument("--nce-dim", type=int, default=d.nce_dim, help="contrastive embedding size (default 256)")
+    g.add_argument(
+        "--nce-bn-after-proj",
+        action="store_true",
+        help="a BatchNorm after the projection head's last Linear (SimCLR; off by default, as in the original)",
+    )
 
 
 def fill_from_database(args: argparse.Namespace, manifest: dict[str, Any], name: str | Path) -> str | None:
@@ -300,10 +331,12 @@ def config_from_args(args: argparse.Namespace) -> VimpacConfig:
         pos_emb=args.pos_emb,
         halve_att=args.halve_att,
         halve_mlp=args.halve_mlp,
-        pre_ln=args.pre_ln,
+        pre_ln=args.pre_ln or args.pre_ln_original,
+        pre_ln_original=args.pre_ln_original,
         dropout=args.dropout,
         clip_len=args.clip_len,
         nce_proj_layers=args.nce_proj_layers,
         nce_proj_hid_dim=args.nce_proj_hid_dim,
         nce_dim=args.nce_dim,
+        nce_bn_after_proj=args.nce_bn_after_proj,
     )

@@ -64,9 +64,10 @@ def interpolate_grid(table: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple
 
 
 def model_differences(old: VimpacConfig, new: VimpacConfig) -> list[str]:
-    """Names of the config fields whose values differ, sorted."""
+    """Names of the config fields whose values differ, sorted. Compared over the keys of both to_dict()s: an
+    optional field (config.OPTIONAL_FIELDS) is in one only when it is set there, and then it differs."""
     a, b = old.to_dict(), new.to_dict()
-    return sorted(k for k in a if a[k] != b.get(k))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def check_resizable(old: VimpacConfig, new: VimpacConfig, allowed: Iterable[str] = SHAPE_FIELDS) -> None:
@@ -76,7 +77,7 @@ def check_resizable(old: VimpacConfig, new: VimpacConfig, allowed: Iterable[str]
     allowed = set(allowed) - {"hidden_size", "pos_emb"}
     other = [k for k in changed if k not in allowed]
     if other:
-        detail = ", ".join(f"{k} {old.to_dict()[k]!r} → {new.to_dict()[k]!r}" for k in other)
+        detail = ", ".join(f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in other)
         raise UsageError(
             f"the checkpoint's model differs in {', '.join(other)} ({detail}); only the clip length (--clip-len) and "
             "the frame size (--frame-size) can change when loading it: pass the checkpoint's values for the others"

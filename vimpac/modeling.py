@@ -86,7 +86,8 @@ class AttentionBlock(nn.Module):
 
     Pattern i takes heads [i·heads/P, (i+1)·heads/P) of Q, K, V (so attention_width/P channels); the outputs are
     concatenated, projected back to D, dropped out and added to the input. Post-LN: LN(x + drop(W·att(x)));
-    pre-LN: x + drop(W·att(LN(x))). x: [B, 1 + T·h·w, D] (CLS first) → same shape.
+    pre-LN: x + drop(W·att(LN(x))); the original's pre-LN (pre_ln_original): LN(x) + drop(W·att(LN(x))), the
+    residual taken after the norm (docs/reference.md §4.5). x: [B, 1 + T·h·w, D] (CLS first) → same shape.
     """
 
     def __init__(self, config: VimpacConfig, patterns: tuple[str, ...]) -> None:
@@ -96,6 +97,7 @@ class AttentionBlock(nn.Module):
         self.heads = config.num_heads
         self.head_dim = config.head_dim
         self.pre_ln = config.pre_ln
+        self.residual_after_norm = config.pre_ln_original
         self.attention_dropout = config.dropout
         width = config.attention_width
         self.qkv = nn.Linear(config.hidden_size, 3 * width)
@@ -136,7 +138,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         inner = self.norm(x) if self.pre_ln else x
         y = self.dropout(self.out(self.attend(inner, key_padding_mask)))
-        return x + y if self.pre_ln else self.norm(x + y)
+        if not self.pre_ln:
+            return self.norm(x + y)
+        return (inner if self.residual_after_norm else x) + y
 
 
 class MLPBlock(nn.Module):
@@ -174,9 +178,10 @@ class VimpacLayer(nn.Module):
 class VimpacBackbone(nn.Module):
     """Embeddings + layers: forward(tokens [B, T, h, w] int64) → (cls [B, D], hiddens [B, T, h, w, D]).
 
-    Input: post-LN h0 = dropout(LN(E[x] + pos)), CLS = dropout(LN(cls + pos_cls)) with the same LN; pre-LN drops that LN
-    and adds a final one instead (docs/reference.md §4.5, §8.4). PAD tokens are never attended to as keys; when a batch
-    has no PAD at all the mask is skipped (no padding work in the kernel). MASK tokens are attended to normally.
+    Input: post-LN h0 = dropout(LN(E[x] + pos)), CLS = dropout(LN(cls + pos_cls)) with the same LN; pre-LN (both
+    kinds) drops that LN and adds a final one instead (docs/reference.md §4.5, §8.4). PAD tokens are never attended
+    to as keys; when a batch has no PAD at all the mask is skipped (no padding work in the kernel). MASK tokens are
+    attended to normally.
     """
 
     def __init__(self, config: VimpacConfig) -> None:
@@ -259,7 +264,10 @@ class MLMHead(nn.Module):
 
 
 class ContrastiveHead(nn.Module):
-    """Projection for InfoNCE: (Linear → sync BN → ReLU) × (nce_proj_layers − 1), then Linear → nce_dim, no bias.
+    """Projection for InfoNCE: (Linear → sync BN → ReLU) × (nce_proj_layers − 1), then Linear → nce_dim, no bias,
+    and with nce_bn_after_proj a last sync BN (affine, like the hidden ones) on that output (SimCLR's, the original's
+    --nce-bn-after-proj). `net` indices: hidden layer i at 3i, 3i+1, 3i+2; the last Linear at 3(L−1), its BN at
+    3(L−1)+1 (L = nce_proj_layers).
 
     cls [B, D] → z [B, nce_dim] (not normalised; the loss normalises). BN statistics span all ranks (gloo too).
     """
@@ -273,6 +281,8 @@ class ContrastiveHead(nn.Module):
             layers.append(nn.ReLU())
             width = config.nce_proj_hid_dim
         layers.append(nn.Linear(width, config.nce_dim, bias=False))
+        if config.nce_bn_after_proj:
+            layers.append(DistributedBatchNorm1d(config.nce_dim))
         self.net = nn.Sequential(*layers)
         for module in self.net:
             if isinstance(module, nn.Linear):

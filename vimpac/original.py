@@ -17,12 +17,18 @@ What is converted (docs/reference.md §4 describes both models):
   pattern order, then all keys, then all values; head i of pattern k keeps its place.
 - The config keeps the original's special ids (`special_ids="original"`: 8197 embedding rows, PAD 8193,
   MASK 8196), heads = hid_dim // 64, its LayerNorm eps (1e-12) and BatchNorm buffers.
+- `--pre-activation` checkpoints become `pre_ln=True, pre_ln_original=True`: the original's pre-LN block, whose
+  attention blocks add the residual to the normalised input (LN(x) + W·att(LN(x)); docs/reference.md §4.5), not
+  vimpac's correct `--pre-ln`. Their per-block `dense` / `LayerNorm` (no `output.` level), the MLP's `ln` (now
+  before the MLP) and the final `ln_post` map to `out` / `norm`, `mlp.norm` and `final_norm`; there is no `ln_pre`.
+- `--nce-bn-after-proj`: the projection head's BatchNorm after its last Linear (`bn_{N-1}`, an affine
+  SyncBatchNorm with running statistics) becomes `nce_bn_after_proj=True` and the BatchNorm after vimpac's last
+  projection Linear, weights and buffers.
 
 Refused, with the option named: a `--model` that is not an `efflayout` layout of the axes T, H and W, the
-`pre_defined` / `frozen` positional embeddings (the original raises NotImplementedError for them),
-`--pre-activation` (the original's pre-LN attention adds the residual to the normalised input, which vimpac's
-`--pre-ln` deliberately does not: docs/reference.md §4.5, §8.4) and a projection head with `--nce-bn-after-proj`
-(vimpac's contrastive head has no BatchNorm after the last layer; `drop_projection_head` converts the rest).
+`pre_defined` / `frozen` positional embeddings (the original raises NotImplementedError for them) and
+`--pre-activation` with `--halve-att` (the original's pre-LN output projection is D → D while the halved
+attention is D/2 wide, so it could not run such a model). `drop_projection_head` leaves the projection head out.
 Every tensor of the file must be used and every tensor of the vimpac model filled, shape for shape.
 """
 
@@ -206,12 +212,13 @@ def original_config(args: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
         raise _refuse("--pos-emb", pos, "which the original leaves unimplemented (NotImplementedError)")
     if pos not in POS_EMB:
         raise _refuse("--pos-emb", pos, f"which is not one of {', '.join(POS_EMB)}")
-    if _arg(args, "pre_activation", False):
+    pre_activation = bool(_arg(args, "pre_activation", False))
+    if pre_activation and _arg(args, "halve_att", False):
         raise _refuse(
             "--pre-activation",
             True,
-            "whose attention blocks add the residual to the normalised input; vimpac's --pre-ln adds the raw stream "
-            "(docs/reference.md §4.5, §8.4), so the converted model would compute something else",
+            "together with --halve-att: the original's pre-LN output projection maps D → D but the halved attention "
+            "is D/2 wide, so the original could not run this model",
         )
     hidden = int(args["hid_dim"])
     frame = int(args["frame_size"])
@@ -227,7 +234,8 @@ def original_config(args: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
     nce_layers = int(_arg(args, "nce_proj_layers", 2))
     nce_hidden = int(_arg(args, "nce_proj_hid_dim", 4096))
     nce_dim = ORIGINAL_NCE_DIM
-    if any(k.startswith("cls_head.") for k in state):
+    projection = any(k.startswith("cls_head.") for k in state)
+    if projection:
         linears = sorted(int(m[1]) for k in state if (m := re.fullmatch(r"cls_head\.mlp\.linear_(\d+)\.weight", k)))
         if linears != list(range(len(linears))) or not linears:
             raise UsageError(f"the projection head's layers are {linears}; expected linear_0 .. linear_N")
@@ -249,13 +257,16 @@ def original_config(args: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
             pos_emb=POS_EMB[pos],
             halve_att=bool(_arg(args, "halve_att", False)),
             halve_mlp=bool(_arg(args, "halve_mlp", False)),
-            pre_ln=False,
+            pre_ln=pre_activation,
+            pre_ln_original=pre_activation,
             dropout=float(_arg(args, "dropout", 0.1)),
             clip_len=int(args["clip_len"]),
             grid=(frame // 8, frame // 8),
             nce_proj_layers=nce_layers,
             nce_proj_hid_dim=nce_hidden,
             nce_dim=nce_dim,
+            # Only where the head is kept: a model without it (fine-tuned, or dropped) has no use for the option.
+            nce_bn_after_proj=projection and bool(_arg(args, "nce_bn_after_proj", False)),
         )
     except UsageError as err:
         raise UsageError(f"the original model (--model {model} --hid-dim {hidden}) cannot be built: {err}") from None
@@ -277,13 +288,19 @@ def _pop_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 def convert_backbone(state: dict[str, torch.Tensor], config: VimpacConfig) -> dict[str, torch.Tensor]:
-    """Pop every `backbone.*` tensor of an original state dict and return vimpac's `backbone.*` tensors."""
+    """Pop every `backbone.*` tensor of an original state dict and return vimpac's `backbone.*` tensors.
+
+    Post-LN (the default): input `ln_pre`, per block `output.dense` / `output.LayerNorm`. The original's pre-LN
+    (`config.pre_ln_original`): final `ln_post` instead of `ln_pre`, per block `dense` / `LayerNorm`."""
     out = {
         "backbone.cls": _take(state, "backbone.cls_param"),
         "backbone.token_embedding.weight": _take(state, "backbone.embedding.weight"),
-        "backbone.input_norm.weight": _take(state, "backbone.ln_pre.weight"),
-        "backbone.input_norm.bias": _take(state, "backbone.ln_pre.bias"),
     }
+    pre_ln = config.pre_ln_original
+    outer = ("final_norm", "ln_post") if pre_ln else ("input_norm", "ln_pre")
+    for kind in ("weight", "bias"):
+        out[f"backbone.{outer[0]}.{kind}"] = _take(state, f"backbone.{outer[1]}.{kind}")
+    output = "" if pre_ln else "output."
     for theirs, ours in POS_TABLES[config.pos_emb].items():
         out[f"backbone.positional_embedding.{ours}"] = _take(state, f"backbone.positional_embedding.{theirs}")
     for i in range(config.layers):
@@ -297,8 +314,8 @@ def convert_backbone(state: dict[str, torch.Tensor], config: VimpacConfig) -> di
                     for k in range(len(patterns))
                 ]
                 out[f"{dst}attention.{j}.qkv.{kind}"] = torch.cat(pieces, dim=0)
-                out[f"{dst}attention.{j}.out.{kind}"] = _take(state, f"{block}output.dense.{kind}")
-                out[f"{dst}attention.{j}.norm.{kind}"] = _take(state, f"{block}output.LayerNorm.{kind}")
+                out[f"{dst}attention.{j}.out.{kind}"] = _take(state, f"{block}{output}dense.{kind}")
+                out[f"{dst}attention.{j}.norm.{kind}"] = _take(state, f"{block}{output}LayerNorm.{kind}")
         for kind in ("weight", "bias"):
             out[f"{dst}mlp.fc.{kind}"] = _take(state, f"{src}mlp.c_fc.{kind}")
             out[f"{dst}mlp.proj.{kind}"] = _take(state, f"{src}mlp.c_proj.{kind}")
@@ -336,14 +353,16 @@ _BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 
 
 def convert_projection_head(state: dict[str, torch.Tensor], config: VimpacConfig) -> dict[str, torch.Tensor]:
-    """Pop `cls_head.mlp.*` (linear_i, bn_i, act_i per hidden layer, then linear_N without bias) and return
-    vimpac's `nce_head.net.*` (Linear, BatchNorm, ReLU per hidden layer at 3i, 3i+1, 3i+2; the last Linear at 3N)."""
+    """Pop `cls_head.mlp.*` (linear_i, bn_i, act_i per hidden layer, then linear_N without bias and, with
+    --nce-bn-after-proj, bn_N) and return vimpac's `nce_head.net.*` (Linear, BatchNorm, ReLU per hidden layer at
+    3i, 3i+1, 3i+2; the last Linear at 3N, its BatchNorm at 3N+1)."""
     out = {}
     last = config.nce_proj_layers - 1
     for i in range(config.nce_proj_layers):
         out[f"nce_head.net.{3 * i}.weight"] = _take(state, f"cls_head.mlp.linear_{i}.weight")
         if i < last:
             out[f"nce_head.net.{3 * i}.bias"] = _take(state, f"cls_head.mlp.linear_{i}.bias")
+        if i < last or config.nce_bn_after_proj:
             for name in _BN_FIELDS:
                 out[f"nce_head.net.{3 * i + 1}.{name}"] = _take(state, f"cls_head.mlp.bn_{i}.{name}")
     return out
@@ -422,13 +441,6 @@ def convert_state(
         _pop_prefix(state, "cls_head.")
         has_projection = False
         notes.append("the projection head (cls_head) was dropped (--drop-projection-head)")
-    if has_projection and _arg(args, "nce_bn_after_proj", False):
-        raise _refuse(
-            "--nce-bn-after-proj",
-            True,
-            "a BatchNorm after the last projection layer, which vimpac's contrastive head does not have; pass "
-            "--drop-projection-head to convert the backbone and the MLM head without it",
-        )
     config = original_config(args, state)
     embedding = state.get("backbone.embedding.weight")
     out = convert_backbone(state, config)

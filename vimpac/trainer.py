@@ -55,6 +55,7 @@ from vimpac.checkpoint import (
 from vimpac.config import VimpacConfig
 from vimpac.data import BAD_RECORD_LOG_KEY, BAD_RECORDS_KEY, ResumableDistributedSampler, bad_record_line
 from vimpac.errors import NonFiniteLossError, UsageError
+from vimpac.interpolate import model_differences
 from vimpac.kernels.selfcheck import startup_line
 from vimpac.metrics import MetricsWriter, StepAccumulator
 
@@ -221,7 +222,7 @@ class Trainer:
             return False
         saved = checkpoint_model_config(source, tag)
         if saved is not None and saved.to_dict() != self.config.to_dict():
-            changed = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v)
+            changed = model_differences(saved, self.config)
             raise UsageError(
                 f"checkpoint {tag} in {source} was trained with a different model ({', '.join(changed)} "
                 "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "

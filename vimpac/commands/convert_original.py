@@ -19,11 +19,12 @@ what is kept exactly:
   the projection head's depth and width) and the original special ids (8197 embedding rows: PAD 8193,
   MASK 8196, codes 0..8191), recorded as special_ids "original" in config.json. The converted model computes
   what the original computed, to float32 rounding.
+  --pre-activation becomes pre_ln_original (the original's pre-LN block, whose attention blocks add the
+  residual to the normalised input; not vimpac's --pre-ln) and --nce-bn-after-proj becomes nce_bn_after_proj
+  (the BatchNorm after the projection head's last layer, with its running statistics).
 
-refused, naming the option (the converted model would compute something else):
-  --pre-activation (the original's pre-LN attention adds the residual to the normalised input), a projection
-  head with --nce-bn-after-proj (use --drop-projection-head to convert the rest), --pos-emb pre_defined/frozen
-  and non-layout --model values (the original cannot train them).
+refused, naming the option (the original cannot train them):
+  --pos-emb pre_defined/frozen, non-layout --model values, and --pre-activation with --halve-att.
 
 safety:
   classifier.pt is read with torch.load(weights_only=True) and args.pickle with an unpickler that accepts an
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drop-projection-head",
         action="store_true",
-        help="leave the contrastive projection head out (needed for one trained with --nce-bn-after-proj)",
+        help="leave the contrastive projection head out (convert the backbone and the MLM head only)",
     )
     p.set_defaults(func=run)
 
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  model    {c.layers} layers × {c.hidden_size}, {c.num_heads} heads, layout {c.layout}, pos-emb {c.pos_emb}"
         f"{', halve-att' if c.halve_att else ''}{', halve-mlp' if c.halve_mlp else ''}"
+        f"{', the original pre-LN (pre_ln_original)' if c.pre_ln_original else ''}"
+        f"{', BatchNorm after the projection' if c.nce_bn_after_proj else ''}"
     )
     print(
         f"  input    clip length {c.clip_len}, frame size {c.grid[0] * 8} (grid {c.grid[0]}x{c.grid[1]}), "
