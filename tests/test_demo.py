@@ -27,6 +27,7 @@ STAGES = (
     "pretrain-eval",
     "probe",
     "pictures",
+    "pictures:retrieval",
 )
 
 
@@ -75,6 +76,11 @@ def test_tiny_demo_writes_every_artefact_and_reruns_from_its_cache(tmp_path):
         assert sum(1 for _ in ImageSequence.Iterator(gif)) == report["budget"]["clip_len"]
     with Image.open(pictures["curves"]) as curves:
         assert curves.format == "PNG"
+    assert pictures["retrieval"] == str(run / "pictures" / "retrieval.png")
+    with Image.open(pictures["retrieval"]) as retrieval:  # 3 query rows (4 held-out videos, one per class)
+        assert retrieval.format == "PNG" and retrieval.width > retrieval.height > 0
+    shown = stages["pictures:retrieval"]
+    assert len(shown["queries"]) == 3 and all(len(row) == 3 for row in shown["neighbours"])
     objects = report["stages"]["tokenizer"]["objects"]
     assert objects["videos"] == 4 and objects["subject_pixels"] > 0  # the 4 validation videos, unseen in training
     probe = report["probe"]
@@ -85,6 +91,7 @@ def test_tiny_demo_writes_every_artefact_and_reruns_from_its_cache(tmp_path):
     for line in (
         "pictures",
         "curves",
+        "retrieval.png",
         "top-1 on held-out videos",
         "masked-token accuracy",
         "inside the moving objects",

@@ -28,6 +28,8 @@ from vimpac.probe import (
     holdout_split,
     knn_accuracy,
     linear_probe,
+    nearest_neighbours,
+    retrieval_queries,
     retrieval_recall,
 )
 
@@ -284,3 +286,28 @@ def test_retrieval_recall_on_separable_clusters_and_against_brute_force():
         assert got[k] == pytest.approx(hits / len(x))
     with pytest.raises(ValueError, match="at least two"):
         retrieval_recall(x[:1], y[:1])
+
+
+def test_nearest_neighbours_match_brute_force_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(25, 6)).astype(np.float32)
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    sim = unit @ unit.T
+    for k in (1, 3, 24, 40):  # 40: capped at the 24 other videos
+        index, similarity = nearest_neighbours(torch.from_numpy(x), k)
+        assert index.shape == similarity.shape == (25, min(k, 24)) and index.dtype == torch.int64
+        for i in range(25):
+            others = [j for j in range(25) if j != i]
+            expected = sorted(others, key=lambda j: -sim[i, j])[: min(k, 24)]
+            assert index[i].tolist() == expected  # never itself, most similar first
+            np.testing.assert_allclose(similarity[i].numpy(), sim[i, expected], rtol=0, atol=1e-12)
+    for bad, k in ((torch.zeros(1, 4), 1), (torch.zeros(3), 1), (torch.zeros(3, 4), 0)):
+        with pytest.raises(ValueError):
+            nearest_neighbours(bad, k)
+
+
+def test_retrieval_queries_cover_the_classes_in_turn():
+    y = torch.tensor([2, 0, 2, 1, 0, 2])
+    assert retrieval_queries(y, 3) == [1, 3, 0]  # the first video of classes 0, 1, 2
+    assert retrieval_queries(y, 5) == [1, 3, 0, 4, 2]  # then the second of each class that has one
+    assert retrieval_queries(y, 10) == [1, 3, 0, 4, 2, 5] and retrieval_queries(y, 0) == []

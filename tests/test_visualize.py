@@ -30,6 +30,9 @@ from vimpac.visualize import (
     outline_pixels,
     plot_curves,
     predict_masked,
+    retrieval_captions,
+    retrieval_picture,
+    text_size,
     upscale_factor,
     write_gif,
     write_grid_png,
@@ -266,3 +269,39 @@ def test_help_has_examples(capsys):
         main(["visualize", "--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "--mask-blocks" in text
+
+
+def test_retrieval_picture_size_borders_and_captions():
+    rng = np.random.default_rng(0)
+    q, k, f, h, w = 3, 3, 3, 32, 40
+    queries = rng.integers(0, 256, size=(q, f, h, w, 3), dtype=np.uint8)
+    neighbours = rng.integers(0, 256, size=(q, k, f, h, w, 3), dtype=np.uint8)
+    query_labels = np.array([0, 1, 2])
+    neighbour_labels = np.array([[0, 1, 0], [2, 1, 1], [2, 2, 2]])
+    similarities = np.array([[0.9, 0.8, 0.7], [0.95, 0.5, 0.25], [0.3, 0.2, 0.1]])
+    names = ["right", "left", "shrink"]
+    image = retrieval_picture(queries, neighbours, query_labels, neighbour_labels, similarities, names)
+    captions, neighbour_captions = retrieval_captions(query_labels, neighbour_labels, similarities, names)
+    assert captions[1] == "query: left" and neighbour_captions[1][0] == "#1 shrink 0.950 other"
+    assert neighbour_captions[1][1] == "#2 left 0.500 same"
+    # s = 3 (32 px → 96); tile = 3 frames of 120 px, GAP apart, in a 3-px border
+    tile_w, tile_h = 3 * (120 + GAP) - GAP + 2 * 3, 96 + 2 * 3
+    widest = max(text_size(t)[0] for t in [*captions, *(c for row in neighbour_captions for c in row)])
+    column = max(tile_w, widest + 2 * 4)
+    line = text_size("Ag|")[1] + 2 * 4
+    assert image.size == (GAP + 4 * (column + GAP) + 12, GAP + 3 * (tile_h + line + GAP))
+    pixels = np.asarray(image)
+    # the top-left pixel of each tile's border: grey query, green same class, red another class
+    x0 = [GAP] + [GAP + n * (column + GAP) + 12 for n in (1, 2, 3)]
+    y0 = [GAP + r * (tile_h + line + GAP) for r in range(3)]
+    assert tuple(pixels[y0[0], x0[0]]) == (96, 96, 96)
+    assert tuple(pixels[y0[0], x0[1]]) == (0, 160, 0) and tuple(pixels[y0[0], x0[2]]) == (220, 0, 0)
+    assert tuple(pixels[y0[1], x0[1]]) == (220, 0, 0) and tuple(pixels[y0[2], x0[3]]) == (0, 160, 0)
+    # the second query frame, enlarged ×3 (nearest), inside the border
+    cell = pixels[y0[1] + 3 : y0[1] + 3 + 96, x0[0] + 3 + 120 + GAP : x0[0] + 3 + 2 * 120 + GAP]
+    np.testing.assert_array_equal(cell, queries[1, 1].repeat(3, axis=0).repeat(3, axis=1))
+
+    titled = retrieval_picture(queries, neighbours, query_labels, neighbour_labels, similarities, names, title="t")
+    assert titled.size == (image.width, image.height + line)
+    with pytest.raises(ValueError, match="neighbours must be"):
+        retrieval_picture(queries, neighbours[:, :, :2], query_labels, neighbour_labels, similarities, names)

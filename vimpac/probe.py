@@ -241,17 +241,42 @@ def knn_accuracy(
     return float((probs.argmax(dim=1).cpu() == test_y.cpu()).double().mean())
 
 
-def retrieval_recall(x: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Same-class retrieval among the videos x [M, D] with labels y [M] (M ≥ 2): each video queries all the others
-    by cosine similarity; recall@k is the share of queries with at least one video of their class among their
-    k nearest (k capped at M − 1). {k: recall}."""
-    if x.shape[0] < 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"retrieval needs at least two videos with one label each; got {x.shape[0]} and {y.shape[0]}")
+def nearest_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each video's k nearest other videos among x [M, D] (M ≥ 2) by cosine similarity, the most similar first:
+    (indices int64 [M, k'], similarities float64 [M, k']) on the CPU, k' = min(k, M − 1). A video never retrieves
+    itself. The neighbours `retrieval_recall` scores (and the demo's retrieval picture shows)."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"retrieval needs features [M, D] of at least two videos; got {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
     unit = F.normalize(x.double(), dim=1)
     sim = unit @ unit.T
     sim.fill_diagonal_(float("-inf"))  # a video never retrieves itself
-    nearest = sim.topk(min(max(ks), x.shape[0] - 1), dim=1).indices  # [M, k], most similar first
-    same = y.cpu()[nearest.cpu()] == y.cpu()[:, None]
+    values, indices = sim.topk(min(k, x.shape[0] - 1), dim=1)  # [M, k'], most similar first
+    return indices.cpu(), values.cpu()
+
+
+def retrieval_queries(y: torch.Tensor, count: int) -> list[int]:
+    """`count` query videos (fewer when y [M] has fewer items) for a picture of retrieval: the first video of
+    each class in label order, then the second of each, and so on, so the queries cover as many classes as they
+    can. Indices into y, in that order."""
+    labels = y.cpu().tolist()
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    rounds = max((len(members) for members in by_class.values()), default=0)
+    order = [by_class[c][r] for r in range(rounds) for c in sorted(by_class) if r < len(by_class[c])]
+    return order[: max(0, count)]
+
+
+def retrieval_recall(x: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Same-class retrieval among the videos x [M, D] with labels y [M] (M ≥ 2): each video queries all the others
+    by cosine similarity; recall@k is the share of queries with at least one video of their class among their
+    k nearest (k capped at M − 1; `nearest_neighbours`). {k: recall}."""
+    if x.shape[0] < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"retrieval needs at least two videos with one label each; got {x.shape[0]} and {y.shape[0]}")
+    nearest, _ = nearest_neighbours(x, max(ks))  # [M, k], most similar first
+    same = y.cpu()[nearest] == y.cpu()[:, None]
     return {k: float(same[:, :k].any(dim=1).double().mean()) for k in ks}
 
 

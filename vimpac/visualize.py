@@ -4,8 +4,9 @@ A clip of codes [T, h, w] decodes (with the tokenizer's decoder, d = its downsam
 `clip_rows` makes three such rows: the reconstruction (what the tokenizer keeps of the video), the same with the
 masked cells grey (what the model sees), and the decode of the model's predictions in those cells, outlined.
 `write_grid_png` lays rows out as a labelled grid (one row per entry, one column per frame) and `write_gif` as an
-animation over time. `plot_curves` draws the training curves of pre-training and fine-tuning runs from their
-metrics.jsonl. Everything renders off-screen (PIL, matplotlib's Agg canvas); nothing needs a display.
+animation over time. `retrieval_picture` shows query clips beside their nearest neighbours by a feature, framed
+green (same class) or red (another). `plot_curves` draws the training curves of pre-training and fine-tuning runs
+from their metrics.jsonl. Everything renders off-screen (PIL, matplotlib's Agg canvas); nothing needs a display.
 """
 
 from __future__ import annotations
@@ -226,6 +227,113 @@ def write_gif(rows: Mapping[str, np.ndarray], path: str | Path, fps: float) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     first.save(path, format="GIF", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
     return path
+
+
+# --------------------------------------------------------------------------------------------- retrieval
+
+SAME_CLASS_COLOUR = (0, 160, 0)
+OTHER_CLASS_COLOUR = (220, 0, 0)
+QUERY_COLOUR = (96, 96, 96)
+BORDER = 3
+QUERY_SEPARATION = 12  # extra px between the query column and its neighbours
+
+
+def line_height() -> int:
+    """Height in px of a caption or title line: the default font's ascender-to-descender box plus TEXT_PAD above
+    and below."""
+    return text_size("Ag|")[1] + 2 * TEXT_PAD
+
+
+def retrieval_captions(
+    query_labels: np.ndarray, neighbour_labels: np.ndarray, similarities: np.ndarray, class_names: list[str]
+) -> tuple[list[str], list[list[str]]]:
+    """The captions of `retrieval_picture`: "query: <class>" per query, "#<rank> <class> <similarity> same|other"
+    per neighbour (similarity with 3 decimals; same: the query's class)."""
+    queries = [f"query: {class_names[int(label)]}" for label in query_labels]
+    neighbours = [
+        [
+            f"#{rank + 1} {class_names[int(label)]} {float(sim):.3f} {'same' if label == query else 'other'}"
+            for rank, (label, sim) in enumerate(zip(labels, sims))
+        ]
+        for query, labels, sims in zip(query_labels, neighbour_labels, similarities)
+    ]
+    return queries, neighbours
+
+
+def retrieval_picture(
+    queries: np.ndarray,
+    neighbours: np.ndarray,
+    query_labels: np.ndarray,
+    neighbour_labels: np.ndarray,
+    similarities: np.ndarray,
+    class_names: list[str],
+    title: str | None = None,
+) -> Image.Image:
+    """Nearest-neighbour retrieval as a picture: one row per query, the query clip then its K nearest clips.
+
+    queries uint8 [Q, F, H, W, 3] (F frames of each query clip, e.g. its first, middle and last), neighbours uint8
+    [Q, K, F, H, W, 3] (most similar first), query_labels int [Q], neighbour_labels int [Q, K], similarities
+    float [Q, K], class_names: the name of every label. A clip is a tile of its F frames side by side (enlarged
+    by s = upscale_factor(H), nearest; GAP px apart) in a BORDER-px frame: QUERY_COLOUR around a query,
+    SAME_CLASS_COLOUR around a neighbour of the query's class (a correct retrieval), OTHER_CLASS_COLOUR around
+    any other; under each tile its caption (`retrieval_captions`). `title`, when given, is a line above the grid.
+
+    Size, with L = line_height(): column width c = max(F·(s·W + GAP) − GAP + 2·BORDER, widest caption +
+    2·TEXT_PAD); width = max(GAP + (K + 1)·(c + GAP) + QUERY_SEPARATION, [title width + 2·TEXT_PAD]); height =
+    [L] + GAP + Q·(s·H + 2·BORDER + L + GAP). Returns an RGB image (nothing is written)."""
+    queries, neighbours = np.asarray(queries), np.asarray(neighbours)
+    query_labels, neighbour_labels = np.asarray(query_labels), np.asarray(neighbour_labels)
+    similarities = np.asarray(similarities, dtype=np.float64)
+    if queries.ndim != 5 or queries.shape[-1] != 3 or not len(queries):
+        raise ValueError(f"queries must be uint8 [Q, F, H, W, 3] with Q >= 1; got {queries.shape}")
+    q, f, h, w, _ = queries.shape
+    if neighbours.ndim != 6 or neighbours.shape[0] != q or neighbours.shape[2:] != queries.shape[1:]:
+        raise ValueError(f"neighbours must be [Q, K, F, H, W, 3] like queries {queries.shape}; got {neighbours.shape}")
+    k = neighbours.shape[1]
+    if query_labels.shape != (q,) or neighbour_labels.shape != (q, k) or similarities.shape != (q, k):
+        raise ValueError(
+            f"labels and similarities must be [Q] = [{q}], [Q, K] = [{q}, {k}] and [Q, K]; got {query_labels.shape}, "
+            f"{neighbour_labels.shape}, {similarities.shape}"
+        )
+    query_text, neighbour_text = retrieval_captions(query_labels, neighbour_labels, similarities, class_names)
+    scale = upscale_factor(h)
+    cell_w, cell_h = w * scale, h * scale
+    tile_w, tile_h = f * (cell_w + GAP) - GAP + 2 * BORDER, cell_h + 2 * BORDER
+    captions = [*query_text, *(text for row in neighbour_text for text in row)]
+    column = max(tile_w, max(text_size(text)[0] for text in captions) + 2 * TEXT_PAD)
+    line = line_height()
+    top = line if title else 0
+    width = GAP + (k + 1) * (column + GAP) + QUERY_SEPARATION
+    if title:
+        width = max(width, text_size(title)[0] + 2 * TEXT_PAD)
+    canvas = Image.new("RGB", (width, top + GAP + q * (tile_h + line + GAP)), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((TEXT_PAD, TEXT_PAD), title, fill=TEXT_COLOUR, font=_font())
+
+    def tile(frames: np.ndarray, x: int, y: int, colour: tuple[int, int, int], caption: str) -> None:
+        draw.rectangle((x, y, x + tile_w - 1, y + tile_h - 1), fill=colour)
+        for n in range(f):
+            canvas.paste(_enlarged(frames[n], scale), (x + BORDER + n * (cell_w + GAP), y + BORDER))
+        draw.text((x + TEXT_PAD, y + tile_h + TEXT_PAD), caption, fill=TEXT_COLOUR, font=_font())
+
+    for r in range(q):
+        y = top + GAP + r * (tile_h + line + GAP)
+        tile(queries[r], GAP, y, QUERY_COLOUR, query_text[r])
+        for n in range(k):
+            x = GAP + (n + 1) * (column + GAP) + QUERY_SEPARATION
+            same = neighbour_labels[r, n] == query_labels[r]
+            tile(neighbours[r, n], x, y, SAME_CLASS_COLOUR if same else OTHER_CLASS_COLOUR, neighbour_text[r][n])
+    return canvas
+
+
+def clip_frames(frames: np.ndarray, count: int = 3) -> np.ndarray:
+    """`count` evenly spaced frames of a clip [T, H, W, 3] (its first and last among them; every frame when
+    T <= count), in time order."""
+    frames = np.asarray(frames)
+    if len(frames) <= count:
+        return frames
+    return frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
 
 
 # ------------------------------------------------------------------------------------------------ curves

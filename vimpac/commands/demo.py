@@ -10,7 +10,8 @@ interrupted training resumes from its last checkpoint, `--fresh` redoes everythi
                the training videos without their labels (default) or on the long unlabeled videos (tiny, long)
   finetune     the pre-trained model and, as the baseline, the same model from scratch, with multi-view testing
   report       held-out masked-token accuracy against two baselines, contrastive accuracy, top-1 of both
-  pictures     reconstructions / masked blocks / predictions of a held-out video (PNG + GIF) and the curves
+  pictures     reconstructions / masked blocks / predictions of a held-out video (PNG + GIF), the curves, and
+               held-out videos beside their nearest neighbours by the pre-trained CLS feature
 
 Budgets: `default` fits in about 10 minutes on 2 CPU cores; `long` is sized for one GPU (a larger corpus, model
 and schedule, all 16 classes at 128 px); `tiny` is the test suite's one-minute smoke run.
@@ -576,14 +577,73 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
         flags = ["--run", str(paths.run), "--video", video, "--split", "val", "--device", device]
         run_command(visualize.register, ["visualize", *flags])
         stages.mark("pictures", {"video": video, "png": str(paths.pictures / f"{video}.png")})
+    if stages.needed("pictures:retrieval"):
+        stages.mark("pictures:retrieval", retrieval_picture(paths, device))
     report["pictures"] = {
         "video": stages.done["pictures"]["video"],
         "png": str(paths.pictures / f"{stages.done['pictures']['video']}.png"),
         "gif": str(paths.pictures / f"{stages.done['pictures']['video']}.gif"),
         "curves": str(paths.pictures / "curves.png"),
+        "retrieval": stages.done["pictures:retrieval"]["png"],
     }
     paths.report.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def retrieval_picture(paths: DemoPaths, device: str, queries: int = 3, neighbours: int = 3) -> dict:
+    """pictures/retrieval.png: a few held-out videos (one per class in turn) and their nearest held-out videos by
+    the pre-trained model's CLS feature, the neighbours the probe stage's retrieval recall counts (the features of
+    `vimpac probe`'s defaults: evaluation views, the centre clip, the run's frame rate), decoded by the tokenizer."""
+    import numpy as np
+
+    from vimpac.code_db import CodeDatabase
+    from vimpac.commands.probe import find_export, pretrained_backbone, recorded_frame_rate
+    from vimpac.config import VimpacConfig
+    from vimpac.finetune_data import FinetuneTestClips, evaluation_views, split_names
+    from vimpac.probe import extract_features, nearest_neighbours, retrieval_queries
+    from vimpac.tokenization.tokenizer import load_tokenizer
+    from vimpac.visualize import clip_frames, decode_clip
+    from vimpac.visualize import retrieval_picture as draw
+
+    export = find_export(paths.training("pretrain"))
+    config = VimpacConfig.load(export / "config.json")
+    db = CodeDatabase(paths.db("labeled_test"))
+    dataset = db.manifest.get("dataset")
+    clips = FinetuneTestClips(
+        db,
+        split_names(dataset)[1],
+        config.clip_len,
+        pad_id=config.pad_id,
+        views=evaluation_views(db.views, dataset, db.manifest.get("frame_size")),
+        frame_rate=recorded_frame_rate(export)[0],
+    )
+    backbone = pretrained_backbone(export, config).to(device)
+    cls, _ = extract_features(backbone, clips, pad_id=config.pad_id, device=device)
+    index, similarity = nearest_neighbours(cls, neighbours)
+    rows = retrieval_queries(clips.labels, queries)
+    tokenizer = load_tokenizer(paths.tokenizer, device=device)
+
+    def frames(video: int) -> np.ndarray:  # the clip of the first evaluation view (SSV2: the only one)
+        return clip_frames(decode_clip(tokenizer, clips[video]["tokens"][0].numpy()))
+
+    image = draw(
+        np.stack([frames(q) for q in rows]),
+        np.stack([np.stack([frames(int(n)) for n in index[q]]) for q in rows]),
+        clips.labels[rows].numpy(),
+        clips.labels[index[rows]].numpy(),
+        similarity[rows].numpy(),
+        clips.class_names,
+        title=f"held-out videos and their {index.shape[1]} nearest by the pre-trained CLS feature (cosine); "
+        "green: same class, red: another",
+    )
+    path = paths.pictures / "retrieval.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return {
+        "png": str(path),
+        "queries": [clips.ids[q] for q in rows],
+        "neighbours": [[clips.ids[int(n)] for n in index[q]] for q in rows],
+    }
 
 
 def last_epoch_mean(records: dict[int, dict], key: str = "accuracy/train") -> float | None:
@@ -649,4 +709,5 @@ def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:
     pictures = report["pictures"]
     print(f"pictures       {pictures['png']} (+ .gif): reconstruction / masked / predicted")
     print(f"curves         {pictures['curves']}")
+    print(f"retrieval      {pictures['retrieval']}: held-out videos and their nearest by the pre-trained CLS feature")
     print(f"tensorboard    tensorboard --logdir {paths.run}")
