@@ -1,0 +1,49 @@
+"""scripts/bench/inference_throughput.py at its smallest: the export it makes is one `vimpac predict` accepts, and
+the JSON's figures are consistent with each other. No timing is asserted."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+SCRIPT = REPO / "scripts" / "bench" / "inference_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_inference_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_made_export_has_the_demo_default_sizes(bench, tmp_path):
+    from vimpac.inference import load_pipeline
+
+    budget = bench.BUDGETS["default"]
+    pipeline = load_pipeline(bench.make_export(tmp_path, seed=0), need_classifier=True)
+    config = pipeline.model.config
+    assert (config.layers, config.hidden_size, config.clip_len) == (budget.layers, budget.hid_dim, budget.clip_len)
+    assert pipeline.tokenizer.vocab_size == config.vocab_size == budget.vocab_size  # fingerprint checked on load
+    assert pipeline.frame_size == budget.frame_size and pipeline.num_clips == 3
+    assert pipeline.classes == list(budget.classes)
+
+
+@pytest.mark.slow
+def test_one_video_writes_consistent_json(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    payload = bench.main(["--videos", "1", "--json", str(out), "--note", "smoke"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert payload["note"] == "smoke" and payload["machine"]["cpu_count"] and "git_commit" in payload
+    frames = payload["decode_only"]["frames"]
+    assert frames > 0
+    for name in ("predict", "embed"):
+        row = payload[name]
+        assert row["videos"] == 1 and row["frames"] == frames and row["clips"] == 3  # 1 view × K = 3
+        assert row["videos_per_s"] == pytest.approx(1 / row["seconds"])
+        assert 0 < row["tokens_seconds"] + row["model_seconds"] <= row["seconds"]
