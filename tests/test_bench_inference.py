@@ -37,7 +37,7 @@ def test_made_export_has_the_demo_default_sizes(bench, tmp_path):
 @pytest.mark.slow
 def test_one_video_writes_consistent_json(bench, tmp_path):
     out = tmp_path / "bench.json"
-    payload = bench.main(["--videos", "1", "--json", str(out), "--note", "smoke"])
+    payload = bench.main(["--videos", "1", "--repeats", "2", "--json", str(out), "--note", "smoke"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     assert payload["note"] == "smoke" and payload["machine"]["cpu_count"] and "git_commit" in payload
     frames = payload["decode_only"]["frames"]
@@ -47,3 +47,4 @@ def test_one_video_writes_consistent_json(bench, tmp_path):
         assert row["videos"] == 1 and row["frames"] == frames and row["clips"] == 3  # 1 view × K = 3
         assert row["videos_per_s"] == pytest.approx(1 / row["seconds"])
         assert 0 < row["tokens_seconds"] + row["model_seconds"] <= row["seconds"]
+        assert len(row["repeats_videos_per_s"]) == 2 and row["videos_per_s"] == min(row["repeats_videos_per_s"])

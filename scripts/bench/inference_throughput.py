@@ -9,9 +9,10 @@ Every measured video goes through what the two commands do per video, with the l
             tokenizer's encoder, the evaluation clips (test views × K)
   predict   + VideoPipeline.probabilities_of (classifier logits per clip, softmax, mean) and top_k(5)
   embed     + VideoPipeline.features_of(tokens, "cls") (the mean CLS vector over the clips)
-videos/s = measured videos / wall time of the pass. Each pass is preceded by one untimed warm-up video. A third,
-decode-only pass (vimpac.tokenization.decode.iter_view_frames over the same files) splits the tokens time into
-decoding and encoding.
+videos/s = measured videos / wall time of the pass. Each pass is preceded by one untimed warm-up video and runs
+--repeats times; the JSON keeps the repeat of median time (and every repeat's videos/s): on a shared machine one
+pass can be slowed several-fold by other processes. A decode-only pass (vimpac.tokenization.decode.
+iter_view_frames over the same files, also --repeats times) splits the tokens time into decoding and encoding.
 
 Inputs:
   --corpus DIR   video files to use (recursively; the first --videos of them, sorted); without it the script
@@ -176,16 +177,30 @@ def decode_pass(pipeline, videos: list[Path]) -> dict:
     return {"videos": len(videos), "frames": frames, "seconds": seconds, "videos_per_s": len(videos) / seconds}
 
 
-def measure(videos: list[Path], export: str | Path, tokenizer: str | None, data: str | None, device: str) -> dict:
-    """Load the pipeline (timed), then the decode-only, predict and embed passes over `videos`."""
+def median_pass(run, repeats: int) -> dict:
+    """The result of `run()` whose time is the median of `repeats` calls (the upper median for an even count),
+    with every call's videos/s in "repeats_videos_per_s"."""
+    runs = [run() for _ in range(repeats)]
+    chosen = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
+    chosen["repeats_videos_per_s"] = [r["videos_per_s"] for r in runs]
+    return chosen
+
+
+def measure(
+    videos: list[Path], export: str | Path, tokenizer: str | None, data: str | None, device: str, repeats: int = 1
+) -> dict:
+    """Load the pipeline (timed), then the decode-only, predict and embed passes over `videos`, each `repeats`
+    times (median_pass)."""
     start = time.perf_counter()
     pipeline = load_pipeline(export, tokenizer, device, data)
     pipeline.tokenizer  # noqa: B018 - load (and check) it now, inside the timed start-up
     load_s = time.perf_counter() - start
-    decode = decode_pass(pipeline, videos)
+    decode = median_pass(lambda: decode_pass(pipeline, videos), repeats)
     # A pre-training export has no classifier: embed only.
-    predict = timed_pass(pipeline, videos, "predict") if pipeline.model.has_classifier else None
-    embed = timed_pass(pipeline, videos, "embed")
+    predict = None
+    if pipeline.model.has_classifier:
+        predict = median_pass(lambda: timed_pass(pipeline, videos, "predict"), repeats)
+    embed = median_pass(lambda: timed_pass(pipeline, videos, "embed"), repeats)
     frames = decode["frames"]
     for result in (r for r in (predict, embed) if r is not None):
         result["frames"] = frames
@@ -220,11 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", help="with --export: its evaluation code database (default: the run's)")
     parser.add_argument("--device", default="cpu", help="where the tokenizer and the model run (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips and the random weights")
+    parser.add_argument("--repeats", type=int, default=3, help="passes of each kind; the median is kept (3)")
     parser.add_argument("--note", default=None, help="free text recorded in the JSON (e.g. what else ran)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    if args.videos < 1:
-        parser.error(f"--videos must be >= 1; got {args.videos}")
+    if args.videos < 1 or args.repeats < 1:
+        parser.error(f"--videos and --repeats must be >= 1; got {args.videos} and {args.repeats}")
     if args.export is None and (args.tokenizer or args.data):
         parser.error("--tokenizer and --data go with --export")
 
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"no video files under {folder}")
         export = args.export if args.export is not None else make_export(work / "model", args.seed)
         load_before = os.getloadavg()
-        results = measure(videos, export, args.tokenizer, args.data, args.device)
+        results = measure(videos, export, args.tokenizer, args.data, args.device, args.repeats)
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
