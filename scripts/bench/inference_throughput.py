@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", help="with --export: its evaluation code database (default: the run's)")
     parser.add_argument("--device", default="cpu", help="where the tokenizer and the model run (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips and the random weights")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, the cores)")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each kind; the median is kept (3)")
     parser.add_argument("--note", default=None, help="free text recorded in the JSON (e.g. what else ran)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.export is None and (args.tokenizer or args.data):
         parser.error("--tokenizer and --data go with --export")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # before anything runs; environment() records the count
     work = Path(tempfile.mkdtemp(prefix="vimpac-bench-inference-"))
     try:
         folder = args.corpus if args.corpus is not None else make_corpus(work / "synth", args.videos, args.seed)
