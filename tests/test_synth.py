@@ -340,6 +340,32 @@ def test_object_scale_and_smooth_background_change_only_the_look(tmp_path):
     assert detail(True) < detail(False) / 3
 
 
+def test_looks_share_appearance_across_clips_and_keep_each_class_motion(tmp_path):
+    """--looks N: every labeled clip's background and main object (shape, colour, starting angle) is one of N
+    looks, drawn independently of the class; the motion (positions, sizes) is the class's own."""
+    small = dict(size=(64, 80), fps=8, clip_seconds=(1.0, 1.5), train_per_class=6, val_per_class=2, unlabeled=0)
+    classes = ("right", "left", "grow", "shrink")
+    own = S.plan_labeled(S.SynthConfig(out=tmp_path, seed=3, classes=classes, calm=True, **small))
+    shared = S.plan_labeled(S.SynthConfig(out=tmp_path, seed=3, classes=classes, calm=True, looks=3, **small))
+
+    def look(p: S.PlannedVideo) -> tuple:
+        main = next(o for o in p.scene.objects if o.role == "main")
+        return (p.scene.background.colour0, main.shape, tuple(main.track.colour[0]), float(main.track.angle[0]))
+
+    assert len({look(p) for p in own}) == len(own)
+    assert len({look(p) for p in shared}) <= 3
+    by_class = {key: {look(p) for p in shared if p.class_key == key} for key in classes}
+    assert sum(len(v) > 1 for v in by_class.values()) >= 3  # a look does not give the class away
+    for p in shared:
+        main = next(o for o in p.scene.objects if o.role == "main")
+        assert np.all(main.track.colour == main.track.colour[0])
+        start, end = main.track.at(0.0), main.track.at(p.scene.t_last)
+        moved = {"right": end["x"] > start["x"], "left": end["x"] < start["x"]}
+        grew = {"grow": end["size"] > start["size"], "shrink": end["size"] < start["size"]}
+        assert {**moved, **grew}[p.class_key]
+        assert p.placeholders[0] == main.name(0.0) and p.placeholders[0].endswith(main.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Unlabeled long videos
 
@@ -533,6 +559,7 @@ def test_cli_writes_a_corpus_and_prints_the_next_commands(tmp_path, capsys):
         (["--unlabeled", "0", "--train-per-class", "0", "--val-per-class", "0"], "nothing to generate"),
         (["--object-scale", "2.5"], "must be in (0, 2.0]"),
         (["--object-scale", "1.5"], "bounce, through need room on both sides"),
+        (["--looks", "0"], "--looks 0: must be ≥ 1"),
     ],
 )
 def test_cli_rejects_bad_settings_with_a_clear_message(tmp_path, capsys, extra, message):

@@ -784,14 +784,54 @@ def fill_template(template: str, placeholders: Sequence[str]) -> str:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class Look:
+    """A video's appearance when a corpus draws from a fixed set of them (SynthConfig.looks): a still background
+    and the class-carrying object's shape, colour [3] RGB and starting angle (radians)."""
+
+    background: Background
+    shape: str
+    colour: np.ndarray
+    angle: float
+
+
+def sample_looks(seed: int, count: int, canvas: Canvas) -> list[Look]:
+    """`count` looks from the corpus seed alone, so every split and class draws from the same set."""
+    rng = _rng(seed, _PART_LOOKS)
+    return [
+        Look(
+            _sample_background(rng, canvas, speed=0.0),
+            str(rng.choice(OBJECT_SHAPES)),
+            _colour(rng)[1],
+            float(rng.uniform(0, 2 * np.pi)),
+        )
+        for _ in range(count)
+    ]
+
+
+def _dress(obj: SceneObject, look: Look) -> SceneObject:
+    """`obj` in the look's shape and colour, turned so it starts at the look's angle (its own turning is kept). A
+    colour that changes along the track carries the class (colour order), so it is left alone."""
+    track = obj.track
+    constant = bool(np.all(track.colour == track.colour[0]))
+    colour = np.broadcast_to(look.colour, track.colour.shape).copy() if constant else track.colour
+    track = replace(track, angle=track.angle - track.angle[0] + look.angle, colour=colour)
+    return replace(obj, shape=look.shape, track=track)
+
+
 def labeled_scene(
-    spec: ClassSpec, rng: np.random.Generator, canvas: Canvas, calm: bool = False
+    spec: ClassSpec, rng: np.random.Generator, canvas: Canvas, calm: bool = False, looks: Sequence[Look] = ()
 ) -> tuple[Scene, list[str]]:
     """A random clip of class `spec` on `canvas`: (scene, placeholders named at the first frame). `calm`: a still
-    background and no distractors, so the class's motion is the only change between frames (an easier corpus)."""
-    background = _sample_background(rng, canvas, speed=0.0 if calm else 0.06)
+    background and no distractors, so the class's motion is the only change between frames (an easier corpus).
+    `looks`: the background and the main object's appearance come from one of these (drawn uniformly), so what
+    tells two videos apart is mostly their motion (a harder contrastive task; see SynthConfig.looks)."""
+    look = looks[int(rng.integers(len(looks)))] if looks else None
+    background = look.background if look else _sample_background(rng, canvas, speed=0.0 if calm else 0.06)
     distractors = [] if calm else _distractors(rng, canvas)
     main = spec.sample(rng, canvas)
+    if look:
+        main = [_dress(o, look) if o.role == "main" else o for o in main]
     scene = Scene(canvas.height, canvas.width, canvas.fps, canvas.num_frames, background, (*distractors, *main))
     if spec.reverse:
         scene = reverse_scene(scene)
@@ -888,7 +928,7 @@ HOWTO_HEADER = ("video_id", "category_1", "category_2", "rank", "task_id")
 MANIFEST_FILE = "synth.json"
 README_FILE = "README.txt"
 _SPLIT_CODES = {"train": 0, "validation": 1}
-_PART_LABELED, _PART_UNLABELED = 0, 1
+_PART_LABELED, _PART_UNLABELED, _PART_LOOKS = 0, 1, 2
 
 
 # Largest object scales: the biggest growing object must fit the frame with its margins twice, and an object
@@ -912,6 +952,9 @@ class SynthConfig:
     calm: bool = False  # labeled clips without background drift and distractors (see labeled_scene)
     object_scale: float = 1.0  # every object's size × this
     smooth_background: bool = False  # soft, low-contrast backgrounds (see _sample_background)
+    # Labeled clips take their background and main object's look from this many shared looks (None: every clip its
+    # own). With few looks, appearance no longer identifies a video, so contrastive pre-training must use motion.
+    looks: int | None = None
     clip_seconds: tuple[float, float] = (2.0, 4.0)
     fps: int = 12
     size: tuple[int, int] = (160, 192)
@@ -962,6 +1005,8 @@ def validate_config(cfg: SynthConfig) -> None:
             f"--object-scale {cfg.object_scale}: the classes {', '.join(sorted(contact))} need room on both sides of "
             f"their wall, so at most {MAX_CONTACT_SCALE}; pass --classes without them for larger objects"
         )
+    if cfg.looks is not None and cfg.looks < 1:
+        raise UsageError(f"--looks {cfg.looks}: must be ≥ 1 (or leave it out: every clip its own look)")
     if cfg.codec is None and cfg.ext not in DEFAULT_CODECS:
         raise UsageError(f"--ext {cfg.ext}: no default codec; pass --codec or use one of {', '.join(DEFAULT_CODECS)}")
     if not (cfg.train_per_class + cfg.val_per_class) and not cfg.unlabeled:
@@ -1009,13 +1054,14 @@ def plan_labeled(cfg: SynthConfig) -> list[PlannedVideo]:
     (seed, labeled, s, catalogue index of c, k), so subsets and worker counts never change a clip. Ids are a seeded
     shuffle of 1..N as strings, like SSV2's numeric ids (the id says nothing about the class)."""
     planned = []
+    looks = sample_looks(cfg.seed, cfg.looks, cfg.canvas(2)) if cfg.looks else ()
     for split, count in (("train", cfg.train_per_class), ("validation", cfg.val_per_class)):
         for spec in cfg.chosen_classes():
             for k in range(count):
                 rng = _rng(cfg.seed, _PART_LABELED, _SPLIT_CODES[split], CLASS_KEYS.index(spec.key), k)
                 seconds = rng.uniform(*cfg.clip_seconds)
                 canvas = cfg.canvas(max(2, round(seconds * cfg.fps)))
-                scene, placeholders = labeled_scene(spec, rng, canvas, cfg.calm)
+                scene, placeholders = labeled_scene(spec, rng, canvas, cfg.calm, looks)
                 planned.append(PlannedVideo("", split, spec.key, scene, tuple(placeholders)))
     ids = _rng(cfg.seed, _PART_LABELED, 99).permutation(len(planned)) + 1
     return [replace(p, id=str(i)) for p, i in zip(planned, ids)]

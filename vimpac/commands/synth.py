@@ -86,6 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="soft, low-contrast backgrounds instead of busy textures, so a small tokenizer spends its codes on "
         "the objects (the demo's choice)",
     )
+    p.add_argument(
+        "--looks",
+        type=int,
+        help="labeled clips share this many looks (background + the moving object's shape and colour), drawn "
+        "independently of the class; by default every clip has its own. With few looks a video is told apart from "
+        "others by its motion, which is what contrastive pre-training then has to learn (the demo uses 8)",
+    )
     p.add_argument("--unlabeled", type=int, default=3, help="number of long unlabeled videos (3)")
     p.add_argument("--unlabeled-seconds", type=float, default=30.0, help="length of each long video (30 s)")
     p.add_argument("--fps", type=int, default=12, help="frame rate of the written videos (12)")
@@ -128,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         calm=args.calm,
         object_scale=args.object_scale,
         smooth_background=args.smooth_background,
+        looks=args.looks,
         unlabeled=args.unlabeled,
         unlabeled_seconds=args.unlabeled_seconds,
         clip_seconds=tuple(args.clip_seconds),
