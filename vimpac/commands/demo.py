@@ -60,6 +60,7 @@ class Budget:
     calm: bool  # labeled clips without background drift and distractors (SynthConfig.calm)
     object_scale: float  # every object's size × this (SynthConfig.object_scale)
     smooth_background: bool  # soft, low-contrast backgrounds (SynthConfig.smooth_background)
+    looks: int | None  # labeled clips share this many looks (SynthConfig.looks); None: each its own
     # tokenizer and code databases
     vocab_size: int
     tokenizer_steps: int
@@ -94,6 +95,7 @@ BUDGETS = {
         video_size=(64, 80),
         calm=True,
         smooth_background=True,
+        looks=None,
         object_scale=1.5,
         vocab_size=64,
         tokenizer_steps=20,
@@ -124,6 +126,7 @@ BUDGETS = {
         video_size=(96, 112),
         calm=True,
         smooth_background=True,
+        looks=4,
         object_scale=1.5,
         vocab_size=256,
         tokenizer_steps=1200,
@@ -136,13 +139,13 @@ BUDGETS = {
         heads=2,
         clip_len=5,
         pretrain_data="labeled_train",
-        pretrain_epochs=25,
+        pretrain_epochs=50,
         pretrain_batch=16,
         pretrain_lr=1e-3,
-        finetune_epochs=20,
+        finetune_epochs=60,
         finetune_batch=16,
         finetune_lr=1e-3,
-        labels_per_class=4,
+        labels_per_class=8,
         test_clips="1,3",
     ),
     "long": Budget(
@@ -154,6 +157,7 @@ BUDGETS = {
         video_size=(160, 192),
         calm=False,
         smooth_background=False,
+        looks=None,
         object_scale=1.0,
         vocab_size=512,
         tokenizer_steps=1500,
@@ -382,6 +386,7 @@ def make_data(paths: DemoPaths, budget: Budget, stages: Stages, device: str, wor
                 calm=budget.calm,
                 object_scale=budget.object_scale,
                 smooth_background=budget.smooth_background,
+                looks=budget.looks,
                 workers=workers,
             )
         )
