@@ -445,48 +445,37 @@ def iter_frames(
         return {shorter: resize_frame(frame, shorter, selection, scaler) for shorter in sides}
 
     if selection == "ffmpeg":
-        yield from _iter_ffmpeg_frames(path, fps, threads, _resize)
-        return
-    with _open(path) as container:
-        stream = _video_stream(container)
-        _set_threads(stream, threads)
-        declared_end = _declared_end(container, stream)
-        held: _Timed | None = None
-        start = 0.0
-        k = 0
-        gap: float | None = None
-        for timed in _timed_frames(container, stream, declared_end):
-            if held is None:
-                start = timed.time
-            else:
-                k_next = shown_until(timed.time, start, fps, k)
-                if k_next > k:
-                    resized = _resize(held.frame)
-                    for _ in range(k_next - k):
-                        yield dict(resized)
-                k = k_next
-                gap = timed.time - held.time
-            held = timed
-        if held is None:
-            total = "unknown length" if declared_end is None else f"{declared_end - _stream_start(stream):.1f} s"
-            raise DecodeError("decode", f"truncated or damaged: no frame could be decoded (declared {total})")
-        end = stream_end(held.time, held.duration, declared_end, gap)
-        declared = None if declared_end is None else declared_end - start
-        if is_truncated(end - start, declared, gap or held.duration):
-            raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
-        count = target_count(start, end, fps)
-        if count == 0:
-            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
-        if count > k:
-            resized = _resize(held.frame)
-            for _ in range(count - k):
-                yield dict(resized)
+        rate = fps_fraction(fps)
+
+        def first_tick(timed: _Timed) -> int:
+            return ffmpeg_tick(timed.exact, rate)
+
+        def next_tick(timed: _Timed, start: float, tick: int) -> int:
+            return ffmpeg_tick(timed.exact, rate)
+
+        def end_tick(held: _Timed, start: float, end: float) -> int:
+            # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
+            return ffmpeg_tick(held.exact + held.exact_duration if held.duration > 0 else Fraction(end), rate)
+
+    else:
+
+        def first_tick(timed: _Timed) -> int:
+            return 0
+
+        def next_tick(timed: _Timed, start: float, tick: int) -> int:
+            return shown_until(timed.time, start, fps, tick)
+
+        def end_tick(held: _Timed, start: float, end: float) -> int:
+            return target_count(start, end, fps)
+
+    yield from _held_frames(path, fps, threads, _resize, first_tick, next_tick, end_tick)
 
 
-def _iter_ffmpeg_frames(path, fps: float, threads: int, resize) -> Iterator[dict[int, np.ndarray]]:
-    """`iter_frames` with the fps filter's choice, streamed: the held frame is shown at every tick before the next
-    frame's tick (`ffmpeg_fps_indices`); `resize(frame)` gives the {shorter: array} of a chosen frame."""
-    rate = fps_fraction(fps)
+def _held_frames(path, fps: float, threads: int, resize, first_tick, next_tick, end_tick) -> Iterator[dict]:
+    """The streaming loop of `iter_frames` for either selection rule: each decoded frame is held and shown at every
+    target tick before the tick the next frame takes over. The rule gives the first frame's tick
+    (`first_tick(timed)`), the tick a later frame takes over at (`next_tick(timed, start, current tick)`) and the
+    end (`end_tick(last frame, start, end time)`: one past the last tick)."""
     with _open(path) as container:
         stream = _video_stream(container)
         _set_threads(stream, threads)
@@ -498,14 +487,14 @@ def _iter_ffmpeg_frames(path, fps: float, threads: int, resize) -> Iterator[dict
         for timed in _timed_frames(container, stream, declared_end):
             if held is None:
                 start = timed.time
-                first = tick = ffmpeg_tick(timed.exact, rate)
+                first = tick = first_tick(timed)
             else:
-                next_tick = ffmpeg_tick(timed.exact, rate)
-                if next_tick > tick:
+                took_over = next_tick(timed, start, tick)
+                if took_over > tick:
                     resized = resize(held.frame)
-                    for _ in range(next_tick - tick):
+                    for _ in range(took_over - tick):
                         yield dict(resized)
-                    tick = next_tick
+                    tick = took_over
                 gap = timed.time - held.time
             held = timed
         if held is None:
@@ -515,11 +504,9 @@ def _iter_ffmpeg_frames(path, fps: float, threads: int, resize) -> Iterator[dict
         declared = None if declared_end is None else declared_end - start
         if is_truncated(end - start, declared, gap or held.duration):
             raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
-        # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
-        exact_end = held.exact + held.exact_duration if held.duration > 0 else Fraction(end)
-        stop = ffmpeg_tick(exact_end, rate)
+        stop = end_tick(held, start, end)
         if stop <= first:
-            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps (ffmpeg)")
+            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
         if stop > tick:
             resized = resize(held.frame)
             for _ in range(stop - tick):
