@@ -953,7 +953,7 @@ class SynthConfig:
     object_scale: float = 1.0  # every object's size × this
     smooth_background: bool = False  # soft, low-contrast backgrounds (see _sample_background)
     # Labeled clips take their background and main object's look from this many shared looks (None: every clip its
-    # own). With few looks, appearance no longer identifies a video, so contrastive pre-training must use motion.
+    # own). With few looks, appearance no longer identifies a video; what does is its motion.
     looks: int | None = None
     clip_seconds: tuple[float, float] = (2.0, 4.0)
     fps: int = 12

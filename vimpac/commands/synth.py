@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="labeled clips share this many looks (background + the moving object's shape and colour), drawn "
         "independently of the class; by default every clip has its own. With few looks a video is told apart from "
-        "others by its motion, which is what contrastive pre-training then has to learn (the demo uses 8)",
+        "others by its motion rather than its appearance (the demo uses 4)",
     )
     p.add_argument("--unlabeled", type=int, default=3, help="number of long unlabeled videos (3)")
     p.add_argument("--unlabeled-seconds", type=float, default=30.0, help="length of each long video (30 s)")
