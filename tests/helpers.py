@@ -5,10 +5,12 @@ tests/synthetic_codes.py, tests/videos.py, tests/tokenizers.py), never from anot
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 # ------------------------------------------------------------------------------------------ launching trainers
+
+
+def loaded_script(path: Path, name: str) -> Iterator:
+    """Import a script (scripts/bench/*.py) as module `name` for a pytest fixture to yield; registered in sys.modules
+    while in use because dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]
 
 
 def environment() -> dict[str, str]:

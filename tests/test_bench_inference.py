@@ -1,25 +1,18 @@
 """scripts/bench/inference_throughput.py at its smallest: the export it makes is one `vimpac predict` accepts, and
 the JSON's figures are consistent with each other. No timing is asserted."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, loaded_script
 
 SCRIPT = REPO / "scripts" / "bench" / "inference_throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_inference_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script(SCRIPT, "bench_inference_throughput")
 
 
 def test_made_export_has_the_demo_default_sizes(bench, tmp_path):

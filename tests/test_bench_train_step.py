@@ -2,16 +2,14 @@
 batch, the mixed-precision optimizer keeps 16-bit weights equal to its fp32 masters, and the CLI writes its JSON.
 No timing is asserted, only the arithmetic between the measured time and the derived figures."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, loaded_script
 from vimpac.flops import pretrain_train_flops
 from vimpac.masking import IGNORE_INDEX
 
@@ -20,12 +18,7 @@ SCRIPT = REPO / "scripts" / "bench" / "train_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script(SCRIPT, "bench_train_step")
 
 
 def test_batch_holds_two_masked_clips_per_video_first_clips_first(bench):

@@ -1,25 +1,17 @@
 """scripts/bench/transfer.py's bookkeeping: label budgets, the mean ± std table over seeds, the probe table and the
 plot, on hand-made rows (the runs themselves are the demo's, tested in test_demo.py)."""
 
-import importlib.util
-import sys
-
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO
+from tests.helpers import REPO, loaded_script
 
 SCRIPT = REPO / "scripts" / "bench" / "transfer.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_transfer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script(SCRIPT, "bench_transfer")
 
 
 def probe_json(linear: float, knn: float) -> dict:

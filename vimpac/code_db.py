@@ -60,6 +60,8 @@ RECORD_VERSION = 1
 MAGIC = b"VPCR"
 # Sparse on Linux: the file only grows with the data actually written (docs/design.md §11.3).
 DEFAULT_MAP_SIZE = 1 << 40
+# How the frames were made (tokenization.decode.FRAME_SELECTIONS / FRAME_RESIZE); see `extraction_method`.
+EXTRACTION_KEYS = ("frame_selection", "resize")
 # Keys whose values must agree for two runs (resume) or two databases (merge) to share one database.
 CONFIG_KEYS = (
     "schema_version",
@@ -70,11 +72,8 @@ CONFIG_KEYS = (
     "tokenizer",
     "views",
     "classes",
-    "frame_selection",
-    "resize",
+    *EXTRACTION_KEYS,
 )
-# How the frames were made (tokenization.decode.FRAME_SELECTIONS / FRAME_RESIZE); see `extraction_method`.
-EXTRACTION_KEYS = ("frame_selection", "resize")
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 VIEWS_DIR = "views"
