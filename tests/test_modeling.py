@@ -375,7 +375,7 @@ def test_distributed_batchnorm_without_process_group_is_batchnorm():
 
 
 def test_special_id_layouts():
-    compact, original = VimpacConfig(), VimpacConfig(special_ids="original")
+    original, compact = VimpacConfig(), VimpacConfig(special_ids="compact")
     assert (compact.pad_id, compact.mask_id, compact.embedding_rows) == (8192, 8193, 8194)
     assert (original.pad_id, original.mask_id, original.embedding_rows) == (8193, 8196, 8197)
 

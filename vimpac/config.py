@@ -1,8 +1,8 @@
 """VimpacConfig: everything needed to build the model, saved as `config.json` beside the weights (docs/design.md §6).
 
-Special ids. Codes are 0..V-1. The "compact" layout (ours) puts PAD = V and MASK = V+1 (V+2 embedding rows).
-The "original" layout reproduces the released VIMPAC table: PAD = V+1, MASK = V+4, V+5 rows (8197 for V=8192;
-V, V+2 and V+3 are unused rows), so paper Table 3's parameter counts and the original checkpoints line up.
+Special ids. Codes are 0..V-1. The default "original" layout is the released VIMPAC table: PAD = V+1,
+MASK = V+4, V+5 embedding rows (8197 for V=8192; V, V+2 and V+3 are unused rows), so paper Table 3's parameter
+counts and the original checkpoints line up. The "compact" layout puts PAD = V and MASK = V+1 (V+2 rows).
 CLS is not an id: it is a separate learned vector (docs/reference.md §4.1).
 
 Layout strings (the paper's and the seed's `--model "efflayoutT,H|W"`; the bare "T,H|W" is accepted too):
@@ -99,7 +99,7 @@ class VimpacConfig:
     """
 
     vocab_size: int = 8192
-    special_ids: str = "compact"
+    special_ids: str = "original"
     hidden_size: int = 512
     layers: int = 6
     heads: int | None = None
@@ -280,7 +280,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | Non
         "--special-ids",
         default=d.special_ids,
         choices=SPECIAL_ID_LAYOUTS,
-        help="PAD/MASK ids: compact (PAD=V, MASK=V+1) or original (PAD=V+1, MASK=V+4, V+5 rows; default %(default)s)",
+        help="PAD/MASK ids: original (PAD=V+1, MASK=V+4, V+5 rows, as the original release and paper Table 3) "
+        "or compact (PAD=V, MASK=V+1, V+2 rows); default %(default)s",
     )
     g.add_argument("--clip-len", type=int, default=d.clip_len, help="frames per clip T (default %(default)s)")
     g.add_argument(

@@ -7,7 +7,7 @@ the axial patterns T, H, W and `joint_attention` (SDPA) for joint patterns such 
 
 Parameter counts (paper Table 3; docs/reference.md §4.7) with special_ids="original" (8197 embedding rows), T=5, 16×16,
 hw_separation, excluding heads: small (6 × 512) 29,442,048; base (12 × 768) 119,748,096; large-half (24 × 1024,
-halve_att, halve_mlp) 210,106,368; T,H,W small 35,751,936; joint THW small 23,132,160. The default "compact"
+halve_att, halve_mlp) 210,106,368; T,H,W small 35,751,936; joint THW small 23,132,160. The "compact"
 special ids drop the 3 unused rows: the backbone has 3·D fewer parameters (small 29,440,512; large-half
 210,103,296) and the MLM head's output bias 3 fewer. Divided "T,HW" has the same count as "T,H|W" here
 (29,442,048 for small), not the paper's unexplained 27.1M.

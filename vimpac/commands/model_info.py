@@ -8,14 +8,14 @@ import json
 EPILOG = """\
 examples:
   # the paper's small analysis model, with the original release's 8197-row embedding (Table 3: 29,442,048)
-  vimpac model-info --layers 6 --hid-dim 512 --model "efflayoutT,H|W" --special-ids original
+  vimpac model-info --layers 6 --hid-dim 512 --model "efflayoutT,H|W"
 
   # the final large-half model (Table 3: 210,106,368), as JSON
-  vimpac model-info --layers 24 --hid-dim 1024 --halve-att --halve-mlp --special-ids original --json
+  vimpac model-info --layers 24 --hid-dim 1024 --halve-att --halve-mlp --json
 
 "backbone" is the number the paper reports (embeddings + layers, no heads). The MLM head is tied to the
-token embedding, so only its dense layer, LayerNorm and output bias are counted there. The compact special ids
-(default) have 3 embedding rows fewer than the original release: 3·D fewer backbone parameters.
+token embedding, so only its dense layer, LayerNorm and output bias are counted there. `--special-ids compact`
+has 3 embedding rows fewer than the original release (the default): 3·D fewer backbone parameters.
 """
 
 
