@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from tests.helpers import REPO, environment
 from vimpac.code_db import inspect
+from vimpac.commands.demo import BUDGETS
 
 STAGES = (
     "synth",
@@ -85,6 +86,8 @@ def test_tiny_demo_writes_every_artefact_and_reruns_from_its_cache(tmp_path):
     assert objects["videos"] == 4 and objects["subject_pixels"] > 0  # the 4 validation videos, unseen in training
     probe = report["probe"]
     assert set(probe["results"]) == {"pretrained", "random"} and probe["eval_videos"] == 4
+    # the probes average the clips of the largest K the fine-tunings test with ("1,2" in the tiny budget)
+    assert probe["settings"]["num_test_clips"] == BUDGETS["tiny"].probe_clips == 2
     for model in probe["results"].values():
         for feature in ("cls", "mean"):
             assert 0.0 <= model[feature]["linear"]["accuracy"] <= 1.0 and 0.0 <= model[feature]["knn"] <= 1.0

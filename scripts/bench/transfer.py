@@ -105,7 +105,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
             stages.mark(stage, {"seconds": time.perf_counter() - started})
         out = paths.run / f"probe_{variant}.json"
         if stages.needed(f"probe:{variant}"):
-            flags = probe_flags(paths, run_dir, seed, out)
+            flags = probe_flags(paths, budget, run_dir, seed, out)
             run_command(probe_command.register, ["probe", *flags, "--device", args.device])
             stages.mark(f"probe:{variant}", {"result": str(out)})
         rows.append({"seed": seed, "variant": variant, "probe": json.loads(out.read_text())})

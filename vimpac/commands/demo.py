@@ -84,6 +84,12 @@ class Budget:
     labels_per_class: int | None  # labeled training videos per class fine-tuning sees (None: all of them)
     test_clips: str  # the K of the final multi-view evaluation
 
+    @property
+    def probe_clips(self) -> int:
+        """Clips per video of the frozen-feature probes: the largest K of the final evaluation, so a video's
+        feature averages the very clips fine-tuning's K-clip test sees."""
+        return max(int(k) for k in self.test_clips.split(","))
+
 
 BUDGETS = {
     "tiny": Budget(
@@ -359,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
 
     make_data(paths, budget, stages, device, workers, args.seed)
     train_models(paths, budget, stages, device, ranks, args.seed)
-    report = make_report(paths, stages, device, args.seed)
+    report = make_report(paths, budget, stages, device, args.seed)
     print_report(paths, report, time.perf_counter() - started)
     return 0
 
@@ -502,12 +508,13 @@ def finetune_flags(
     return flags
 
 
-def probe_flags(paths: DemoPaths, model: Path, seed: int, out: Path) -> list[str]:
+def probe_flags(paths: DemoPaths, budget: Budget, model: Path, seed: int, out: Path) -> list[str]:
     """Flags of `vimpac probe` on a demo's pre-trained run: fitted on the labeled training videos, scored on the
-    held-out ones."""
+    held-out ones, each video's feature the mean over `budget.probe_clips` clips."""
     return [
         *("--model", str(model), "--data", str(paths.db("labeled_train"))),
-        *("--eval-data", str(paths.db("labeled_test")), "--seed", str(seed), "--out", str(out)),
+        *("--eval-data", str(paths.db("labeled_test")), "--num-test-clips", str(budget.probe_clips)),
+        *("--seed", str(seed), "--out", str(out)),
     ]
 
 
@@ -530,7 +537,7 @@ def train_models(paths: DemoPaths, budget: Budget, stages: Stages, device: str, 
             stages.mark(name, {"seconds": time.perf_counter() - started, "ranks": ranks})
 
 
-def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dict:
+def make_report(paths: DemoPaths, budget: Budget, stages: Stages, device: str, seed: int) -> dict:
     from vimpac.code_db import CodeDatabase
     from vimpac.commands import visualize
     from vimpac.metrics import read_metrics
@@ -559,7 +566,7 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
         from vimpac.commands import probe
 
         out = paths.run / "probe.json"
-        flags = probe_flags(paths, paths.training("pretrain"), seed, out)
+        flags = probe_flags(paths, budget, paths.training("pretrain"), seed, out)
         run_command(probe.register, ["probe", *flags, "--device", device])
         stages.mark("probe", {"result": str(out)})
     report["probe"] = json.loads((paths.run / "probe.json").read_text())
@@ -583,7 +590,7 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
         run_command(visualize.register, ["visualize", *flags])
         stages.mark("pictures", {"video": video, "png": str(paths.pictures / f"{video}.png")})
     if stages.needed("pictures:retrieval"):
-        stages.mark("pictures:retrieval", retrieval_picture(paths, device))
+        stages.mark("pictures:retrieval", retrieval_picture(paths, device, budget.probe_clips))
     report["pictures"] = {
         "video": stages.done["pictures"]["video"],
         "png": str(paths.pictures / f"{stages.done['pictures']['video']}.png"),
@@ -595,10 +602,11 @@ def make_report(paths: DemoPaths, stages: Stages, device: str, seed: int) -> dic
     return report
 
 
-def retrieval_picture(paths: DemoPaths, device: str, queries: int = 3, neighbours: int = 3) -> dict:
+def retrieval_picture(paths: DemoPaths, device: str, num_clips: int, queries: int = 3, neighbours: int = 3) -> dict:
     """pictures/retrieval.png: a few held-out videos (one per class in turn) and their nearest held-out videos by
     the pre-trained model's CLS feature, the neighbours the probe stage's retrieval recall counts (the features of
-    `vimpac probe`'s defaults: evaluation views, the centre clip, the run's frame rate), decoded by the tokenizer."""
+    the probe stage: evaluation views, `num_clips` clips per video, the run's frame rate), each shown by its middle
+    clip of the first view, decoded by the tokenizer."""
     import numpy as np
 
     from vimpac.code_db import CodeDatabase
@@ -620,6 +628,7 @@ def retrieval_picture(paths: DemoPaths, device: str, queries: int = 3, neighbour
         config.clip_len,
         pad_id=config.pad_id,
         views=evaluation_views(db.views, dataset, db.manifest.get("frame_size")),
+        num_clips=num_clips,
         frame_rate=recorded_frame_rate(export)[0],
     )
     backbone = pretrained_backbone(export, config).to(device)
@@ -628,8 +637,8 @@ def retrieval_picture(paths: DemoPaths, device: str, queries: int = 3, neighbour
     rows = retrieval_queries(clips.labels, queries)
     tokenizer = load_tokenizer(paths.tokenizer, device=device)
 
-    def frames(video: int) -> np.ndarray:  # the clip of the first evaluation view (SSV2: the only one)
-        return clip_frames(decode_clip(tokenizer, clips[video]["tokens"][0].numpy()))
+    def frames(video: int) -> np.ndarray:  # clips are view-major: the first view's (SSV2: the only one) middle clip
+        return clip_frames(decode_clip(tokenizer, clips[video]["tokens"][num_clips // 2].numpy()))
 
     image = draw(
         np.stack([frames(q) for q in rows]),
@@ -690,7 +699,8 @@ def print_report(paths: DemoPaths, report: dict, seconds: float) -> None:
     probe = report["probe"]
     print(
         f"frozen-feature probes, top-1 (fitted on {probe['train_videos']} training videos, scored on "
-        f"{probe['eval_videos']} held-out; chance {probe['chance']:.3f}):"
+        f"{probe['eval_videos']} held-out, {probe['settings']['num_test_clips']} clips per video; "
+        f"chance {probe['chance']:.3f}):"
     )
     print("  " + format_table(probe["results"], probe["settings"]["k"]).replace("\n", "\n  "))
     labels = report["budget"]["labels_per_class"]
