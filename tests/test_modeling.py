@@ -378,6 +378,9 @@ def test_special_id_layouts():
     original, compact = VimpacConfig(), VimpacConfig(special_ids="compact")
     assert (compact.pad_id, compact.mask_id, compact.embedding_rows) == (8192, 8193, 8194)
     assert (original.pad_id, original.mask_id, original.embedding_rows) == (8193, 8196, 8197)
+    # config.json names the layout, so a model saved while compact was the default stays compact
+    assert compact.to_dict()["special_ids"] == "compact" and original.to_dict()["special_ids"] == "original"
+    assert VimpacConfig.from_dict(compact.to_dict()).embedding_rows == 8194
 
 
 def test_config_json_round_trip_and_layout_forms(tmp_path):
