@@ -25,12 +25,12 @@ from vimpac.modeling import VimpacBackbone, VimpacForPretraining
 from vimpac.probe import (
     extract_features,
     fit_logistic_regression,
-    holdout_split,
     knn_accuracy,
     linear_probe,
     nearest_neighbours,
     retrieval_queries,
     retrieval_recall,
+    stratified_folds,
 )
 
 CONFIG = VimpacConfig(vocab_size=VOCAB, hidden_size=32, heads=2, layers=1, clip_len=3, grid=(4, 4), nce_proj_hid_dim=32)
@@ -55,8 +55,8 @@ def test_well_separated_clusters_are_classified_perfectly():
     test_x, test_y = clusters(centres, 20, 1.0, seed=1)
     result = linear_probe(train_x, train_y, test_x, test_y)
     assert result["accuracy"] == 1.0
-    assert set(result["holdout_accuracy"]) == {str(wd) for wd in probe.DEFAULT_WEIGHT_DECAYS}
-    # Every penalty separates the held-out fifth: the tie goes to the strongest one.
+    assert set(result["cv_accuracy"]) == {str(wd) for wd in probe.DEFAULT_WEIGHT_DECAYS}
+    # Every penalty separates every fold: the tie goes to the strongest one.
     assert result["weight_decay"] == max(probe.DEFAULT_WEIGHT_DECAYS)
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=5) == 1.0
 
@@ -77,7 +77,7 @@ def test_linear_probe_separates_three_classes_on_a_line():
     train_x, train_y = clusters(centres, 30, 0.3, seed=0)
     test_x, test_y = clusters(centres, 30, 0.3, seed=1)
     result = linear_probe(train_x, train_y, test_x, test_y, weight_decays=[1e-4])
-    assert result == {"accuracy": 1.0, "weight_decay": 1e-4, "holdout_accuracy": None}
+    assert result == {"accuracy": 1.0, "weight_decay": 1e-4, "cv_accuracy": None}
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=10, num_classes=3) == 1.0
 
 
@@ -92,15 +92,50 @@ def test_logistic_regression_reaches_the_optimum():
     assert w.grad.abs().max() < 1e-6 and b.grad.abs().max() < 1e-6
 
 
-def test_holdout_is_stratified():
-    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 6)
-    fit, held = holdout_split(labels, 0.2, seed=0)
-    assert sorted(fit + held) == list(range(len(labels))) and not set(fit) & set(held)
-    assert np.bincount(labels[held].numpy()).tolist() == [2, 1, 1]
-    assert holdout_split(torch.tensor([0, 1, 2]), 0.2)[1] == []  # one video per class: nothing to hold out
+def test_folds_are_stratified_disjoint_and_cover_every_scorable_video():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 6 + [3])
+    folds = stratified_folds(labels, 5, seed=0)
+    scored = sorted(i for fold in folds for i in fold)
+    assert scored == list(range(19))  # every video once, except class 3's only one (it could not be fitted)
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    for fold in folds:  # no fold takes more than its share of a class, so every class stays in each fitting set
+        counts = np.bincount(labels[fold].numpy(), minlength=4)
+        assert counts[0] == 2 and counts[1] <= 1 and counts[2] <= 2 and counts[3] == 0
+    assert stratified_folds(labels, 5, seed=0) == folds and stratified_folds(labels, 5, seed=1) != folds
+    assert stratified_folds(torch.tensor([0, 1, 2]), 5) == []  # one video per class: nothing to score
     # ... so the linear probe falls back to a fixed penalty.
     x = torch.eye(3)
     assert linear_probe(x, torch.arange(3), x, torch.arange(3))["weight_decay"] == probe.FALLBACK_WEIGHT_DECAY
+
+
+def test_cross_validated_accuracy_matches_fits_written_out_fold_by_fold():
+    """A noisy two-class problem (accuracies differ by penalty): each penalty's score is the accuracy over all
+    training videos, each predicted by a model fitted without its fold, and the best score picks the penalty."""
+    gen = torch.Generator().manual_seed(0)
+    n, noise = 40, 20
+
+    def sample(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(2).repeat(count // 2)
+        return torch.cat(
+            [y[:, None] + 0.5 * torch.randn(count, 1, generator=gen), torch.randn(count, noise, generator=gen)], 1
+        ), y
+
+    (train_x, train_y), (test_x, test_y) = sample(n), sample(400)
+    decays = [1e-5, 1e-2, 1.0]
+    result = linear_probe(train_x, train_y, test_x, test_y, weight_decays=decays, seed=4)
+    folds = stratified_folds(train_y, probe.DEFAULT_FOLDS, seed=4)
+    expected = {}
+    for wd in decays:
+        correct = 0
+        for fold in folds:
+            rest = [i for i in range(n) if i not in fold]
+            x_fit, x_held = probe.standardize(train_x[rest].double(), train_x[fold].double())
+            weight, bias = fit_logistic_regression(x_fit, train_y[rest], 2, wd)
+            correct += int(((x_held @ weight + bias).argmax(1) == train_y[fold]).sum())
+        expected[str(wd)] = correct / n
+    assert result["cv_accuracy"] == pytest.approx(expected)
+    assert len(set(expected.values())) > 1
+    assert result["weight_decay"] == max((acc, float(wd)) for wd, acc in expected.items())[1]
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -191,7 +226,7 @@ def test_cli_subset_and_no_baseline(setup, tmp_path, capsys):
     train = FinetuneTestClips(db, "train", 3, pad_id=CONFIG.pad_id, views=["r32_center_f0"])
     expected = label_subset(train.ids, train.labels.tolist(), 2, 0)
     assert report["settings"]["label_subset"] == {"labels_per_class": 2, "seed": 0, "ids": expected}
-    assert report["results"]["pretrained"]["cls"]["linear"]["holdout_accuracy"] is None
+    assert report["results"]["pretrained"]["cls"]["linear"]["cv_accuracy"] is None
 
 
 def test_cli_errors(setup, tmp_path, capsys):

@@ -27,8 +27,8 @@ Every video's feature is the mean over its evaluation views (--views; default r<
 centre view alone for SSV2) and --num-test-clips uniformly spaced clips of the backbone's last-layer CLS vector
 (cls) or of its token vectors averaged over the non-PAD positions (mean); training videos are embedded the same
 way, without augmentation. The linear probe is an L2-regularised logistic regression on standardised features
-(L-BFGS, float64; the penalty is picked from --weight-decays on a stratified held-out fifth of the training
-videos, then refitted on all of them); the kNN classifier is the pre-training monitor's weighted cosine vote.
+(L-BFGS, float64; the penalty is picked from --weight-decays by 5-fold stratified cross-validation on the
+training videos, then refitted on all of them); the kNN classifier is the pre-training monitor's weighted cosine vote.
 The random baseline is the model's config.json initialised from --seed, with no weights loaded.
 
 Splits default by dataset like fine-tuning: train_k/test_k for UCF101 and HMDB51 (--split-id k), train/val
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="L1,L2,...",
         help="L2 penalties the linear probe chooses from (one value: no search); default %(default)s",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and of the held-out part")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and of the cross-validation folds")
     p.add_argument("--no-random-baseline", action="store_true", help="probe the pre-trained model only")
     p.add_argument(
         "--batch-size", type=int, default=32, help="clips per forward pass (whole videos, at least one; default 32)"
