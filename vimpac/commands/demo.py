@@ -288,8 +288,10 @@ def launch(module: str, flags: list[str], ranks: int, run_dir: Path, log: Path, 
 
     if latest_tag(run_dir) is not None:
         flags = [*flags, "--resume"]
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    # The launcher as a module of this interpreter, not the `deepspeed` script: that script sits wherever pip put
+    # it (a venv's bin/, ~/.local/bin, a --target directory's bin/), not necessarily beside sys.executable.
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    command = [*launcher, "--num_gpus", str(ranks), "--master_port", str(free_port())]
     command += ["--module", module, *flags, "--output", str(run_dir)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device == "cpu":
