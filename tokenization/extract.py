@@ -11,18 +11,17 @@ frames are batched.
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from vimpac.code_db import CodeDatabaseWriter
 from vimpac.errors import UsageError
 from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations
+from vimpac.tokenization.code_stream import Assembler, Failed, stream_codes
 from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, FRAME_RESIZE, FRAME_SELECTIONS
 from vimpac.tokenization.decode_pool import DecodePool
 from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
@@ -113,82 +112,6 @@ def extraction_views(cfg: ExtractConfig) -> list[View]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Encoding and assembly
-
-
-class _Assembler:
-    """Collects frames per video and view, encodes them in batches, and yields finished videos.
-
-    Frames wait in a queue of (video_id, view index, frames [n, S, S, 3]); `encode_ready` encodes whole batches
-    of `batch` frames (and the rest when `flush`), appending codes per (video, view).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, num_views: int, batch: int):
-        self.tokenizer = tokenizer
-        self.num_views = num_views
-        self.batch = batch
-        self.pending: list[tuple[str, int, np.ndarray]] = []
-        self.pending_frames = 0
-        self.codes: dict[str, list[list[np.ndarray]]] = {}
-        self.waiting: dict[str, int] = {}  # frames not yet encoded, per video
-        self.finished: dict[str, tuple[float, float]] = {}  # decode done: duration, fps
-        self.encoded_frames = 0
-
-    def add_chunk(self, video_id: str, frames: np.ndarray) -> None:
-        """frames: uint8 [V, n, S, S, 3]."""
-        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
-        for v in range(self.num_views):
-            self.pending.append((video_id, v, frames[v]))
-        self.pending_frames += frames.shape[0] * frames.shape[1]
-        self.waiting[video_id] = self.waiting.get(video_id, 0) + frames.shape[0] * frames.shape[1]
-
-    def finish(self, video_id: str, duration: float, fps: float) -> None:
-        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
-        self.waiting.setdefault(video_id, 0)
-        self.finished[video_id] = (duration, fps)
-
-    def drop(self, video_id: str) -> None:
-        self.pending = [p for p in self.pending if p[0] != video_id]
-        self.pending_frames = sum(p[2].shape[0] for p in self.pending)
-        for table in (self.codes, self.waiting, self.finished):
-            table.pop(video_id, None)
-
-    def encode_ready(self, flush: bool = False) -> None:
-        while self.pending_frames >= self.batch or (flush and self.pending_frames):
-            take, taken = [], 0
-            while self.pending and taken < self.batch:
-                video_id, v, frames = self.pending[0]
-                room = self.batch - taken
-                if frames.shape[0] <= room:
-                    self.pending.pop(0)
-                else:
-                    self.pending[0] = (video_id, v, frames[room:])
-                    frames = frames[:room]
-                take.append((video_id, v, frames))
-                taken += frames.shape[0]
-            codes = self.tokenizer.encode(np.concatenate([f for _, _, f in take])).cpu().numpy()
-            start = 0
-            for video_id, v, frames in take:
-                n = frames.shape[0]
-                self.codes[video_id][v].append(codes[start : start + n])
-                self.waiting[video_id] -= n
-                start += n
-            self.pending_frames -= taken
-            self.encoded_frames += taken
-
-    def complete(self) -> list[tuple[str, list[np.ndarray], float, float]]:
-        """Videos whose decoding finished and whose frames are all encoded: (id, codes per view, duration, fps)."""
-        done = [vid for vid in self.finished if self.waiting.get(vid, 0) == 0]
-        out = []
-        for video_id in done:
-            duration, fps = self.finished.pop(video_id)
-            per_view = [np.concatenate(parts) for parts in self.codes.pop(video_id)]
-            self.waiting.pop(video_id, None)
-            out.append((video_id, per_view, duration, fps))
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -268,59 +191,23 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
 def _run_pool(cfg, pool, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:
     """Decode `todo` in the pool's workers, encode and write; returns (tokenized, failed, frames encoded)."""
-    assembler = _Assembler(tokenizer, len(views), cfg.encode_batch)
+    assembler = Assembler(tokenizer, len(views), cfg.encode_batch)
     tokenized = failed = 0
-    outstanding = decoding = len(todo)  # videos not yet written / not yet fully decoded
-    for entry in todo:
-        pool.submit(entry.id, entry.path)
-    bar = tqdm(total=outstanding, unit="video", disable=not cfg.progress, desc="tokenize", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="video", disable=not cfg.progress, desc="tokenize", dynamic_ncols=True)
     t0 = time.monotonic()
-
-    def fail(video_id: str, stage: str, reason: str) -> None:
-        nonlocal failed, outstanding
-        assembler.drop(video_id)
-        entry = entries[video_id]
-        writer.add_failure(video_id, str(entry.path), stage, reason)
-        failed += 1
-        outstanding -= 1
-        bar.update(1)
-
     try:
-        while outstanding:
-            try:
-                msg = pool.get(timeout=0.5)
-            except queue.Empty:  # decoders are slow or stuck: encode what waits, look for crashed workers
-                assembler.encode_ready(flush=True)
-                msg = None
-                for video_id, reason in pool.crashed():
-                    decoding -= 1
-                    fail(video_id, "decode", reason)
-            if msg is not None:
-                kind, video_id = msg[0], msg[1]
-                if kind == "start":
-                    pool.current[msg[2]] = video_id
-                elif kind == "chunk":
-                    frames = pool.take(msg[2])
-                    if frames is not None:
-                        assembler.add_chunk(video_id, frames)
-                elif kind == "done":
-                    pool.current = {w: v for w, v in pool.current.items() if v != video_id}
-                    decoding -= 1
-                    assembler.finish(video_id, msg[2], msg[3])
-                else:
-                    pool.current = {w: v for w, v in pool.current.items() if v != video_id}
-                    decoding -= 1
-                    fail(video_id, msg[2], msg[3])
-                # Full batches only while decoders still produce: a padded partial batch costs a full one.
-                assembler.encode_ready(flush=decoding == 0)
-            for video_id, per_view, duration, fps in assembler.complete():
-                codes = {view.name: codes for view, codes in zip(views, per_view)}
-                writer.add(video_id, codes, entries[video_id].label, duration, fps)
+        for event in stream_codes(pool, assembler, [(entry.id, entry.path) for entry in todo]):
+            entry = entries[event.id]
+            if isinstance(event, Failed):
+                writer.add_failure(event.id, str(entry.path), event.stage, event.reason)
+                failed += 1
+            else:
+                codes = {view.name: codes for view, codes in zip(views, event.codes)}
+                writer.add(event.id, codes, entry.label, event.duration, event.fps)
                 tokenized += 1
-                outstanding -= 1
-                bar.update(1)
+            bar.update(1)
             elapsed = max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix(  # refresh=False: tqdm redraws at its own pace, not per message
+            bar.set_postfix(  # refresh=False: tqdm redraws at its own pace, not per video
                 videos_s=f"{tokenized / elapsed:.2f}",
                 frames_s=f"{assembler.encoded_frames / elapsed:.0f}",
                 failed=failed,

@@ -1,0 +1,154 @@
+"""Video files → codes per view, streamed: decoding in a DecodePool's worker processes, encoding in this process.
+
+The encoder's batches are filled with frames of several videos at once, so the device stays busy while each
+worker decodes one video. The tokenizer runs at its fixed network batch (a partial batch is padded to it), so a
+frame's codes never depend on which other frames share its batch: streamed codes equal those of encoding each
+video alone. Used by `vimpac tokenize` (vimpac.tokenization.extract: into a code database) and by `vimpac
+predict` / `vimpac embed` (vimpac.inference_stream: into the model).
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vimpac.tokenization.decode_pool import DecodePool
+from vimpac.tokenization.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A video whose every frame is encoded: codes int64 [n, h, w] per view (in the pool's view order)."""
+
+    id: str
+    codes: list[np.ndarray]
+    duration: float  # seconds, as the container declares it
+    fps: float  # the source's frame rate
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A video that could not be used, with the failure kinds of `vimpac tokenize`'s failures.jsonl."""
+
+    id: str
+    stage: str
+    reason: str
+
+
+class Assembler:
+    """Collects frames per video and view, encodes them in batches, and hands out finished videos.
+
+    Frames wait in a queue of (video_id, view index, frames [n, S, S, 3]); `encode_ready` encodes whole batches
+    of `batch` frames (and the rest when `flush`), appending codes per (video, view).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, num_views: int, batch: int):
+        self.tokenizer = tokenizer
+        self.num_views = num_views
+        self.batch = batch
+        self.pending: list[tuple[str, int, np.ndarray]] = []
+        self.pending_frames = 0
+        self.codes: dict[str, list[list[np.ndarray]]] = {}
+        self.waiting: dict[str, int] = {}  # frames not yet encoded, per video
+        self.finished: dict[str, tuple[float, float]] = {}  # decode done: duration, fps
+        self.encoded_frames = 0
+
+    def add_chunk(self, video_id: str, frames: np.ndarray) -> None:
+        """frames: uint8 [V, n, S, S, 3]."""
+        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
+        for v in range(self.num_views):
+            self.pending.append((video_id, v, frames[v]))
+        self.pending_frames += frames.shape[0] * frames.shape[1]
+        self.waiting[video_id] = self.waiting.get(video_id, 0) + frames.shape[0] * frames.shape[1]
+
+    def finish(self, video_id: str, duration: float, fps: float) -> None:
+        self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
+        self.waiting.setdefault(video_id, 0)
+        self.finished[video_id] = (duration, fps)
+
+    def drop(self, video_id: str) -> None:
+        self.pending = [p for p in self.pending if p[0] != video_id]
+        self.pending_frames = sum(p[2].shape[0] for p in self.pending)
+        for table in (self.codes, self.waiting, self.finished):
+            table.pop(video_id, None)
+
+    def encode_ready(self, flush: bool = False) -> None:
+        while self.pending_frames >= self.batch or (flush and self.pending_frames):
+            take, taken = [], 0
+            while self.pending and taken < self.batch:
+                video_id, v, frames = self.pending[0]
+                room = self.batch - taken
+                if frames.shape[0] <= room:
+                    self.pending.pop(0)
+                else:
+                    self.pending[0] = (video_id, v, frames[room:])
+                    frames = frames[:room]
+                take.append((video_id, v, frames))
+                taken += frames.shape[0]
+            codes = self.tokenizer.encode(np.concatenate([f for _, _, f in take])).cpu().numpy()
+            start = 0
+            for video_id, v, frames in take:
+                n = frames.shape[0]
+                self.codes[video_id][v].append(codes[start : start + n])
+                self.waiting[video_id] -= n
+                start += n
+            self.pending_frames -= taken
+            self.encoded_frames += taken
+
+    def complete(self) -> list[Encoded]:
+        """Videos whose decoding finished and whose frames are all encoded."""
+        done = [vid for vid in self.finished if self.waiting.get(vid, 0) == 0]
+        out = []
+        for video_id in done:
+            duration, fps = self.finished.pop(video_id)
+            per_view = [np.concatenate(parts) for parts in self.codes.pop(video_id)]
+            self.waiting.pop(video_id, None)
+            out.append(Encoded(video_id, per_view, duration, fps))
+        return out
+
+
+def stream_codes(
+    pool: DecodePool, assembler: Assembler, todo: Sequence[tuple[str, str | Path]]
+) -> Iterator[Encoded | Failed]:
+    """Decode every (video_id, path) of `todo` in `pool`'s workers and encode it with `assembler`; yield one
+    Encoded or Failed per video, in the order they finish, until every video is accounted for. A worker that
+    dies costs the video it held (Failed, stage "decode") and is restarted."""
+    outstanding = decoding = len(todo)  # videos not yet yielded / not yet fully decoded
+    for video_id, path in todo:
+        pool.submit(video_id, Path(path))
+    while outstanding:
+        failed: list[Failed] = []
+        try:
+            msg = pool.get(timeout=0.5)
+        except queue.Empty:  # decoders are slow or stuck: encode what waits, look for crashed workers
+            assembler.encode_ready(flush=True)
+            msg = None
+            for video_id, reason in pool.crashed():
+                decoding -= 1
+                failed.append(Failed(video_id, "decode", reason))
+        if msg is not None:
+            kind, video_id = msg[0], msg[1]
+            if kind == "start":
+                pool.current[msg[2]] = video_id
+            elif kind == "chunk":
+                frames = pool.take(msg[2])
+                if frames is not None:
+                    assembler.add_chunk(video_id, frames)
+            else:  # "done" or "fail": the worker is free again
+                pool.current = {w: v for w, v in pool.current.items() if v != video_id}
+                decoding -= 1
+                if kind == "done":
+                    assembler.finish(video_id, msg[2], msg[3])
+                else:
+                    failed.append(Failed(video_id, msg[2], msg[3]))
+            # Full batches only while decoders still produce: a padded partial batch costs a full one.
+            assembler.encode_ready(flush=decoding == 0)
+        for bad in failed:
+            assembler.drop(bad.id)
+        for event in [*failed, *assembler.complete()]:
+            outstanding -= 1
+            yield event
