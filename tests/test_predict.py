@@ -64,8 +64,8 @@ def setup(tmp_path_factory):
     config = VimpacConfig(vocab_size=64, hidden_size=32, layers=1, heads=2, clip_len=2, grid=(4, 4), dropout=0.0)
     torch.manual_seed(0)
     model = VimpacForClassification(config, len(CLASSES))
-    with torch.no_grad():
-        model.classifier.fc.weight.mul_(200.0)  # decisive predictions: top-1 does not hang on rounding
+    with torch.no_grad():  # the head starts at zero (uniform probabilities): give it weights that tell videos apart
+        model.classifier.fc.weight.normal_(std=1.0)
     run = root / "ft"
     export_weights(model.state_dict(), config, run, producer="vimpac.finetune")
     args = {"data": str(db), "eval_data": str(db), "frame_rate": 2.0, "num_test_clips": 1, "last_test_clips": "1,2"}
@@ -218,3 +218,113 @@ def test_readme_example_runs(setup, tmp_path, monkeypatch):
     (tmp_path / "runs" / "tok").symlink_to(setup["tok"])
     (tmp_path / "clip.mp4").symlink_to(setup["videos"] / "a.mp4")
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_streamed_codes_equal_one_video_at_a_time_in_input_order(setup, tmp_path):
+    from vimpac.inference_stream import file_codes
+
+    pipeline = load_pipeline(setup["run"])
+    missing = tmp_path / "missing.mp4"
+    paths = [setup["videos"] / f"{vid}.mp4" for vid in ("d", "a")]
+    items = [(str(i), p) for i, p in enumerate([paths[0], missing, paths[1], paths[0], setup["videos"] / "c.mp4"])]
+    alone = list(file_codes(pipeline, items, workers=0))
+    streamed = list(file_codes(pipeline, items, workers=2))
+    assert [(i, s) for i, s, _ in streamed] == [(i, str(p)) for i, p in items]  # input order, duplicates kept
+    for (_, _, a), (_, _, b) in zip(alone, streamed):
+        if isinstance(a, dict):
+            assert b["stage"] == a["stage"] == "open" and "file not found" in b["reason"]
+        else:
+            assert len(a) == len(b) == len(VIEWS) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert np.array_equal(streamed[0][2][1], streamed[3][2][1])
+
+
+@pytest.mark.parametrize("clips_per_forward", [1, 5, 64])
+def test_batched_model_equals_one_video_at_a_time(setup, clips_per_forward):
+    from vimpac.inference_stream import file_codes, run_videos
+
+    pipeline = load_pipeline(setup["run"], clips_per_forward=clips_per_forward)
+    items = [(vid, setup["videos"] / f"{vid}.mp4") for vid in sorted(VIDEOS)]
+    results = list(run_videos(pipeline, file_codes(pipeline, items, workers=0), "probabilities"))
+    features = list(run_videos(pipeline, file_codes(pipeline, items, workers=0), "features", "both", per_clip=True))
+    assert [r.id for r in results] == [r.id for r in features] == sorted(VIDEOS)
+    for (_, path), result, feature in zip(items, results, features):
+        tokens = pipeline.tokens(path)
+        torch.testing.assert_close(result.probabilities, pipeline.probabilities_of(tokens), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(feature.features, pipeline.features_of(tokens, "both", True), rtol=1e-5, atol=1e-5)
+        assert feature.features.shape == (6, 64) and result.failure is None
+
+
+def test_precision_is_checked_and_bf16_agrees_with_fp32(setup):
+    from vimpac.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        load_pipeline(setup["run"], device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="--precision must be one of"):
+        load_pipeline(setup["run"], device="cpu", precision="half")
+    fp32 = load_pipeline(setup["run"], device="cpu")
+    bf16 = load_pipeline(setup["run"], device="cpu", precision="bf16")
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    tokens = fp32.tokens(setup["videos"] / "a.mp4")
+    a, b = fp32.probabilities_of(tokens), bf16.probabilities_of(tokens)
+    assert b.dtype == torch.float32 and int(a.argmax()) == int(b.argmax())
+    torch.testing.assert_close(b, a, rtol=0, atol=0.05)
+    assert not torch.equal(a, b)  # bf16 really ran
+
+
+def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
+    videos = [str(setup["videos"] / f"{vid}.mp4") for vid in sorted(VIDEOS)]
+    common = ["--model", str(setup["run"]), "--top-k", "2", "--no-progress"]
+    report = tmp_path / "p.json"
+    assert cli_main(["predict", *videos[:2], *common, "--json", str(report)]) == 0
+    first = json.loads(report.read_text())
+    assert [p["video"] for p in first["predictions"]] == videos[:2] and first["settings"]["top_k"] == 2
+    capsys.readouterr()
+    assert cli_main(["predict", str(setup["videos"]), str(tmp_path / "gone.mp4"), *common, "--json", str(report)]) == 1
+    out = capsys.readouterr()
+    assert "2 of 5 videos are in the output already; 3 to do" in out.out and "2 predicted, 1 failed" in out.err
+    second = json.loads(report.read_text())
+    assert second["predictions"][:2] == first["predictions"]
+    assert [p["video"] for p in second["predictions"]] == videos and len(second["failures"]) == 1
+    assert cli_main(["predict", *videos, *common, "--json", str(report)]) == 0  # nothing left to do
+    assert "5 of 4" not in capsys.readouterr().out and json.loads(report.read_text()) == second
+    assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--json", str(report)]) == 2
+    assert "other settings (top_k)" in capsys.readouterr().err
+    # CSV: a run stopped after its first video (rows written as each video is done) picks up from there
+    table = tmp_path / "p.csv"
+    assert cli_main(["predict", videos[0], *common, "--csv", str(table)]) == 0
+    assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0
+    rows = list(csv.DictReader(table.open()))
+    assert [r["video"] for r in rows] == [v for v in videos for _ in range(2)]
+    assert [r["rank"] for r in rows] == ["1", "2"] * len(videos)
+    (tmp_path / "other.csv").write_text("a,b\n")
+    assert cli_main(["predict", *videos, *common, "--csv", str(tmp_path / "other.csv")]) == 2
+    assert "not a predictions CSV" in capsys.readouterr().err
+
+
+def test_frame_selection_of_the_database_is_used_for_video_files(setup, tmp_path):
+    """A model evaluated on a database made with `--frame-selection ffmpeg` (the original release's extraction)
+    decodes video files the same way."""
+    db = tmp_path / "db_ffmpeg"
+    cfg = ExtractConfig(
+        videos=setup["videos"],
+        annotations=[setup["root"] / "train.txt", setup["root"] / "val.txt"],
+        format="list",
+        tokenizer=str(setup["tok"]),
+        out=db,
+        fps=4.0,
+        frame_size=32,
+        views="test",
+        workers=1,
+        encode_batch=64,
+        progress=False,
+        frame_selection="ffmpeg",
+    )
+    assert extract(cfg).tokenized == len(VIDEOS)
+    ffmpeg = load_pipeline(setup["run"], data=db)
+    assert ffmpeg.frame_selection == "ffmpeg" and load_pipeline(setup["run"]).frame_selection == "vimpac"
+    codes_db = CodeDatabase(db)
+    path = setup["videos"] / "d.mp4"
+    got = ffmpeg.codes(path)
+    for view, codes in zip(VIEWS, got):
+        assert np.array_equal(codes, codes_db.read("d", view)[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(got, load_pipeline(setup["run"]).codes(path)))

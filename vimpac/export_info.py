@@ -7,6 +7,8 @@ evaluation database was made with and how fine-tuning evaluated it:
   fps         the database's frame rate: videos are decoded and resampled to it (vimpac.tokenization.decode)
   frame_rate  fine-tuning's --frame-rate (null: fps): clips take every (fps / frame_rate)-th decoded frame
   frame_size  S: the side of the square views
+  frame_selection  how the database picked and resized frames ("vimpac" or "ffmpeg", `vimpac tokenize
+              --frame-selection`); absent from settings written before it was recorded, which means "vimpac"
   views       the test views fine-tuning evaluated (run_config.json's test_views, e.g. r128_{top,center,bottom}_f0)
   num_clips   K: clips per view at vimpac.data.evaluation_starts (default: the largest --last-test-clips)
   single_clip where the one clip of K = 1 starts: "start" (frame 0) or "centre" (fine-tuning's --single-clip;
@@ -34,6 +36,7 @@ from typing import Any
 
 from vimpac.atomic_write import write_json_atomic
 from vimpac.errors import UsageError
+from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION
 
 INFO_FILE = "inference.json"
 FORMAT = 1
@@ -92,6 +95,7 @@ def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
         "fps": float(manifest["fps"]),
         "frame_rate": args.get("frame_rate"),
         "frame_size": int(manifest["frame_size"]),
+        "frame_selection": manifest.get("frame_selection") or DEFAULT_FRAME_SELECTION,
         "views": list(views),
         "num_clips": _largest_count(args.get("last_test_clips"), int(args.get("num_test_clips") or 1)),
         "single_clip": args.get("single_clip") or "centre",

@@ -1,9 +1,9 @@
 """Video files (or frame arrays) → tokens → class probabilities or embeddings, exactly as the evaluation sees them.
 
 `VideoPipeline(model, info, tokenizer)` runs the steps of `vimpac tokenize` + fine-tuning's evaluation on one
-video at a time, with the same functions:
-  decode     vimpac.tokenization.decode.iter_view_frames: PyAV decoding, resampled to the database's fps, each
-             test view (shorter-side resize, square crop) at the frame size
+video at a time, with the same functions (vimpac.inference_stream runs many videos at once, batched):
+  decode     vimpac.tokenization.decode.iter_view_frames: PyAV decoding, resampled to the database's fps with its
+             frame selection, each test view (shorter-side resize, square crop) at the frame size
   encode     the tokenizer of the database (fingerprint checked), at its fixed network batch
   clips      K clips per view at vimpac.data.evaluation_starts (K = 1: frame 0 with single_clip "start"), frame
              stride fps / frame_rate, PAD-padded
@@ -11,14 +11,17 @@ video at a time, with the same functions:
   predict    classifier logits per clip, softmax per clip, mean (vimpac.finetune_data.average_view_probabilities)
   embed      per clip the CLS vector and the non-PAD token mean (vimpac.probe.clip_features), mean over the clips
 so a video's probabilities equal those of `finetune.py --eval-only` on a code database of the same file made with
-the same tokenizer and settings. A frame array [T, H, W, 3] uint8 is taken as already at the database's fps; its
-frames are resized (area filter) and cropped like decoded frames, from RGB instead of the file's YUV.
+the same tokenizer and settings. The tokenizer runs on the model's device; the model in `precision` (autocast:
+fp16 by default on CUDA, fp32 on the CPU). A frame array [T, H, W, 3] uint8 is taken as already at the database's
+fps; its frames are resized (by the database's rule) and cropped like decoded frames, from RGB instead of the
+file's YUV.
 
 Bad videos raise vimpac.tokenization.decode.DecodeError(stage, reason): the failure kinds of `vimpac tokenize`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,11 @@ import torch
 from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
 from vimpac.errors import UsageError
 from vimpac.finetune_data import average_view_probabilities
-from vimpac.tokenization.decode import DecodeError, iter_view_frames, resize_frame
+from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, resize_frame
 from vimpac.tokenization.views import View, apply_view, shorter_sides
 
 FEATURES = ("cls", "mean", "both")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the model; the tokenizer keeps the database's (its identity)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 DEFAULT_ENCODE_BATCH = 64  # `vimpac tokenize --encode-batch`'s default
 
@@ -71,8 +75,10 @@ def _load_tokenizer(spec: Any, info: dict[str, Any], model_vocab: int, device: A
 class VideoPipeline:
     """A loaded model (vimpac.api.VimpacModel) with its inference settings (vimpac.export_info) and tokenizer."""
 
-    def __init__(self, model, info: dict[str, Any], tokenizer: Any = None, clips_per_forward: int = 32) -> None:
-        self.model, self.info = model, info
+    def __init__(
+        self, model, info: dict[str, Any], tokenizer: Any = None, clips_per_forward: int = 32, precision: str = "auto"
+    ) -> None:
+        self.model, self.info = model, dict(info)
         if int(info["clip_len"]) != model.config.clip_len:
             raise UsageError(
                 f"inference settings say clip length {info['clip_len']}, the model {model.config.clip_len}"
@@ -81,17 +87,23 @@ class VideoPipeline:
         self.views = [View.parse(v) for v in info["views"]]
         self.frame_size = int(info["frame_size"])
         self.fps = float(info["fps"])
+        # how the database picked and resized frames (settings written before it was recorded: the default)
+        self.frame_selection = self.info["frame_selection"] = info.get("frame_selection") or DEFAULT_FRAME_SELECTION
         self.stride = frame_stride(self.fps, info.get("frame_rate"))
         self.num_clips = int(info["num_clips"])
         self.single_clip = info.get("single_clip") or "centre"
         self.classes = list(info.get("classes") or [])
+        if clips_per_forward < 1:
+            raise UsageError(f"clips per forward pass must be at least 1; got {clips_per_forward}")
         self.clips_per_forward = clips_per_forward
+        self.dtype = model_dtype(precision, model.device)
 
     @property
     def tokenizer(self):
         """The tokenizer (loaded when first needed: embedding from a code database never needs it)."""
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self._tokenizer_spec, self.info, self.model.config.vocab_size, "cpu")
+            spec, vocab = self._tokenizer_spec, self.model.config.vocab_size
+            self._tokenizer = _load_tokenizer(spec, self.info, vocab, self.model.device)
         return self._tokenizer
 
     # --------------------------------------------------------------------------------------------- tokens
@@ -106,7 +118,7 @@ class VideoPipeline:
         sides = shorter_sides(self.views)
         for t, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            resized = {side: resize_frame(picture, side) for side in sides}
+            resized = {side: resize_frame(picture, side, self.frame_selection) for side in sides}
             for v, view in enumerate(self.views):
                 out[v, t] = apply_view(resized[view.shorter], view, self.frame_size)
         return out
@@ -114,13 +126,17 @@ class VideoPipeline:
     def codes(self, video: str | Path | np.ndarray) -> list[np.ndarray]:
         """Codes int64 [n, h, w] per test view of a video file (DecodeError when it cannot be used) or array."""
         if isinstance(video, (str, Path)):
-            chunks = iter_view_frames(video, self.fps, self.views, self.frame_size, chunk=DEFAULT_ENCODE_BATCH)
+            chunks = iter_view_frames(
+                video, self.fps, self.views, self.frame_size, chunk=DEFAULT_ENCODE_BATCH, selection=self.frame_selection
+            )
         else:
             chunks = [self._view_frames(video)]
         per_view: list[list[np.ndarray]] = [[] for _ in self.views]
         for chunk in chunks:
             for v in range(len(self.views)):
-                per_view[v].append(self.tokenizer.encode(chunk[v]).numpy())
+                per_view[v].append(self.tokenizer.encode(chunk[v]).cpu().numpy())
+        if not per_view[0]:
+            raise DecodeError("resample", f"too short: no frame at {self.fps:g} fps")
         return [np.concatenate(parts) for parts in per_view]
 
     def starts(self, num_frames: int) -> list[int]:
@@ -142,12 +158,24 @@ class VideoPipeline:
 
     # --------------------------------------------------------------------------------------------- outputs
     def _chunks(self, tokens: torch.Tensor):
-        return tokens.split(max(1, self.clips_per_forward))
+        return tokens.split(self.clips_per_forward)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.dtype)
+
+    def probabilities_many(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Class probabilities [C] (float32, CPU) of each video's clips [V·K, T, h, w]: softmax per clip, mean. The
+        clips of all the videos share forward passes of up to `clips_per_forward` clips."""
+        with self._autocast():
+            logits = torch.cat([self.model.class_logits(part) for part in self._chunks(torch.cat(list(tokens)))])
+        parts = logits.float().cpu().split([t.shape[0] for t in tokens])
+        return [average_view_probabilities(part[None]).squeeze(0) for part in parts]
 
     def probabilities_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """Class probabilities [C] of one video's clips [V·K, T, h, w]: softmax per clip, mean."""
-        logits = torch.cat([self.model.class_logits(part) for part in self._chunks(tokens)])
-        return average_view_probabilities(logits[None]).squeeze(0).cpu()
+        return self.probabilities_many([tokens])[0]
 
     def probabilities(self, video: str | Path | np.ndarray) -> torch.Tensor:
         return self.probabilities_of(self.tokens(video))
@@ -158,40 +186,69 @@ class VideoPipeline:
         return [(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
 
     @torch.no_grad()
-    def features_of(self, tokens: torch.Tensor, feature: str = "cls", per_clip: bool = False) -> np.ndarray:
-        """float32 [D] (mean over the clips), [V·K, D] with `per_clip`, [2D] / [V·K, 2D] for "both" (cls, mean)."""
+    def features_many(
+        self, tokens: Sequence[torch.Tensor], feature: str = "cls", per_clip: bool = False
+    ) -> list[np.ndarray]:
+        """Per video: float32 [D] (mean over its clips), [V·K, D] with `per_clip`, [2D] / [V·K, 2D] for "both"
+        (cls, mean). The clips of all the videos share forward passes of up to `clips_per_forward` clips."""
         from vimpac.probe import clip_features
 
         if feature not in FEATURES:
             raise UsageError(f"--feature must be one of {', '.join(FEATURES)}; got {feature!r}")
         backbone, pad = self.model._model.backbone, self.model.config.pad_id
-        parts = [clip_features(backbone, self.model.tokens(p), pad) for p in self._chunks(tokens)]
-        cls = torch.cat([c for c, _ in parts]).cpu()
-        mean = torch.cat([m for _, m in parts]).cpu()
+        with self._autocast():
+            parts = [clip_features(backbone, self.model.tokens(p), pad) for p in self._chunks(torch.cat(list(tokens)))]
+        cls = torch.cat([c for c, _ in parts]).float().cpu()
+        mean = torch.cat([m for _, m in parts]).float().cpu()
         rows = {"cls": cls, "mean": mean, "both": torch.cat([cls, mean], dim=1)}[feature]
-        return (rows if per_clip else rows.mean(dim=0)).numpy().astype(np.float32)
+        per_video = rows.split([t.shape[0] for t in tokens])
+        return [(r if per_clip else r.mean(dim=0)).numpy().astype(np.float32) for r in per_video]
+
+    def features_of(self, tokens: torch.Tensor, feature: str = "cls", per_clip: bool = False) -> np.ndarray:
+        """float32 [D] (mean over the clips), [V·K, D] with `per_clip`, [2D] / [V·K, 2D] for "both" (cls, mean)."""
+        return self.features_many([tokens], feature, per_clip)[0]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The model's compute dtype for `precision` on `device` ("auto": fp16 on CUDA, as the shipped fine-tuning
+    configs evaluate, fp32 elsewhere); UsageError for a precision the device cannot run."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"--precision fp16 needs a CUDA device (here: {device}); use fp32 or bf16")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def load_pipeline(
     model_path: str | Path,
     tokenizer: Any = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     data: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     need_classifier: bool = False,
+    precision: str = "auto",
+    clips_per_forward: int = 32,
 ) -> VideoPipeline:
-    """VideoPipeline of the export (or run directory) `model_path`: vimpac.load_model + vimpac.export_info."""
+    """VideoPipeline of the export (or run directory) `model_path`: vimpac.load_model + vimpac.export_info.
+    `device` None: CUDA when available. `precision`: the model's (PRECISIONS, model_dtype)."""
     from vimpac.api import MissingHeadError, load_model
     from vimpac.export_info import inference_info
 
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=device or default_device())
     if need_classifier and not model.has_classifier:
         raise MissingHeadError(
             f"{model.source} holds no classifier (a pre-training export?); predict needs the export of a fine-tuning "
             "run (runs/ft/export); use `vimpac embed` for features of a pre-trained model"
         )
     info = inference_info(model.source, data=data, overrides=overrides)
-    return VideoPipeline(model, info, tokenizer)  # its tokenizer loads (and is checked) on first use
+    # its tokenizer loads (and is checked) on first use
+    return VideoPipeline(model, info, tokenizer, clips_per_forward, precision)
 
 
 def video_files(inputs: Sequence[str | Path]) -> list[Path]:

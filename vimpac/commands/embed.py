@@ -26,10 +26,14 @@ A video's embedding is the mean over its test views × K clips (the clips fine-t
 layer's CLS vector (cls) or of its token vectors over the non-PAD positions (mean), as `vimpac probe` computes.
 Run the same command again to resume: videos already in index.csv (or failures.jsonl) are skipped. Other
 settings into an existing OUT are refused.
+
+Speed: as `vimpac predict` (--workers decoding processes, the tokenizer and the model batched across videos, fp16
+on CUDA by default); rows keep the order of the inputs.
 """
 
 PARTIAL = "embeddings.partial"
-RECORDED = ("fps", "frame_rate", "frame_size", "views", "num_clips", "single_clip", "clip_len")  # settings.json
+# settings.json: what the embeddings depend on
+RECORDED = ("fps", "frame_rate", "frame_size", "frame_selection", "views", "num_clips", "single_clip", "clip_len")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default=None, help="embed the videos of this code database instead of video files")
     p.add_argument("--split", default=None, help="with --db: only this split (default: every video)")
     p.add_argument("--view", default=None, help="with --db: comma list of views (default: the model's test views)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -89,19 +92,18 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from vimpac.commands.predict import pipeline_from_args
     from vimpac.errors import UsageError
-    from vimpac.inference import failure, load_pipeline, video_files
+    from vimpac.inference import video_files
+    from vimpac.inference_stream import database_codes, file_codes, run_videos
 
     if bool(args.db) == bool(args.videos):
         raise UsageError("give video files / folders, or --db CODE_DB (one of the two)")
     if not args.db and (args.split or args.view):
         raise UsageError("--split and --view select videos of --db; with video files use --views")
-    views = args.view.split(",") if args.view else None
-    if views:
+    if args.view:
         args.views = args.view
-    from vimpac.commands.predict import overrides
-
-    pipeline = load_pipeline(args.model, args.tokenizer, args.device, args.db or args.data, overrides(args))
+    pipeline = pipeline_from_args(args, args.db or args.data, need_classifier=False)
     if args.db:
         from vimpac.code_db import CodeDatabase
 
@@ -125,27 +127,27 @@ def run(args: argparse.Namespace) -> int:
     done, rows = _resume(args.out, settings)
     partial = args.out / PARTIAL
     todo = [(vid, src) for vid, src in items if vid not in done]
+    if args.db:
+        codes = database_codes(db, pipeline.info["views"], [vid for vid, _ in todo])
+    else:
+        codes = file_codes(pipeline, todo, min(args.workers, len(todo)) if len(todo) > 1 else 0)
     failed = 0
-    with partial.open("ab") as data, (args.out / "index.csv").open("a", newline="") as index:
+    bar = tqdm(total=len(todo), unit="video", desc="embed", disable=args.no_progress, dynamic_ncols=True)
+    with bar, partial.open("ab") as data, (args.out / "index.csv").open("a", newline="") as index:
         data.truncate(_row_bytes(partial, rows, pipeline, args))
         writer = csv.writer(index)
-        for vid, src in tqdm(todo, unit="video", desc="embed", disable=args.no_progress, dynamic_ncols=True):
-            try:
-                if args.db:
-                    tokens = pipeline.clips([db.read(vid, v)[0] for v in pipeline.info["views"]])
-                else:
-                    tokens = pipeline.tokens(src)
-            except Exception as err:
-                bad = {"id": vid, **failure(src, err)}
+        for result in run_videos(pipeline, codes, "features", args.feature, args.per_clip):
+            bar.update(1)
+            if result.failure is not None:
+                bad = {"id": result.id, **result.failure}
                 with (args.out / "failures.jsonl").open("a") as f:
                     f.write(json.dumps(bad) + "\n")
-                print(f"{src}: cannot embed ({bad['stage']}: {bad['reason']})", file=sys.stderr)
+                bar.write(f"{result.source}: cannot embed ({bad['stage']}: {bad['reason']})", file=sys.stderr)
                 failed += 1
                 continue
-            vector = pipeline.features_of(tokens, args.feature, args.per_clip)
-            data.write(vector.astype(np.float32).tobytes())
+            data.write(result.features.astype(np.float32).tobytes())
             data.flush()
-            writer.writerow([rows, vid, str(src)])
+            writer.writerow([rows, result.id, result.source])
             index.flush()
             rows += 1
     _finalize(args.out, rows, pipeline, args)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 EPILOG = """\
@@ -13,16 +15,29 @@ examples:
   # top-5 labels of two videos with the model of a fine-tuning run (tokenizer and settings from the run)
   vimpac predict clip1.mp4 clip2.webm --model runs/ft
 
-  # every video of a folder (or a list file, one path per line), results as JSON
+  # every video of a folder (or a list file, one path per line), results as JSON; rerun to resume
   vimpac predict videos/ --model runs/ft/export --top-k 3 --json predictions.json
 
 Each video is decoded at the fps of the code database the model was evaluated on, cut into its test views,
 tokenized with that database's tokenizer, and scored on K clips per view (softmax per clip, mean), as
 `finetune.py --eval-only` scores it. The settings come from export/inference.json, derived from the run's
-run_config.json and its database manifest the first time (see README: Use a trained model). A video that cannot
-be used is reported with the stage and reason (as in `vimpac tokenize`'s failures.jsonl) and the others go on;
-the exit code is 1 when some failed, 2 when none could be predicted or the command line is wrong.
+run_config.json and its database manifest the first time (see README: Use a trained model).
+
+Speed: --workers processes decode (as in `vimpac tokenize`); the tokenizer encodes frames of several videos per
+batch and the model scores up to --clips-per-forward clips of several videos per forward pass, on CUDA in fp16 by
+default (--precision) with the Triton kernels. Results keep the order of the inputs.
+
+Resuming: with --json or --csv, videos already in that file (predicted or failed) are skipped and the new ones
+added, so an interrupted run over a long list picks up where it stopped (the JSON is rewritten every few seconds
+and on exit, the CSV gets a row per video as it is done). A JSON made with other settings (model, views, K,
+top-k) is refused; delete the file to start over.
+
+A video that cannot be used is reported with the stage and reason (as in `vimpac tokenize`'s failures.jsonl) and
+the others go on; the exit code is 1 when some failed, 2 when none could be predicted or the command line is
+wrong.
 """
+CSV_HEADER = ["video", "rank", "label", "probability", "error"]
+SAVE_EVERY_S = 10.0  # how often the JSON output is rewritten while a run goes on
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,12 +46,46 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="code database the model was evaluated on (default: the run's)")
     p.add_argument("--num-clips", type=int, default=None, help="K clips per view (default: largest last-test-clips)")
     p.add_argument("--views", default=None, help="comma list of test views, e.g. r128_center_f0 (default: the run's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="the model's compute precision (default auto: fp16 on CUDA, fp32 on the CPU; the tokenizer keeps the "
+        "database's)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="decoding processes (default: one per CPU core but one; 0: decode in this process)",
+    )
+    p.add_argument("--clips-per-forward", type=int, default=32, help="clips per forward pass of the model (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def overrides(args: argparse.Namespace) -> dict:
     views = None if args.views is None else [v for v in args.views.split(",") if v]
     return {"num_clips": args.num_clips, "views": views}
+
+
+def pipeline_from_args(args: argparse.Namespace, data: str | None, need_classifier: bool):
+    """The VideoPipeline the flags of add_model_arguments describe."""
+    from vimpac.errors import UsageError
+    from vimpac.inference import load_pipeline
+
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}")
+    return load_pipeline(
+        args.model,
+        args.tokenizer,
+        args.device,
+        data,
+        overrides(args),
+        need_classifier=need_classifier,
+        precision=args.precision,
+        clips_per_forward=args.clips_per_forward,
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,45 +101,117 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="labels per video (default 5)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", type=Path, default=None, help="write {predictions, failures} as JSON to this file")
+    out.add_argument("--json", type=Path, default=None, help="write {settings, predictions, failures} to this file")
     out.add_argument("--csv", type=Path, default=None, help="write one row per video and rank to this file")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def settings_of(pipeline, args: argparse.Namespace) -> dict:
+    """What a JSON output's predictions depend on: resuming into it with anything else is refused."""
+    keys = ("fps", "frame_rate", "frame_size", "frame_selection", "views", "num_clips", "single_clip")
+    return {"model": str(pipeline.model.source), "top_k": args.top_k, **{k: pipeline.info.get(k) for k in keys}}
+
+
+def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
     from vimpac.errors import UsageError
-    from vimpac.inference import failure, load_pipeline, video_files
+
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"{path} exists but is not a predictions JSON ({err}); delete it or use another --json"
+        ) from None
+    if not isinstance(before, dict) or before.get("settings") != settings:
+        old = before.get("settings") or {} if isinstance(before, dict) else {}
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UsageError(
+            f"{path} holds predictions made with other settings ({', '.join(changed)}); delete it or use another --json"
+        )
+    return list(before.get("predictions") or []), list(before.get("failures") or [])
+
+
+def _previous_csv(path: Path) -> set[str]:
+    from vimpac.errors import UsageError
+
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != CSV_HEADER:
+            raise UsageError(f"{path} exists but is not a predictions CSV (header {CSV_HEADER}); delete it")
+        return {row[0] for row in reader if row}
+
+
+def csv_rows(entry: dict) -> list[list[str]]:
+    """The CSV rows of one result (a prediction: one per rank; a failure: one with the error)."""
+    if "top" in entry:
+        return [
+            [entry["video"], str(r), t["label"], f"{t['probability']:.6f}", ""] for r, t in enumerate(entry["top"], 1)
+        ]
+    return [[entry["video"], "", "", "", f"{entry['stage']}: {entry['reason']}"]]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vimpac.atomic_write import write_json_atomic
+    from vimpac.errors import UsageError
+    from vimpac.inference import video_files
+    from vimpac.inference_stream import file_codes, run_videos
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
     videos = video_files(args.videos)
     if not videos:
         raise UsageError(f"no video files in {' '.join(args.videos)}")
-    pipeline = load_pipeline(args.model, args.tokenizer, args.device, args.data, overrides(args), need_classifier=True)
+    pipeline = pipeline_from_args(args, args.data, need_classifier=True)
     pipeline.tokenizer  # noqa: B018 - load and check it before the first video
-    predictions, failures = [], []
-    for video in videos:
-        try:
-            probs = pipeline.probabilities(video)
-        except Exception as err:  # one bad video costs itself, not the run
-            failures.append(failure(video, err))
-            print(f"{video}: cannot predict ({failures[-1]['stage']}: {failures[-1]['reason']})", file=sys.stderr)
-            continue
-        top = pipeline.top_k(probs, args.top_k)
-        predictions.append({"video": str(video), "top": [{"label": n, "probability": p} for n, p in top]})
-        print(f"{video}\t" + "\t".join(f"{n} {p:.3f}" for n, p in top), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"predictions": predictions, "failures": failures}, indent=1) + "\n")
-    if args.csv:
-        with args.csv.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["video", "rank", "label", "probability", "error"])
-            for p in predictions:
-                for rank, top in enumerate(p["top"], 1):
-                    writer.writerow([p["video"], rank, top["label"], f"{top['probability']:.6f}", ""])
-            for bad in failures:
-                writer.writerow([bad["video"], "", "", "", f"{bad['stage']}: {bad['reason']}"])
-    print(f"{len(predictions)} predicted, {len(failures)} failed", file=sys.stderr)
+    predictions, failures, done = [], [], set()
+    settings = settings_of(pipeline, args)
+    if args.json and args.json.exists():
+        predictions, failures = _previous_json(args.json, settings)
+        done = {entry["video"] for entry in predictions + failures}
+    elif args.csv and args.csv.exists():
+        done = _previous_csv(args.csv)
+    elif args.csv:
+        args.csv.write_text(",".join(CSV_HEADER) + "\n")
+    todo = [(str(v), v) for v in videos if str(v) not in done]
+    if done:
+        print(f"{len(videos) - len(todo)} of {len(videos)} videos are in the output already; {len(todo)} to do")
+
+    def save() -> None:
+        if args.json:
+            write_json_atomic(args.json, {"settings": settings, "predictions": predictions, "failures": failures}, 1)
+
+    new_ok = new_failed = 0
+    saved_at = time.monotonic()
+    workers = min(args.workers, len(todo)) if len(todo) > 1 else 0
+    bar = tqdm(total=len(todo), unit="video", desc="predict", disable=args.no_progress, dynamic_ncols=True)
+    table = args.csv.open("a", newline="") if args.csv else None
+    try:
+        for result in run_videos(pipeline, file_codes(pipeline, todo, workers), "probabilities"):
+            if result.failure is not None:
+                entry = result.failure
+                failures.append(entry)
+                new_failed += 1
+                bar.write(f"{entry['video']}: cannot predict ({entry['stage']}: {entry['reason']})", file=sys.stderr)
+            else:
+                top = pipeline.top_k(result.probabilities, args.top_k)
+                entry = {"video": result.source, "top": [{"label": n, "probability": p} for n, p in top]}
+                predictions.append(entry)
+                new_ok += 1
+                bar.write(f"{result.source}\t" + "\t".join(f"{n} {p:.3f}" for n, p in top))
+            if table is not None:
+                csv.writer(table).writerows(csv_rows(entry))
+                table.flush()
+            bar.update(1)
+            if time.monotonic() - saved_at > SAVE_EVERY_S:
+                save()
+                saved_at = time.monotonic()
+    finally:  # what is done stays done, even on Ctrl-C
+        bar.close()
+        if table is not None:
+            table.close()
+        save()
+    print(f"{new_ok} predicted, {new_failed} failed", file=sys.stderr)
     if not predictions:
         return 2
-    return 1 if failures else 0
+    return 1 if new_failed else 0
