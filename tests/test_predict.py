@@ -32,6 +32,26 @@ VIDEOS = {"a": (0, 20), "b": (1, 14), "c": (2, 9), "d": (0, 26)}  # id: (class, 
 VIEWS = ["r32_top_f0", "r32_center_f0", "r32_bottom_f0"]
 
 
+def tokenize_videos(root: Path, tokenizer: Path, out: Path, **settings) -> Path:
+    """`vimpac tokenize` of the videos listed in root/{train,val}.txt: test views, 4 fps, 32 px."""
+    cfg = ExtractConfig(
+        videos=root / "videos",
+        annotations=[root / "train.txt", root / "val.txt"],
+        format="list",
+        tokenizer=str(tokenizer),
+        out=out,
+        fps=4.0,
+        frame_size=32,
+        views="test",
+        workers=1,
+        encode_batch=64,
+        progress=False,
+        **settings,
+    )
+    assert extract(cfg).tokenized == len(VIDEOS)
+    return out
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Tiny tokenizer, 4 real .mp4 files tokenized by `vimpac tokenize` (list format, test views, 4 fps, 32 px),
@@ -46,21 +66,7 @@ def setup(tmp_path_factory):
     lines = "".join(f"{vid}.mp4 {CLASSES[label]}\n" for vid, (label, _) in VIDEOS.items())
     for split in ("train", "val"):
         (root / f"{split}.txt").write_text(lines)
-    db = root / "db"
-    cfg = ExtractConfig(
-        videos=videos,
-        annotations=[root / "train.txt", root / "val.txt"],
-        format="list",
-        tokenizer=str(tok),
-        out=db,
-        fps=4.0,
-        frame_size=32,
-        views="test",
-        workers=1,
-        encode_batch=64,
-        progress=False,
-    )
-    assert extract(cfg).tokenized == len(VIDEOS)
+    db = tokenize_videos(root, tok, root / "db")
     config = VimpacConfig(vocab_size=64, hidden_size=32, layers=1, heads=2, clip_len=2, grid=(4, 4), dropout=0.0)
     torch.manual_seed(0)
     model = VimpacForClassification(config, len(CLASSES))
@@ -304,22 +310,7 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
 def test_frame_selection_of_the_database_is_used_for_video_files(setup, tmp_path):
     """A model evaluated on a database made with `--frame-selection ffmpeg` (the original release's extraction)
     decodes video files the same way."""
-    db = tmp_path / "db_ffmpeg"
-    cfg = ExtractConfig(
-        videos=setup["videos"],
-        annotations=[setup["root"] / "train.txt", setup["root"] / "val.txt"],
-        format="list",
-        tokenizer=str(setup["tok"]),
-        out=db,
-        fps=4.0,
-        frame_size=32,
-        views="test",
-        workers=1,
-        encode_batch=64,
-        progress=False,
-        frame_selection="ffmpeg",
-    )
-    assert extract(cfg).tokenized == len(VIDEOS)
+    db = tokenize_videos(setup["root"], setup["tok"], tmp_path / "db_ffmpeg", frame_selection="ffmpeg")
     ffmpeg = load_pipeline(setup["run"], data=db)
     assert ffmpeg.frame_selection == "ffmpeg" and load_pipeline(setup["run"]).frame_selection == "vimpac"
     codes_db = CodeDatabase(db)
