@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
 
 from tests.videos import write_video
 from vimpac.tokenization.decode import iter_view_frames
-from vimpac.tokenization.decode_pool import SLOT_BYTES, DecodePool, chunk_frames
+from vimpac.tokenization.decode_pool import MAX_SLOTS, MIN_SLOTS, SLOT_BYTES, DecodePool, chunk_frames, slots_per_worker
 from vimpac.tokenization.views import views_for
 
 
@@ -19,6 +22,38 @@ def test_chunk_frames_fit_a_slot():
     n = chunk_frames(12, 256, 32)
     assert n * 12 * 256 * 256 * 3 <= SLOT_BYTES < (n + 1) * 12 * 256 * 256 * 3
     assert chunk_frames(12, 4096, 32) == 1
+
+
+def test_small_chunks_get_more_slots():
+    assert slots_per_worker(SLOT_BYTES) == MIN_SLOTS == 3
+    assert slots_per_worker(64 * 64 * 64 * 3) == MAX_SLOTS == 16  # one 64-px view: a worker may run 16 videos ahead
+    assert MIN_SLOTS < slots_per_worker(3 * 64 * 128 * 128 * 3) < MAX_SLOTS
+
+
+def test_workers_do_not_run_the_main_module_again(tmp_path):
+    """A script without a __main__ guard starts a pool: its body runs once, not once more per worker."""
+    log = tmp_path / "runs.txt"
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from vimpac.tokenization.decode_pool import DecodePool
+            from vimpac.tokenization.views import views_for
+
+            with open({str(log)!r}, "a") as f:
+                f.write("ran\\n")
+            pool = DecodePool(2, 4.0, views_for("center", 32), 32, 8)
+            pool.submit("gone", {str(tmp_path / "missing.mp4")!r})
+            while (message := pool.get(timeout=60))[0] != "fail":
+                pass
+            pool.close()
+            print(message[2])
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "open" and log.read_text() == "ran\n"
 
 
 def collect(pool: DecodePool, expect: int, timeout: float = 60) -> dict[str, list]:

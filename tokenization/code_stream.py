@@ -19,6 +19,9 @@ import numpy as np
 from vimpac.tokenization.decode_pool import DecodePool
 from vimpac.tokenization.tokenizer import Tokenizer
 
+DRAIN_MAX = 256  # messages taken in one round at most
+BACKLOG_BATCHES = 4  # encoder batches of frames waiting, beyond which a round encodes all of them
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -76,8 +79,11 @@ class Assembler:
         for table in (self.codes, self.waiting, self.finished):
             table.pop(video_id, None)
 
-    def encode_ready(self, flush: bool = False) -> None:
-        while self.pending_frames >= self.batch or (flush and self.pending_frames):
+    def encode_ready(self, flush: bool = False, batches: int | None = None) -> None:
+        """Encode the full batches waiting (at most `batches` of them), and with `flush` the rest too."""
+        done = 0
+        while (self.pending_frames >= self.batch or (flush and self.pending_frames)) and done != batches:
+            done += 1
             take, taken = [], 0
             while self.pending and taken < self.batch:
                 video_id, v, frames = self.pending[0]
@@ -123,14 +129,21 @@ def stream_codes(
     while outstanding:
         failed: list[Failed] = []
         try:
-            msg = pool.get(timeout=0.5)
+            messages = [pool.get(timeout=0.5)]
         except queue.Empty:  # decoders are slow or stuck: encode what waits, look for crashed workers
             assembler.encode_ready(flush=True)
-            msg = None
+            messages = []
             for video_id, reason in pool.crashed():
                 decoding -= 1
                 failed.append(Failed(video_id, "decode", reason))
-        if msg is not None:
+        # Take every chunk that is ready before encoding or handing videos on: a worker whose slots are all taken
+        # waits, and what comes next (an encoder batch, the caller's model) keeps this loop away for a while.
+        while messages and len(messages) < DRAIN_MAX:
+            try:
+                messages.append(pool.get(timeout=0))
+            except queue.Empty:
+                break
+        for msg in messages:
             kind, video_id = msg[0], msg[1]
             if kind == "start":
                 pool.current[msg[2]] = video_id
@@ -145,8 +158,12 @@ def stream_codes(
                     assembler.finish(video_id, msg[2], msg[3])
                 else:
                     failed.append(Failed(video_id, msg[2], msg[3]))
-            # Full batches only while decoders still produce: a padded partial batch costs a full one.
-            assembler.encode_ready(flush=decoding == 0)
+        if messages:
+            # Full batches only while decoders still produce: a padded partial batch costs a full one. One batch a
+            # round while the backlog is short, so slots go back to the workers between batches; all of it when
+            # it is long, which holds the workers (memory stays bounded).
+            backlog = assembler.pending_frames >= BACKLOG_BATCHES * assembler.batch
+            assembler.encode_ready(flush=decoding == 0, batches=None if decoding == 0 or backlog else 1)
         for bad in failed:
             assembler.drop(bad.id)
         for event in [*failed, *assembler.complete()]:

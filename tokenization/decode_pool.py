@@ -16,10 +16,13 @@ writing to a shared queue dies holding that queue's lock, and every other writer
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import queue
+import sys
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -29,8 +32,17 @@ import numpy as np
 from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, probe
 from vimpac.tokenization.views import View
 
-SLOTS_PER_WORKER = 3
 SLOT_BYTES = 16 * 2**20  # chunks are cut so that one fits in this
+WORKER_BYTES = 48 * 2**20  # shared memory per worker: as many slots as fit, within MIN_SLOTS..MAX_SLOTS
+MIN_SLOTS, MAX_SLOTS = 3, 16
+
+
+def slots_per_worker(slot_bytes: int) -> int:
+    """Slots of one worker. A short video fills one slot whatever its size, and a worker with no free slot waits
+    until the main process takes a chunk, which it does only between its encoder and model batches: with small
+    frames a few slots would let a worker run only a few videos ahead of that (measured: a CPU `vimpac predict`
+    spent half its time waiting on a worker stalled so), so small slots come many to a worker."""
+    return max(MIN_SLOTS, min(MAX_SLOTS, WORKER_BYTES // max(1, slot_bytes)))
 
 
 def chunk_frames(num_views: int, size: int, wanted: int) -> int:
@@ -54,7 +66,7 @@ def _decode_worker(
 ):
     """Decode the videos of `tasks` into this worker's slots; `results` is the write end of its own pipe."""
     shm = SharedMemory(name=shm_name)
-    slots = np.ndarray((SLOTS_PER_WORKER, *slot_shape), dtype=np.uint8, buffer=shm.buf)
+    slots = np.ndarray((slots_per_worker(int(np.prod(slot_shape))), *slot_shape), dtype=np.uint8, buffer=shm.buf)
     chunk = slot_shape[1]
     try:
         while True:
@@ -84,6 +96,20 @@ def _decode_worker(
         shm.close()
 
 
+@contextlib.contextmanager
+def _bare_main() -> Iterator[None]:
+    """Start processes as if the main module were empty. multiprocessing runs the main module again in every new
+    process (and in the fork server) so that pickled references into it resolve; the workers need nothing from it,
+    and a main module that imports torch (the `vimpac` command does) cost each worker about 1.5 s to start, while a
+    script without an `if __name__ == "__main__":` guard would start itself again in every worker."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class DecodePool:
     """`workers` decode processes forked from a fork server: the server imports the main module once and holds no
     CUDA context, LMDB handle or threads, so workers start fast and inherit nothing unsafe. (Plain fork from a
@@ -103,6 +129,8 @@ class DecodePool:
         selection: str = DEFAULT_FRAME_SELECTION,
     ):
         self._ctx = mp.get_context("forkserver")
+        # The fork server imports the decoding modules once, and each worker forks from it with them loaded.
+        self._ctx.set_forkserver_preload([__name__])
         self.tasks = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)
         self._args = (fps, list(views), out, selection)
@@ -121,11 +149,13 @@ class DecodePool:
         if self._shm[i] is not None:
             self._release(i)
         self._generation[i] += 1
-        shm = SharedMemory(create=True, size=SLOTS_PER_WORKER * int(np.prod(self._slot_shape)))
+        slot_bytes = int(np.prod(self._slot_shape))
+        count = slots_per_worker(slot_bytes)
+        shm = SharedMemory(create=True, size=count * slot_bytes)
         self._shm[i] = shm
-        self._slots[i] = np.ndarray((SLOTS_PER_WORKER, *self._slot_shape), dtype=np.uint8, buffer=shm.buf)
+        self._slots[i] = np.ndarray((count, *self._slot_shape), dtype=np.uint8, buffer=shm.buf)
         self._free[i] = self._ctx.Queue()
-        for slot in range(SLOTS_PER_WORKER):
+        for slot in range(count):
             self._free[i].put(slot)
         if self._results[i] is not None:
             self._results[i].close()  # what a dead worker left in its pipe is stale anyway
@@ -145,7 +175,8 @@ class DecodePool:
             daemon=True,
             name=f"decode-{i}",
         )
-        proc.start()
+        with _bare_main():
+            proc.start()
         writer.close()  # the worker holds the only write end, so its death reads as end-of-file here
         self._procs[i] = proc
 
