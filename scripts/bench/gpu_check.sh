@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # The device check on a GPU machine whose Python lacks deepspeed, lmdb and av: install their wheels from .whl/,
-# then run the sections named on the command line (default: all), writing JSON and logs to $OUT:
-#   tests       the GPU-marked tests (kernels at real sizes included)
-#   kernels     scripts/bench/kernels.py: Triton vs eager and torch.compile'd references, same run
-#   train_step  one small-model step at 128 px, fp16: reference vs Triton attention, eager and compiled
-#   tokenize    the tokenization benchmarks (VQ-VAE, DALL-E fp16)
-#   pretrain    a short fp16 pre-training run through the launcher script
-# All sections take longer than one 600-s call; split them, e.g.
-#   run(command="bash scripts/bench/gpu_check.sh tests kernels train_step", carry=[".whl"], timeout_s=560)
-#   run(command="bash scripts/bench/gpu_check.sh tokenize pretrain", carry=[".whl"], timeout_s=400)
+# then run the sections named on the command line (default: all, in this order), writing JSON and logs to $OUT:
+#   tests       the GPU-marked tests (kernels at real sizes included)                             ≤ 150 s
+#   selfcheck   `vimpac selfcheck` fp16 at the small (128 px) and large (256 px) shapes, bf16 small    ≤ 180 s
+#   kernels     scripts/bench/kernels.py: Triton vs eager and torch.compile'd references, same run   ≤ 200 s
+#   train_step  one small-model step at 128 px, fp16: reference vs Triton attention, eager and compiled ≤ 360 s
+#   inference   predict/embed videos/s (scripts/bench/inference_throughput.py, long-budget sizes)    ≤ 120 s
+#   tokenize    the tokenization benchmarks (VQ-VAE, DALL-E fp16)                                 ≤ 190 s
+#   demo_long   `vimpac demo --budget long` (fp16, one GPU), its report and pictures copied to $OUT  ≤ DEMO_LONG_S
+#   pretrain    a short fp16 pre-training run through the launcher script                         ≤ 110 s
+# The limits are the sections' timeouts, not their expected times. A task's device time (15 minutes, machine
+# start-up included; the machine stays warm 30 s after a call) fits about two calls, so take the sections in
+# priority order over the tasks that get a device, e.g.
+#   run(command="bash scripts/bench/gpu_check.sh tests selfcheck kernels", carry=[".whl"], timeout_s=540)
+#   run(command="bash scripts/bench/gpu_check.sh train_step inference", carry=[".whl"], timeout_s=<left - 60>)
+# and in a later task: demo_long (DEMO_LONG_S=420 by default; a rerun on the same warm machine resumes it), then
+# tokenize and pretrain. Every section runs even when an earlier one failed; each prints its start time.
 set -uo pipefail
 OUT=${OUT:-/tmp/vimpac-gpu-check}
 mkdir -p "$OUT"
-SECTIONS=${*:-tests kernels train_step tokenize pretrain}
+SECTIONS=${*:-tests selfcheck kernels train_step inference tokenize demo_long pretrain}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 || exit 1
@@ -20,11 +27,23 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, av, lmdb, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__,
 'av', av.__version__, 'deepspeed', deepspeed.__version__)"
-wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
+wanted() { [[ " $SECTIONS " == *" $1 "* ]] && echo "== [$1] starts at $(date +%T)"; }
+workers=$(( $(nproc) - 2 ))
 
 if wanted tests; then
   echo "== GPU tests (kernels at real sizes included)"
   timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tail -15
+fi
+
+if wanted selfcheck; then
+  echo "== every kernel against its reference at the shipped shapes (fp16 small and large-f256, bf16 small)"
+  timeout 60 python3 -m vimpac.cli selfcheck --deepspeed_config ds_configs/small.json --batch 4 \
+    --json "$OUT/selfcheck_small_fp16.json" 2>&1 | tail -12
+  timeout 60 python3 -m vimpac.cli selfcheck --precision bf16 --batch 4 --json "$OUT/selfcheck_small_bf16.json" \
+    2>&1 | tail -12
+  timeout 60 python3 -m vimpac.cli selfcheck --layers 24 --hid-dim 1024 --heads 16 --halve-att --halve-mlp \
+    --frame-size 256 --deepspeed_config ds_configs/large.json --batch 2 --json "$OUT/selfcheck_large_f256_fp16.json" \
+    2>&1 | tail -12
 fi
 
 if wanted kernels; then
@@ -42,13 +61,32 @@ if wanted train_step; then
   done
 fi
 
+if wanted inference; then
+  echo "== vimpac predict / embed videos/s: streamed ($workers decode workers, batched, fp16) vs one video at a time"
+  timeout 120 python3 scripts/bench/inference_throughput.py --device cuda --budget long --videos 96 --repeats 2 \
+    --workers "$workers" --json "$OUT/inference_gpu_long_sizes.json" 2>&1 | tail -9
+fi
+
 if wanted tokenize; then
-  workers=$(( $(nproc) - 2 ))
   echo "== tokenization: the project's VQ-VAE (goal: decode-bound), then the paper's DALL-E encoder (fp16)"
   timeout 120 python3 scripts/bench/tokenize_throughput.py --workers "$workers" --device cuda --views train \
     --per-class 16 --seconds 6 --encode-batch 512 --json "$OUT/tokenize_vqvae.json"
   timeout 70 python3 scripts/bench/tokenize_throughput.py --workers "$workers" --device cuda --views test \
     --per-class 4 --seconds 6 --kind dalle --fp16 --encode-batch 128 --json "$OUT/tokenize_dalle_fp16.json"
+fi
+
+if wanted demo_long; then
+  echo "== vimpac demo --budget long: synth, tokenizer, tokenize, fp16 pre-training and fine-tuning, report"
+  timeout "${DEMO_LONG_S:-420}" python3 -m vimpac.cli demo --budget long --out /tmp/demo_long --workers "$workers" \
+    > "$OUT/demo_long.log" 2>&1
+  echo "demo exit code $? (124: stopped at DEMO_LONG_S=${DEMO_LONG_S:-420} s; rerun to resume)"
+  tr '\r' '\n' < "$OUT/demo_long.log" | grep -v '^\s*$' | tail -40
+  mkdir -p "$OUT/demo_long"
+  cp /tmp/demo_long/*.json "$OUT/demo_long/" 2>/dev/null
+  cp -r /tmp/demo_long/pictures /tmp/demo_long/logs "$OUT/demo_long/" 2>/dev/null
+  for run in /tmp/demo_long/pretrain /tmp/demo_long/finetune_*; do
+    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/demo_long/$(basename "$run")_metrics.jsonl"
+  done
 fi
 
 if wanted pretrain; then
