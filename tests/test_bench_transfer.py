@@ -56,3 +56,13 @@ def test_plot_is_written(bench, tmp_path):
     bench.plot(ROWS, [4, None], ["mlm+cl", "scratch"], 1 / 6, tmp_path / "t.png")
     with Image.open(tmp_path / "t.png") as png:
         assert png.format == "PNG" and png.width > 0
+
+
+def test_scratch_at_its_own_learning_rate_is_its_own_row(bench):
+    import argparse
+
+    assert bench.scratch_name(None) == "scratch" and bench.scratch_name(3e-4) == "scratch (lr 0.0003)"
+    args = argparse.Namespace(variants=["mlm+cl", "scratch"], scratch_lr=3e-4)
+    assert bench.shown_variants(args) == ["mlm+cl", "scratch (lr 0.0003)"]
+    rows = [{"seed": 0, "variant": "scratch (lr 0.0003)", "labels": "all", "top1": 0.6}]
+    assert "| scratch (lr 0.0003) | 0.600 |" in bench.markdown(rows, [None], bench.shown_variants(args), 1 / 6)

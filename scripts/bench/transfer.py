@@ -68,6 +68,11 @@ def label_name(labels: int | None) -> str:
     return "all" if labels is None else str(labels)
 
 
+def scratch_name(lr: float | None) -> str:
+    """The from-scratch row: at the budget's fine-tuning learning rate, or at its own (--scratch-lr)."""
+    return SCRATCH if lr is None else f"{SCRATCH} (lr {lr:g})"
+
+
 def pretrain_run(paths: DemoPaths, variant: str) -> tuple[Path, str]:
     """(run directory, stage name) of a variant's pre-training. MLM + CL is the demo's own run, so a
     `vimpac demo --seed S --out WORK/seedS` directory already holds it (and the data)."""
@@ -111,20 +116,22 @@ def run_seed(args: argparse.Namespace, seed: int, labels: list[int | None]) -> l
         rows.append({"seed": seed, "variant": variant, "probe": json.loads(out.read_text())})
 
     for variant in args.variants:
+        own_lr = args.scratch_lr if variant == SCRATCH else None
         for n in labels:
-            name = f"finetune_{variant}_{label_name(n)}"
+            tag = variant if own_lr is None else f"{variant}_lr{own_lr:g}"
+            name = f"finetune_{tag}_{label_name(n)}"
             run_dir = paths.run / name
             if stages.needed(name):
                 started = time.perf_counter()
-                source = (
-                    model_flags(budget)
-                    if variant == SCRATCH
-                    else ["--load", str(pretrain_run(paths, variant)[0] / "export")]
-                )
+                if variant == SCRATCH:
+                    source = [*model_flags(budget), *([] if own_lr is None else ["--lr", str(own_lr)])]
+                else:
+                    source = ["--load", str(pretrain_run(paths, variant)[0] / "export")]
                 flags = [*finetune_flags(paths, budget, args.device, args.ranks, seed, n), *source]
                 launch("vimpac.finetune", flags, args.ranks, run_dir, paths.log(name), args.device)
                 stages.mark(name, {"seconds": time.perf_counter() - started})
-            rows.append({"seed": seed, "variant": variant, "labels": label_name(n), **final_top1(run_dir)})
+            shown = scratch_name(own_lr) if variant == SCRATCH else variant
+            rows.append({"seed": seed, "variant": shown, "labels": label_name(n), **final_top1(run_dir)})
     return rows
 
 
@@ -214,6 +221,12 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--ranks", type=int, default=None, help="training processes (default: 2 on CPU, 1 on GPU)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
+    parser.add_argument(
+        "--scratch-lr",
+        type=float,
+        default=None,
+        help="fine-tuning learning rate of the from-scratch model (default: the budget's, as the pre-trained ones)",
+    )
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ranks = args.ranks or (1 if args.device == "cuda" else 2)
@@ -226,8 +239,12 @@ def main() -> None:
     for seed in args.seeds:
         rows += run_seed(args, seed, labels)
         write_results(args, out, labels, rows, time.perf_counter() - started)  # a crash keeps finished seeds
-    print(markdown(rows, labels, args.variants, chance_of(args.budget)))
+    print(markdown(rows, labels, shown_variants(args), chance_of(args.budget)))
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+def shown_variants(args: argparse.Namespace) -> list[str]:
+    return [scratch_name(args.scratch_lr) if v == SCRATCH else v for v in args.variants]
 
 
 def chance_of(budget_name: str) -> float:
@@ -250,11 +267,11 @@ def write_results(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(rows, labels, args.variants, chance)
+    table = markdown(rows, labels, shown_variants(args), chance)
     seeds = sorted({row["seed"] for row in rows})
     title = f"# Transfer benchmark ({args.budget} budget, {args.device}, seeds {', '.join(map(str, seeds))})"
     out.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
-    plot(rows, labels, args.variants, chance, out.with_suffix(".png"))
+    plot(rows, labels, shown_variants(args), chance, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
