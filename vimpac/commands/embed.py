@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vimpac.commands.predict import pipeline_from_args
+    from vimpac.commands.predict import decode_workers, pipeline_from_args
     from vimpac.errors import UsageError
     from vimpac.inference import video_files
     from vimpac.inference_stream import database_codes, file_codes, run_videos
@@ -130,10 +131,11 @@ def run(args: argparse.Namespace) -> int:
     if args.db:
         codes = database_codes(db, pipeline.info["views"], [vid for vid, _ in todo])
     else:
-        codes = file_codes(pipeline, todo, min(args.workers, len(todo)) if len(todo) > 1 else 0)
+        codes = file_codes(pipeline, todo, decode_workers(args.workers, len(todo)))
     failed = 0
     bar = tqdm(total=len(todo), unit="video", desc="embed", disable=args.no_progress, dynamic_ncols=True)
-    with bar, partial.open("ab") as data, (args.out / "index.csv").open("a", newline="") as index:
+    # closing(codes): an interrupted run stops its decode workers at once
+    with bar, closing(codes), partial.open("ab") as data, (args.out / "index.csv").open("a", newline="") as index:
         data.truncate(_row_bytes(partial, rows, pipeline, args))
         writer = csv.writer(index)
         for result in run_videos(pipeline, codes, "features", args.feature, args.per_clip):

@@ -88,6 +88,12 @@ def pipeline_from_args(args: argparse.Namespace, data: str | None, need_classifi
     )
 
 
+def decode_workers(wanted: int, videos: int) -> int:
+    """Decode processes for `videos` files: none for a single one (starting a worker costs more than it saves),
+    else at most one per video."""
+    return min(wanted, videos) if videos > 1 else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -183,11 +189,11 @@ def run(args: argparse.Namespace) -> int:
 
     new_ok = new_failed = 0
     saved_at = time.monotonic()
-    workers = min(args.workers, len(todo)) if len(todo) > 1 else 0
     bar = tqdm(total=len(todo), unit="video", desc="predict", disable=args.no_progress, dynamic_ncols=True)
     table = args.csv.open("a", newline="") if args.csv else None
+    codes = file_codes(pipeline, todo, decode_workers(args.workers, len(todo)))
     try:
-        for result in run_videos(pipeline, file_codes(pipeline, todo, workers), "probabilities"):
+        for result in run_videos(pipeline, codes, "probabilities"):
             if result.failure is not None:
                 entry = result.failure
                 failures.append(entry)
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                 save()
                 saved_at = time.monotonic()
     finally:  # what is done stays done, even on Ctrl-C
+        codes.close()  # stops the decode workers now, not when the generator is collected
         bar.close()
         if table is not None:
             table.close()
