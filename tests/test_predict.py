@@ -267,6 +267,9 @@ def test_precision_is_checked_and_bf16_agrees_with_fp32(setup):
         load_pipeline(setup["run"], device="cpu", precision="fp16")
     with pytest.raises(UsageError, match="--precision must be one of"):
         load_pipeline(setup["run"], device="cpu", precision="half")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device is visible here"):
+            load_pipeline(setup["run"], device="cuda")
     fp32 = load_pipeline(setup["run"], device="cpu")
     bf16 = load_pipeline(setup["run"], device="cpu", precision="bf16")
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
@@ -296,7 +299,7 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
     assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--json", str(report)]) == 2
     assert "other settings (top_k)" in capsys.readouterr().err
     # CSV: a run stopped after its first video (rows written as each video is done) picks up from there
-    table = tmp_path / "p.csv"
+    table = tmp_path / "new" / "dir" / "p.csv"  # folders are made
     assert cli_main(["predict", videos[0], *common, "--csv", str(table)]) == 0
     assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0
     rows = list(csv.DictReader(table.open()))

@@ -240,7 +240,10 @@ def load_pipeline(
     from vimpac.api import MissingHeadError, load_model
     from vimpac.export_info import inference_info
 
-    model = load_model(model_path, device=device or default_device())
+    device = torch.device(device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is visible here; leave --device out or pass --device cpu")
+    model = load_model(model_path, device=device)
     if need_classifier and not model.has_classifier:
         raise MissingHeadError(
             f"{model.source} holds no classifier (a pre-training export?); predict needs the export of a fine-tuning "

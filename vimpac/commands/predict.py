@@ -168,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     videos = video_files(args.videos)
     if not videos:
         raise UsageError(f"no video files in {' '.join(args.videos)}")
+    for output in (args.json, args.csv):
+        if output is not None:  # now, not when the first results are written
+            output.parent.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline_from_args(args, args.data, need_classifier=True)
     pipeline.tokenizer  # noqa: B018 - load and check it before the first video
     predictions, failures, done = [], [], set()
