@@ -36,6 +36,18 @@ from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, ite
 from vimpac.tokenization.views import View, apply_view, shorter_sides
 
 FEATURES = ("cls", "mean", "both")
+# The settings a video's outputs depend on (besides the model): what `embed` and `predict` record with their
+# results and compare when they resume into an output.
+RESULT_SETTINGS = (
+    "fps",
+    "frame_rate",
+    "frame_size",
+    "frame_selection",
+    "views",
+    "num_clips",
+    "single_clip",
+    "clip_len",
+)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the model; the tokenizer keeps the database's (its identity)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 DEFAULT_ENCODE_BATCH = 64  # `vimpac tokenize --encode-batch`'s default
@@ -105,6 +117,10 @@ class VideoPipeline:
             spec, vocab = self._tokenizer_spec, self.model.config.vocab_size
             self._tokenizer = _load_tokenizer(spec, self.info, vocab, self.model.device)
         return self._tokenizer
+
+    def settings(self) -> dict[str, Any]:
+        """The model's folder and the inference settings a video's outputs depend on (RESULT_SETTINGS)."""
+        return {"model": str(self.model.source), **{k: self.info.get(k) for k in RESULT_SETTINGS}}
 
     # --------------------------------------------------------------------------------------------- tokens
     def _view_frames(self, frames: np.ndarray) -> np.ndarray:

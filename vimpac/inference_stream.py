@@ -68,19 +68,18 @@ def file_codes(pipeline: VideoPipeline, items: Sequence[tuple[str, str | Path]],
     )
     try:
         # The pool knows videos by their position, so the same file listed twice is two videos.
-        keys = [str(i) for i in range(len(items))]
         assembler = Assembler(tokenizer, len(views), tokenizer.batch_size)
-        ready: dict[str, list[np.ndarray] | dict[str, str]] = {}
+        ready: dict[int, list[np.ndarray] | dict[str, str]] = {}
         position = 0
-        for event in stream_codes(pool, assembler, [(key, path) for key, (_, path) in zip(keys, items)]):
-            path = items[int(event.id)][1]
+        for event in stream_codes(pool, assembler, [(str(i), path) for i, (_, path) in enumerate(items)]):
+            index = int(event.id)
             if isinstance(event, Encoded):
-                ready[event.id] = event.codes
+                ready[index] = event.codes
             else:
-                ready[event.id] = {"video": str(path), "stage": event.stage, "reason": event.reason}
-            while position < len(items) and keys[position] in ready:  # hand them on in input order
+                ready[index] = {"video": str(items[index][1]), "stage": event.stage, "reason": event.reason}
+            while position in ready:  # hand them on in input order
                 video_id, path = items[position]
-                yield video_id, str(path), ready.pop(keys[position])
+                yield video_id, str(path), ready.pop(position)
                 position += 1
     finally:
         pool.close()

@@ -33,8 +33,6 @@ on CUDA by default); rows keep the order of the inputs.
 """
 
 PARTIAL = "embeddings.partial"
-# settings.json: what the embeddings depend on
-RECORDED = ("fps", "frame_rate", "frame_size", "frame_selection", "views", "num_clips", "single_clip", "clip_len")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,11 +117,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline.tokenizer  # noqa: B018 - load and check it before the first video
         items = [(str(p), p) for p in video_files(args.videos)]
     settings = {
-        "model": str(pipeline.model.source),
+        **pipeline.settings(),
         "feature": args.feature,
         "per_clip": args.per_clip,
         "source": str(args.db) if args.db else "files",
-        **{k: pipeline.info.get(k) for k in RECORDED},
     }
     done, rows = _resume(args.out, settings)
     partial = args.out / PARTIAL

@@ -112,12 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def settings_of(pipeline, args: argparse.Namespace) -> dict:
-    """What a JSON output's predictions depend on: resuming into it with anything else is refused."""
-    keys = ("fps", "frame_rate", "frame_size", "frame_selection", "views", "num_clips", "single_clip")
-    return {"model": str(pipeline.model.source), "top_k": args.top_k, **{k: pipeline.info.get(k) for k in keys}}
-
-
 def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
     from vimpac.errors import UsageError
 
@@ -174,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = pipeline_from_args(args, args.data, need_classifier=True)
     pipeline.tokenizer  # noqa: B018 - load and check it before the first video
     predictions, failures, done = [], [], set()
-    settings = settings_of(pipeline, args)
+    settings = {**pipeline.settings(), "top_k": args.top_k}
     if args.json and args.json.exists():
         predictions, failures = _previous_json(args.json, settings)
         done = {entry["video"] for entry in predictions + failures}
