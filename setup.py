@@ -27,7 +27,7 @@ setup(
         "numpy>=1.24,<2.4",
         "einops>=0.7",
         "lmdb>=1.4",
-        "av>=12",
+        "av>=14",
         "tensorboard>=2.14",
         "safetensors>=0.4",
         "tqdm>=4.60",

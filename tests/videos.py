@@ -44,10 +44,13 @@ def write_video(
     num_frames: int = 16,
     size: tuple[int, int] = (64, 80),
     pts_seconds: list[float] | None = None,
+    display: tuple[int, bool, bool] | None = None,
 ) -> Path:
     """Encode `frames` (uint8 [N, H, W, 3]; default `gradient_frames`) into `path`; codec from the extension.
 
     `pts_seconds` gives each frame's presentation time (variable frame rate); by default frame i is at i / fps.
+    `display` = (degrees, hflip, vflip) stores a display matrix: shown = the stored frame turned `degrees`
+    counter-clockwise, then mirrored (PyAV's `set_display_rotation`).
     """
     path = Path(path)
     if frames is None:
@@ -60,6 +63,9 @@ def write_video(
         stream.pix_fmt = pix_fmt
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
+        if display is not None:
+            degrees, hflip, vflip = display
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
         if codec == "libx264":
             stream.options = {"crf": "10", "preset": "ultrafast"}
         elif codec == "mpeg4":

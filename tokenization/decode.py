@@ -13,6 +13,10 @@ Frame selection "ffmpeg" instead reproduces the original release's extraction, l
 rounding "near", eof_action "round") followed by its `scale` filter: see `ffmpeg_fps_indices` for the rule, and
 frames are resized by the `scale` filter itself (default flags: bicubic), not by swscale's area filter.
 
+Frames are turned upright first, as players and the ffmpeg command line (autorotate) show them: a phone's
+portrait video is stored landscape with a display matrix saying "rotate 90°", and decoding it as stored would give
+the model sideways frames. See `Orientation`.
+
 Every bad input raises `DecodeError(stage, reason)`; extraction records it and moves on to the next video.
 """
 
@@ -69,6 +73,7 @@ class DecodeError(Exception):
 class VideoInfo:
     """What the container declares about the first video stream.
 
+    width, height: as stored (a display matrix may turn the frames by a quarter; decoding shows them upright);
     duration: seconds (0.0 when the container does not say); fps: average frame rate (0.0 when unknown);
     num_frames: frame count from the header, None when the container does not store one.
     """
@@ -365,34 +370,93 @@ def _timed_frames(
         yield previous
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Display orientation
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How a stored frame becomes the picture a player shows: transpose it (rows <-> columns) if `transpose`, then
+    reverse its rows (upside down) if `flip_rows` and its columns (mirror) if `flip_cols`. These eight cases are all
+    the rotations by multiples of 90° with or without a mirror."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    @classmethod
+    def from_matrix(cls, matrix: Sequence[int]) -> Orientation:
+        """The orientation of a display matrix (9 int32, libavutil's layout: (x', y') = (a·x + c·y, b·x + d·y) with
+        a, b, c, d = matrix[0], matrix[1], matrix[3], matrix[4]; x right, y down). Angles off a multiple of 90° snap
+        to the nearest one (ffmpeg would rotate by the odd angle and fill the corners; such files are rare)."""
+        a, b, c, d = (int(matrix[i]) for i in (0, 1, 3, 4))
+        if abs(b) + abs(c) > abs(a) + abs(d):
+            # x' = c·y and y' = b·x: rows of the result come from columns of the stored frame.
+            return cls(transpose=True, flip_rows=b < 0, flip_cols=c < 0)
+        return cls(flip_rows=d < 0, flip_cols=a < 0)
+
+    @property
+    def identity(self) -> bool:
+        return not (self.transpose or self.flip_rows or self.flip_cols)
+
+    def displayed_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) shown for a stored frame of `height` x `width`."""
+        return (width, height) if self.transpose else (height, width)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """[h, w, ...] as stored → [h', w', ...] as shown (contiguous)."""
+        if self.transpose:
+            image = image.swapaxes(0, 1)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_cols:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image)
+
+    def filters(self) -> list[tuple[str, str]]:
+        """The same as libavfilter filters ("transpose=cclock_flip" is the plain transpose)."""
+        named = [("transpose", "cclock_flip"), ("vflip", ""), ("hflip", "")]
+        return [f for f, on in zip(named, (self.transpose, self.flip_rows, self.flip_cols)) if on]
+
+
+def frame_orientation(frame: av.VideoFrame) -> Orientation:
+    """The orientation of `frame`'s display matrix (decoders attach the stream's to every frame); identity without."""
+    try:
+        matrix = frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]
+    except KeyError:
+        return Orientation()
+    return Orientation.from_matrix(np.frombuffer(bytes(matrix), dtype=np.int32))
+
+
 class ScaleFilter:
     """libavfilter's `scale` filter as the original release ran it (`scale=W:H`, default flags: bicubic), with the
     conversion to rgb24 in the same swscale pass (the original's later crop and flip accept rgb24, so format
     negotiation puts rgb24 on the scaler's output). Not swscale through `VideoFrame.reformat`: the filter places
     chroma samples differently, so the two disagree on colour edges even with the same bicubic kernel.
 
-    One graph per (input geometry and pixel format, output size), built on first use.
+    `orientation` filters go before the scale, where the ffmpeg command line's autorotate puts them (the original
+    release computed the scale's size from the stored frame, which squashes rotated videos; the size here is the
+    shown frame's). One graph per (input geometry and pixel format, orientation, output size), built on first use.
     """
 
     def __init__(self) -> None:
         self._graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-        key = (frame.width, frame.height, frame.format.name, width, height)
+    def __call__(
+        self, frame: av.VideoFrame, width: int, height: int, orientation: Orientation = Orientation()
+    ) -> np.ndarray:
+        key = (frame.width, frame.height, frame.format.name, orientation, width, height)
         ends = self._graphs.get(key)
         if ends is None:
             graph = av.filter.Graph()
             source = graph.add_buffer(
                 width=frame.width, height=frame.height, format=frame.format.name, time_base=Fraction(1, 1000)
             )
-            scale, rgb, sink = (
-                graph.add("scale", f"{width}:{height}"),
-                graph.add("format", "rgb24"),
-                graph.add("buffersink"),
-            )
-            source.link_to(scale)
-            scale.link_to(rgb)
-            rgb.link_to(sink)
+            chain = [graph.add(name, args) for name, args in orientation.filters()]
+            chain += [graph.add("scale", f"{width}:{height}"), graph.add("format", "rgb24"), graph.add("buffersink")]
+            for upstream, downstream in zip([source, *chain], chain):
+                upstream.link_to(downstream)
+            sink = chain[-1]
             graph.configure()
             ends = self._graphs[key] = (graph, source, sink)
         _, source, sink = ends
@@ -403,12 +467,17 @@ class ScaleFilter:
 def resize_frame(
     frame: av.VideoFrame, shorter: int, selection: str = DEFAULT_FRAME_SELECTION, scaler: ScaleFilter | None = None
 ) -> np.ndarray:
-    """uint8 [h, w, 3] RGB of `frame` with its shorter side scaled to `shorter` (resized_size rule): swscale's area
-    filter for selection "vimpac", libavfilter's `scale` filter (bicubic) for "ffmpeg" (`scaler` reuses graphs)."""
-    h, w = resized_size(frame.height, frame.width, shorter)
+    """uint8 [h, w, 3] RGB of `frame` turned upright (`frame_orientation`) with its shorter side scaled to `shorter`
+    (resized_size rule): swscale's area filter for selection "vimpac", libavfilter's `scale` filter (bicubic) for
+    "ffmpeg" (`scaler` reuses graphs)."""
+    orientation = frame_orientation(frame)
+    h, w = resized_size(*orientation.displayed_size(frame.height, frame.width), shorter)
     if selection == "ffmpeg":
-        return (scaler or ScaleFilter())(frame, w, h)
-    return frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
+        return (scaler or ScaleFilter())(frame, w, h, orientation)
+    # Resize as stored, then turn the small result: the area filter treats rows and columns alike.
+    stored_h, stored_w = orientation.displayed_size(h, w)
+    rgb = frame.reformat(width=stored_w, height=stored_h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
+    return rgb if orientation.identity else orientation.apply(rgb)
 
 
 def _check_selection(selection: str) -> None:
