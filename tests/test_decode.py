@@ -337,6 +337,24 @@ def test_audio_only(tmp_path, name, codec, fmt):
         probe(path)
 
 
+def test_a_cover_picture_stream_before_the_video_is_passed_over(tmp_path):
+    """Matroska keeps stream order, so a one-frame still picture can be the first video stream."""
+    path = tmp_path / "a.mkv"
+    frames = gradient_frames(16, 32, 48)
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg")
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        video = container.add_stream("libx264", rate=8)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        for stream, pictures in ((cover, [np.full((64, 64, 3), 200, np.uint8)]), (video, frames)):
+            for picture in pictures:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+            container.mux(stream.encode())
+    assert (probe(path).codec, probe(path).width) == ("h264", 48)
+    decoded = [f[32] for f in iter_frames(path, 8, [32])]
+    assert [frame_index(f) for f in decoded] == list(range(16))
+
+
 def truncate(path, fraction):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])

@@ -257,7 +257,9 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams}) or ["none"]
         raise DecodeError("probe", f"no video stream (streams: {', '.join(kinds)})")
-    stream = container.streams.video[0]
+    # FFmpeg's choice, as players make it: the stream with the most frames, not the first one, which in a Matroska
+    # file can be a one-frame cover picture.
+    stream = container.streams.best("video") or container.streams.video[0]
     if not stream.codec_context.width or not stream.codec_context.height:
         raise DecodeError("probe", f"video stream has no frame size (codec {stream.codec_context.name})")
     return stream
