@@ -164,6 +164,16 @@ def test_bad_inputs_are_reported_and_the_others_go_on(setup, tmp_path, capsys):
     assert "is not the one the model's code database was made with" in capsys.readouterr().err
 
 
+def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not a list of videos either\n")
+    for command in (["predict"], ["embed", "--out", str(tmp_path / "emb")]):
+        assert cli_main([*command, str(empty), "--model", str(setup["run"])]) == 2
+        assert f"no video files in {empty} (folders are searched for .mp4 .webm" in capsys.readouterr().err
+    assert not (tmp_path / "emb").exists()
+
+
 def write_audio_only(path: Path) -> None:
     import av
 

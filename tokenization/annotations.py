@@ -57,7 +57,8 @@ from vimpac.errors import UsageError
 
 FORMATS = ("ssv2", "ucf101", "hmdb51", "kinetics", "diving48", "howto100m", "list")
 
-# Extensions accepted when a format allows "any extension", in order of preference when several exist.
+# What counts as a video file, by extension: the files a folder of videos is searched for (`vimpac predict`, `embed`,
+# `train-tokenizer`), and, when a format allows "any extension", the choice among several, in this order.
 VIDEO_EXTENSIONS = (
     ".mp4",
     ".webm",
@@ -72,6 +73,9 @@ VIDEO_EXTENSIONS = (
     ".3gp",
     ".ogv",
     ".ts",
+    ".mts",
+    ".m2ts",
+    ".gif",
 )
 
 

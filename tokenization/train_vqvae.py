@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from vimpac.atomic_write import atomic_path
 from vimpac.errors import UsageError
+from vimpac.tokenization.annotations import VIDEO_EXTENSIONS
 from vimpac.tokenization.decode import DecodeError, iter_frames
 from vimpac.tokenization.vqvae import VQVAE, VQVAEConfig, frames_to_input, output_to_frames, save_vqvae
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"})
 STATE_FILE = "train_state.pt"
 # Settings that may change between a run and its resumption; every other setting must match the saved state.
 RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every"})

@@ -32,6 +32,7 @@ import torch
 from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
 from vimpac.errors import UsageError
 from vimpac.finetune_data import average_view_probabilities
+from vimpac.tokenization.annotations import VIDEO_EXTENSIONS
 from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, resize_frame
 from vimpac.tokenization.views import View, apply_view, shorter_sides
 
@@ -49,7 +50,6 @@ RESULT_SETTINGS = (
     "clip_len",
 )
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the model; the tokenizer keeps the database's (its identity)
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 DEFAULT_ENCODE_BATCH = 64  # `vimpac tokenize --encode-batch`'s default
 
 
@@ -272,7 +272,8 @@ def load_pipeline(
 
 def video_files(inputs: Sequence[str | Path]) -> list[Path]:
     """Video paths from files, directories (their video files, recursively, sorted) and list files (.txt/.lst: one
-    path per line, relative to the list's folder; # comments). A missing path is kept: it fails as a video."""
+    path per line, relative to the list's folder; # comments). A missing path is kept: it fails as a video.
+    UsageError when the inputs name no video at all."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -285,6 +286,11 @@ def video_files(inputs: Sequence[str | Path]) -> list[Path]:
                     found.append(path if path.is_absolute() else item.parent / path)
         else:
             found.append(item)
+    if not found:
+        raise UsageError(
+            f"no video files in {' '.join(map(str, inputs))} (folders are searched for {' '.join(VIDEO_EXTENSIONS)}; "
+            "a .txt or .lst list names one video per line)"
+        )
     return found
 
 

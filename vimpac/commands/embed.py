@@ -46,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("videos", nargs="*", help="video files, folders of videos, or .txt list files of paths")
+    p.add_argument(
+        "videos",
+        nargs="*",
+        help="video files, folders (searched recursively for video files), or .txt/.lst lists of paths",
+    )
     add_model_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (created; resumed when it exists)")
     p.add_argument("--feature", choices=("cls", "mean", "both"), default="cls", help="which feature (default cls)")

@@ -103,7 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("videos", nargs="+", help="video files, folders of videos, or .txt list files of paths")
+    p.add_argument(
+        "videos",
+        nargs="+",
+        help="video files, folders (searched recursively for video files), or .txt/.lst lists of paths",
+    )
     add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="labels per video (default 5)")
     out = p.add_mutually_exclusive_group()
@@ -160,8 +164,6 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
     videos = video_files(args.videos)
-    if not videos:
-        raise UsageError(f"no video files in {' '.join(args.videos)}")
     for output in (args.json, args.csv):
         if output is not None:  # now, not when the first results are written
             output.parent.mkdir(parents=True, exist_ok=True)
