@@ -427,7 +427,10 @@ def frame_orientation(frame: av.VideoFrame) -> Orientation:
         matrix = frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]
     except KeyError:
         return Orientation()
-    return Orientation.from_matrix(np.frombuffer(bytes(matrix), dtype=np.int32))
+    data = bytes(matrix)
+    if len(data) != 36:  # not the 3x3 int32 matrix libavutil defines: nothing to go by
+        return Orientation()
+    return Orientation.from_matrix(np.frombuffer(data, dtype=np.int32))
 
 
 class ScaleFilter:
