@@ -7,18 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vimpac.clip_windows import clip_frame_indices, clip_slack, evaluation_starts, frame_stride, take_clip, window_span
 from vimpac.code_db import CodeDatabaseWriter
-from vimpac.data import (
-    PretrainClips,
-    ResumableDistributedSampler,
-    clip_frame_indices,
-    clip_slack,
-    evaluation_starts,
-    frame_stride,
-    pair_starts,
-    take_clip,
-    window_span,
-)
+from vimpac.data import PretrainClips, ResumableDistributedSampler, pair_starts
 from vimpac.errors import UsageError
 from vimpac.masking import IGNORE_INDEX
 

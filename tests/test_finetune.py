@@ -17,8 +17,8 @@ from safetensors import safe_open
 from tests.helpers import REPO, environment, launcher
 from tests.synthetic_codes import GRID, VOCAB, write_labeled
 from vimpac.checkpoint import export_weights
+from vimpac.clip_windows import clip_slack, evaluation_starts
 from vimpac.config import VimpacConfig
-from vimpac.data import clip_slack, evaluation_starts
 from vimpac.dist_setup import free_port
 from vimpac.errors import UsageError
 from vimpac.finetune_data import (

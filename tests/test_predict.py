@@ -252,6 +252,22 @@ def test_streamed_codes_equal_one_video_at_a_time_in_input_order(setup, tmp_path
         else:
             assert len(a) == len(b) == len(VIEWS) and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert np.array_equal(streamed[0][2][1], streamed[3][2][1])
+    # Only the frames the evaluation clips read are encoded; they equal those of encoding every frame.
+    every = list(file_codes(pipeline, items, workers=2, every_frame=True))
+    skipped = 0
+    for (_, _, planned), (_, _, full) in zip(streamed, every):
+        if isinstance(full, dict):
+            continue
+        for a, b in zip(planned, full):
+            read = pipeline.evaluation_frames(len(b))
+            assert np.array_equal(a[read], b[read]) and (a[[i for i in range(len(b)) if i not in read]] == -1).all()
+            skipped += len(b) - len(read)
+    assert skipped > 0
+    assert all(
+        torch.equal(pipeline.clips(a), pipeline.clips(b))
+        for (*_, a), (*_, b) in zip(streamed, every)
+        if isinstance(a, list)
+    )
 
 
 @pytest.mark.parametrize("clips_per_forward", [1, 5, 64])

@@ -25,12 +25,30 @@ BACKLOG_BATCHES = 4  # encoder batches of frames waiting, beyond which a round e
 
 @dataclass(frozen=True)
 class Encoded:
-    """A video whose every frame is encoded: codes int64 [n, h, w] per view (in the pool's view order)."""
+    """A video, encoded: codes int64 [m, h, w] per view (in the pool's view order) of the frames `frame_indices`
+    (sorted) of its `num_frames`, or of every frame (m = num_frames) when `frame_indices` is None (a pool
+    without a plan)."""
 
     id: str
     codes: list[np.ndarray]
     duration: float  # seconds, as the container declares it
     fps: float  # the source's frame rate
+    num_frames: int
+    frame_indices: list[int] | None = None
+
+
+def full_codes(codes: Sequence[np.ndarray], num_frames: int, indices: Sequence[int] | None) -> list[np.ndarray]:
+    """[num_frames, h, w] per view from the codes [m, h, w] of the frames `indices` (None: of every frame), -1 at
+    the frames that were not encoded, so that reading one fails loudly (an embedding lookup of -1) instead of
+    passing for a code."""
+    if indices is None:
+        return list(codes)
+    full = []
+    for view_codes in codes:
+        view = np.full((num_frames, *view_codes.shape[1:]), -1, dtype=view_codes.dtype)
+        view[list(indices)] = view_codes
+        full.append(view)
+    return full
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,7 @@ class Assembler:
         self.pending_frames = 0
         self.codes: dict[str, list[list[np.ndarray]]] = {}
         self.waiting: dict[str, int] = {}  # frames not yet encoded, per video
-        self.finished: dict[str, tuple[float, float]] = {}  # decode done: duration, fps
+        self.finished: dict[str, tuple] = {}  # decode done: duration, fps, frame count, frame indices or None
         self.encoded_frames = 0
 
     def add_chunk(self, video_id: str, frames: np.ndarray) -> None:
@@ -68,10 +86,12 @@ class Assembler:
         self.pending_frames += frames.shape[0] * frames.shape[1]
         self.waiting[video_id] = self.waiting.get(video_id, 0) + frames.shape[0] * frames.shape[1]
 
-    def finish(self, video_id: str, duration: float, fps: float) -> None:
+    def finish(
+        self, video_id: str, duration: float, fps: float, num_frames: int, indices: list[int] | None = None
+    ) -> None:
         self.codes.setdefault(video_id, [[] for _ in range(self.num_views)])
         self.waiting.setdefault(video_id, 0)
-        self.finished[video_id] = (duration, fps)
+        self.finished[video_id] = (duration, fps, num_frames, indices)
 
     def drop(self, video_id: str) -> None:
         self.pending = [p for p in self.pending if p[0] != video_id]
@@ -110,10 +130,10 @@ class Assembler:
         done = [vid for vid in self.finished if self.waiting.get(vid, 0) == 0]
         out = []
         for video_id in done:
-            duration, fps = self.finished.pop(video_id)
+            duration, fps, num_frames, indices = self.finished.pop(video_id)
             per_view = [np.concatenate(parts) for parts in self.codes.pop(video_id)]
             self.waiting.pop(video_id, None)
-            out.append(Encoded(video_id, per_view, duration, fps))
+            out.append(Encoded(video_id, per_view, duration, fps, num_frames, indices))
         return out
 
 
@@ -155,7 +175,7 @@ def stream_codes(
                 pool.current = {w: v for w, v in pool.current.items() if v != video_id}
                 decoding -= 1
                 if kind == "done":
-                    assembler.finish(video_id, msg[2], msg[3])
+                    assembler.finish(video_id, *msg[2:])
                 else:
                     failed.append(Failed(video_id, msg[2], msg[3]))
         if messages:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -490,6 +490,35 @@ def _check_selection(selection: str) -> None:
         raise ValueError(f"frame selection must be one of {FRAME_SELECTIONS}, got {selection!r}")
 
 
+def _rule(fps: float, selection: str) -> tuple[Callable, Callable, Callable]:
+    """The tick functions of a frame selection for `_shown_targets`: (first, next, end)."""
+    if selection == "ffmpeg":
+        rate = fps_fraction(fps)
+
+        def first_tick(timed: _Timed) -> int:
+            return ffmpeg_tick(timed.exact, rate)
+
+        def next_tick(timed: _Timed, start: float, tick: int) -> int:
+            return ffmpeg_tick(timed.exact, rate)
+
+        def end_tick(held: _Timed, start: float, end: float) -> int:
+            # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
+            return ffmpeg_tick(held.exact + held.exact_duration if held.duration > 0 else Fraction(end), rate)
+
+        return first_tick, next_tick, end_tick
+
+    def first_tick(timed: _Timed) -> int:
+        return 0
+
+    def next_tick(timed: _Timed, start: float, tick: int) -> int:
+        return shown_until(timed.time, start, fps, tick)
+
+    def end_tick(held: _Timed, start: float, end: float) -> int:
+        return target_count(start, end, fps)
+
+    return first_tick, next_tick, end_tick
+
+
 def iter_frames(
     path: str | Path,
     fps: float,
@@ -509,82 +538,165 @@ def iter_frames(
     stream ends well before its declared duration (truncated file) — the error can come after some items were
     yielded, so callers must drop partial results; "resample" when the video is too short for one target frame.
     """
+    for _, frames in _decoded_targets(path, fps, shorter_sides, threads, selection):
+        yield frames
+
+
+def _decoded_targets(
+    path: str | Path,
+    fps: float,
+    shorter_sides: Sequence[int],
+    threads: int,
+    selection: str,
+    keep: Collection[int] | None = None,
+) -> Iterator[tuple[int, dict[int, np.ndarray] | None]]:
+    """(k, frames) for every target k = 0, 1, ... of `path` (see iter_frames); frames is None, and the source frame
+    is not converted, for a k outside `keep` (None keeps every k)."""
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     _check_selection(selection)
     sides = list(dict.fromkeys(shorter_sides))
     scaler = ScaleFilter() if selection == "ffmpeg" else None
 
-    def _resize(frame: av.VideoFrame) -> dict[int, np.ndarray]:
+    def resize(frame: av.VideoFrame) -> dict[int, np.ndarray]:
         return {shorter: resize_frame(frame, shorter, selection, scaler) for shorter in sides}
 
-    if selection == "ffmpeg":
-        rate = fps_fraction(fps)
-
-        def first_tick(timed: _Timed) -> int:
-            return ffmpeg_tick(timed.exact, rate)
-
-        def next_tick(timed: _Timed, start: float, tick: int) -> int:
-            return ffmpeg_tick(timed.exact, rate)
-
-        def end_tick(held: _Timed, start: float, end: float) -> int:
-            # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
-            return ffmpeg_tick(held.exact + held.exact_duration if held.duration > 0 else Fraction(end), rate)
-
-    else:
-
-        def first_tick(timed: _Timed) -> int:
-            return 0
-
-        def next_tick(timed: _Timed, start: float, tick: int) -> int:
-            return shown_until(timed.time, start, fps, tick)
-
-        def end_tick(held: _Timed, start: float, end: float) -> int:
-            return target_count(start, end, fps)
-
-    yield from _held_frames(path, fps, threads, _resize, first_tick, next_tick, end_tick)
-
-
-def _held_frames(path, fps: float, threads: int, resize, first_tick, next_tick, end_tick) -> Iterator[dict]:
-    """The streaming loop of `iter_frames` for either selection rule: each decoded frame is held and shown at every
-    target tick before the tick the next frame takes over. The rule gives the first frame's tick
-    (`first_tick(timed)`), the tick a later frame takes over at (`next_tick(timed, start, current tick)`) and the
-    end (`end_tick(last frame, start, end time)`: one past the last tick)."""
     with _open(path) as container:
         stream = _video_stream(container)
         _set_threads(stream, threads)
         declared_end = _declared_end(container, stream)
-        held: _Timed | None = None
-        first = tick = 0
-        start = 0.0
-        gap: float | None = None
-        for timed in _timed_frames(container, stream, declared_end):
-            if held is None:
-                start = timed.time
-                first = tick = first_tick(timed)
-            else:
-                took_over = next_tick(timed, start, tick)
-                if took_over > tick:
-                    resized = resize(held.frame)
-                    for _ in range(took_over - tick):
-                        yield dict(resized)
-                    tick = took_over
-                gap = timed.time - held.time
-            held = timed
+        timed = _timed_frames(container, stream, declared_end)
+        yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, _rule(fps, selection), resize, keep)
+
+
+def _shown_targets(
+    timed_frames: Iterable[_Timed],
+    declared_end: float | None,
+    stream_start: float,
+    fps: float,
+    rule: tuple[Callable, Callable, Callable],
+    resize: Callable,
+    keep: Collection[int] | None,
+) -> Iterator[tuple[int, dict | None]]:
+    """The streaming loop under iter_frames for either selection rule: each frame is held and shown at every target
+    tick before the tick the next frame takes over. `rule` gives the first frame's tick (`first(timed)`), the tick
+    a later frame takes over at (`next(timed, start, current tick)`) and the end (`end(last frame, start, end
+    time)`: one past the last tick). Yields (k, resize(frame)) per target k counted from 0, or (k, None) for a k
+    outside `keep` (None keeps all)."""
+    first_tick, next_tick, end_tick = rule
+    held: _Timed | None = None
+    first = tick = 0
+    start = 0.0
+    gap: float | None = None
+
+    def show(frame: av.VideoFrame | None, stop: int) -> Iterator[tuple[int, dict | None]]:
+        resized = None
+        for k in range(tick - first, stop - first):
+            if keep is not None and k not in keep:
+                yield k, None
+                continue
+            if resized is None:
+                resized = resize(frame)
+            yield k, dict(resized)
+
+    for timed in timed_frames:
         if held is None:
-            total = "unknown length" if declared_end is None else f"{declared_end - _stream_start(stream):.1f} s"
-            raise DecodeError("decode", f"truncated or damaged: no frame could be decoded (declared {total})")
-        end = stream_end(held.time, held.duration, declared_end, gap)
-        declared = None if declared_end is None else declared_end - start
-        if is_truncated(end - start, declared, gap or held.duration):
-            raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
-        stop = end_tick(held, start, end)
-        if stop <= first:
-            raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
-        if stop > tick:
-            resized = resize(held.frame)
-            for _ in range(stop - tick):
-                yield dict(resized)
+            start = timed.time
+            first = tick = first_tick(timed)
+        else:
+            took_over = next_tick(timed, start, tick)
+            if took_over > tick:
+                yield from show(held.frame, took_over)
+                tick = took_over
+            gap = timed.time - held.time
+        held = timed
+    if held is None:
+        total = "unknown length" if declared_end is None else f"{declared_end - stream_start:.1f} s"
+        raise DecodeError("decode", f"truncated or damaged: no frame could be decoded (declared {total})")
+    end = stream_end(held.time, held.duration, declared_end, gap)
+    declared = None if declared_end is None else declared_end - start
+    if is_truncated(end - start, declared, gap or held.duration):
+        raise DecodeError("decode", f"truncated: decoding stopped after {end - start:.1f} s of {declared:.1f} s")
+    stop = end_tick(held, start, end)
+    if stop <= first:
+        raise DecodeError("resample", f"too short: {end - start:.2f} s gives no frame at {fps:g} fps")
+    if stop > tick:
+        yield from show(held.frame, stop)
+
+
+def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_SELECTION) -> int | None:
+    """How many frames iter_frames(path, fps) yields, from the packets' timestamps alone (no decoding, so a small
+    fraction of a decode's time). Decoding normally gives each frame its packet's stamp and duration, so the count
+    is the decode's; None when a packet carries no presentation stamp. A file whose decoder drops or re-stamps
+    frames can still differ: `planned_view_frames` checks the count against its decode.
+
+    Raises DecodeError like iter_frames for what the packets alone show (open, probe, truncated, too short)."""
+    _check_selection(selection)
+    with _open(path) as container:
+        stream = _video_stream(container)
+        declared_end = _declared_end(container, stream)
+        time_base = stream.time_base
+        stamps = []
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            if packet.pts is None or not time_base:
+                return None
+            stamps.append((packet.pts, packet.duration or 0))
+        stamps.sort()
+        timed = (
+            _Timed(
+                None, float(pts * time_base), float(d * time_base), pts * Fraction(time_base), d * Fraction(time_base)
+            )
+            for pts, d in stamps
+        )
+        targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, _rule(fps, selection), None, ())
+        return sum(1 for _ in targets)
+
+
+def _view_crops(views: Sequence[View], out: int) -> None:
+    too_small = [view.name for view in views if view.shorter < out]
+    if too_small:
+        raise ValueError(f"views {too_small} resize the shorter side below the crop size {out}")
+
+
+def planned_view_frames(
+    path: str | Path,
+    fps: float,
+    views: Sequence[View],
+    out: int,
+    plan: Callable[[int], Sequence[int]],
+    threads: int = 1,
+    selection: str = DEFAULT_FRAME_SELECTION,
+) -> tuple[int, list[int], np.ndarray]:
+    """Only the frames a consumer will read: (n, indices, frames uint8 [V, len(indices), out, out, 3]), where n is
+    the number of frames iter_view_frames would yield, indices = plan(n) (sorted, each < n) and frames are those
+    frames of it. Evaluation reads K clips of T frames of a video however long it is (the plan
+    vimpac.clip_windows.EvaluationFrames), so a long video costs its decode but not the conversion and encoding of
+    every frame.
+
+    n comes from the packets (`count_targets`) before decoding; should the decode find another count, the video
+    is decoded again for the plan of the true count, so the result is always exact. Raises DecodeError like
+    iter_frames."""
+    _view_crops(views, out)
+    estimate = count_targets(path, fps, selection)
+    if estimate is None:  # no stamps to count: a decode without conversion counts
+        estimate = sum(1 for _ in _decoded_targets(path, fps, [], threads, selection, keep=()))
+    sides = shorter_sides(views)
+    for _ in range(2):
+        indices = [int(i) for i in plan(estimate)]
+        rows = {k: row for row, k in enumerate(indices)}
+        frames = np.empty((len(views), len(indices), out, out, 3), dtype=np.uint8)
+        n = 0
+        for k, resized in _decoded_targets(path, fps, sides, threads, selection, keep=rows):
+            if resized is not None:
+                for v, view in enumerate(views):
+                    frames[v, rows[k]] = apply_view(resized[view.shorter], view, out)
+            n = k + 1
+        if n == estimate:
+            return n, indices, frames
+        estimate = n
+    raise DecodeError("decode", "two decodes of the file gave different frame counts")
 
 
 def iter_view_frames(
@@ -602,9 +714,7 @@ def iter_view_frames(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    too_small = [view.name for view in views if view.shorter < out]
-    if too_small:
-        raise ValueError(f"views {too_small} resize the shorter side below the crop size {out}")
+    _view_crops(views, out)
     buffer = np.empty((len(views), chunk, out, out, 3), dtype=np.uint8)
     n = 0
     for resized in iter_frames(path, fps, shorter_sides(views), threads=threads, selection=selection):

@@ -7,7 +7,9 @@ frames per second would make the main process, not decoding, the limit. The main
 and hands the slot back; a worker with no free slot waits, which bounds memory however long a video is.
 
 Messages, read with `DecodePool.get`: ("start", video_id, worker), ("chunk", video_id, (worker, generation, slot,
-n)), ("done", video_id, duration_s, source_fps), ("fail", video_id, stage, reason). A restarted worker gets fresh
+n)), ("done", video_id, duration_s, source_fps, frames, indices), ("fail", video_id, stage, reason). `frames` is the
+video's frame count at the pool's fps; `indices` is None when every frame was sent, else the frames sent (a pool
+with a `plan` decodes only the frames plan(frames) names: `planned_view_frames`). A restarted worker gets fresh
 slots and a new generation, so a message left over from its dead predecessor can never read a reused slot.
 
 Each worker sends its messages through a pipe of its own, not a queue shared by all: a worker killed while
@@ -22,14 +24,20 @@ import queue
 import sys
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
 
-from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, probe
+from vimpac.tokenization.decode import (
+    DEFAULT_FRAME_SELECTION,
+    DecodeError,
+    iter_view_frames,
+    planned_view_frames,
+    probe,
+)
 from vimpac.tokenization.views import View
 
 SLOT_BYTES = 16 * 2**20  # chunks are cut so that one fits in this
@@ -61,6 +69,7 @@ def _decode_worker(
     views,
     out: int,
     selection: str,
+    plan: Callable[[int], Sequence[int]] | None,
     worker: int,
     generation: int,
 ):
@@ -77,16 +86,23 @@ def _decode_worker(
             results.send(("start", video_id, worker))
             try:
                 info = probe(path)
-                frames = 0
-                for frames_chunk in iter_view_frames(path, fps, views, out, chunk=chunk, selection=selection):
+                if plan is None:
+                    chunks, indices = iter_view_frames(path, fps, views, out, chunk=chunk, selection=selection), None
+                else:
+                    frames, indices, planned = planned_view_frames(path, fps, views, out, plan, selection=selection)
+                    chunks = (planned[:, i : i + chunk] for i in range(0, len(indices), chunk))
+                sent = 0
+                for frames_chunk in chunks:
                     slot = free.get()
                     n = frames_chunk.shape[1]
                     slots[slot, :, :n] = frames_chunk
                     results.send(("chunk", video_id, (worker, generation, slot, n)))
-                    frames += n
-                if frames == 0:
+                    sent += n
+                if sent == 0:
                     raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
-                results.send(("done", video_id, float(info.duration), float(info.fps)))
+                if plan is None:
+                    frames = sent
+                results.send(("done", video_id, float(info.duration), float(info.fps), frames, indices))
             except DecodeError as err:
                 results.send(("fail", video_id, err.stage, err.reason))
             except Exception as err:  # a decoder bug must cost one video, not the run
@@ -127,13 +143,14 @@ class DecodePool:
         out: int,
         chunk: int,
         selection: str = DEFAULT_FRAME_SELECTION,
+        plan: Callable[[int], Sequence[int]] | None = None,
     ):
         self._ctx = mp.get_context("forkserver")
         # The fork server imports the decoding modules once, and each worker forks from it with them loaded.
         self._ctx.set_forkserver_preload([__name__])
         self.tasks = self._ctx.Queue()
         self._slot_shape = (len(views), chunk_frames(len(views), out, chunk), out, out, 3)
-        self._args = (fps, list(views), out, selection)
+        self._args = (fps, list(views), out, selection, plan)
         self.current: dict[int, str] = {}  # worker → the video it is decoding
         self._procs: list = [None] * workers
         self._shm: list = [None] * workers

@@ -1,9 +1,6 @@
 """Clips of codes from a code database (docs/reference.md §3), pre-training samples, and a resumable sampler.
 
-Window arithmetic (all in database frames). A video has n frames at the database's fps; a clip takes T frames,
-one every r = db_fps / frame_rate frames. The clip starting at `start` reads frames start, start + r, ...,
-start + (T - 1)·r. Valid starts are 0..delta with delta = max(n + r - 1 - T·r, 0) (the "+ r - 1" lets the last
-frame be reached); a video shorter than the window gets delta = 0 and its clip is right-padded with PAD.
+Clip windows (which frames a clip reads, test clip starts) are vimpac.clip_windows.
 
 Randomness is a pure function of (seed, epoch, index): every sample draws from its own numpy Generator, so the
 result does not depend on the worker that computes it, on prefetching, or on where a run was resumed.
@@ -19,7 +16,6 @@ substitution is deterministic too; the item then also carries `bad_records` (1 w
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
+from vimpac.clip_windows import clip_slack, frame_stride, take_clip
 from vimpac.code_db import CodeDatabase, CorruptRecordError
 from vimpac.errors import UsageError
 from vimpac.masking import check_mask_config, mask_blocks
@@ -108,50 +105,7 @@ def bad_record_fields(bad: list[dict[str, str | None]]) -> dict[str, Any]:
     return {BAD_RECORDS_KEY: int(bool(bad)), BAD_RECORD_LOG_KEY: json.dumps(bad)}
 
 
-# ------------------------------------------------------------------------------------------ window arithmetic
-
-
-def frame_stride(db_fps: float, frame_rate: float | None) -> int:
-    """Frames of the database between two clip frames: db_fps / frame_rate, which must be a whole number >= 1.
-    frame_rate None means the database's own rate (stride 1)."""
-    if frame_rate is None:
-        return 1
-    if frame_rate <= 0:
-        raise UsageError(f"--frame-rate must be positive, got {frame_rate}")
-    ratio = db_fps / frame_rate
-    stride = round(ratio)
-    if stride < 1 or not math.isclose(ratio, stride, rel_tol=0, abs_tol=1e-6):
-        divisors = [db_fps / k for k in range(1, int(db_fps) + 1) if float(db_fps / k).is_integer()]
-        raise UsageError(
-            f"--frame-rate {frame_rate} does not divide the database's {db_fps} fps (ratio {ratio:.4g}); clips take "
-            f"every r-th stored frame, so use a rate with a whole ratio, e.g. one of {divisors}, or tokenize the "
-            "videos at a multiple of the wanted rate"
-        )
-    return stride
-
-
-def window_span(clip_len: int, stride: int) -> int:
-    """Database frames spanned by a clip window: T·r."""
-    return clip_len * stride
-
-
-def clip_slack(num_frames: int, clip_len: int, stride: int) -> int:
-    """delta = max(n + r - 1 - T·r, 0): the largest valid start (0 for a video shorter than the window)."""
-    return max(num_frames + stride - 1 - window_span(clip_len, stride), 0)
-
-
-def clip_frame_indices(start: int, clip_len: int, stride: int, num_frames: int) -> np.ndarray:
-    """Database frames read by the clip at `start`: start + r·k for k < T, keeping those < n (the rest is PAD)."""
-    idx = start + stride * np.arange(clip_len)
-    return idx[idx < num_frames]
-
-
-def take_clip(codes: np.ndarray, start: int, clip_len: int, stride: int, pad_id: int) -> np.ndarray:
-    """Clip of codes [n, h, w] -> int64 [T, h, w], right-padded along time with pad_id."""
-    idx = clip_frame_indices(start, clip_len, stride, codes.shape[0])
-    clip = np.full((clip_len, *codes.shape[1:]), pad_id, dtype=np.int64)
-    clip[: len(idx)] = codes[idx]
-    return clip
+# ------------------------------------------------------------------------------------------ sampling
 
 
 def random_start(delta: int, rng: np.random.Generator) -> int:
@@ -167,16 +121,6 @@ def pair_starts(delta: int, rng: np.random.Generator, relevance_range: int | Non
         return s1, random_start(delta, rng)
     lo, hi = max(s1 - relevance_range, 0), min(s1 + relevance_range, delta)
     return s1, int(rng.integers(lo, hi + 1))
-
-
-def evaluation_starts(delta: int, num_clips: int) -> list[int]:
-    """K uniformly spread test starts: int(delta·k / (K - 1)), k = 0..K-1, so the first and last clips touch the video's
-    ends. For K = 1 the clip is centred (delta // 2); the original put it at the start (docs/reference.md §8.6)."""
-    if num_clips < 1:
-        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-    if num_clips == 1:
-        return [delta // 2]
-    return [int(delta * k / (num_clips - 1)) for k in range(num_clips)]
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int, clip: int = 0) -> np.random.Generator:

@@ -10,7 +10,7 @@ evaluation database was made with and how fine-tuning evaluated it:
   frame_selection  how the database picked and resized frames ("vimpac" or "ffmpeg", `vimpac tokenize
               --frame-selection`); absent from settings written before it was recorded, which means "vimpac"
   views       the test views fine-tuning evaluated (run_config.json's test_views, e.g. r128_{top,center,bottom}_f0)
-  num_clips   K: clips per view at vimpac.data.evaluation_starts (default: the largest --last-test-clips)
+  num_clips   K: clips per view at vimpac.clip_windows.evaluation_starts (default: the largest --last-test-clips)
   single_clip where the one clip of K = 1 starts: "start" (frame 0) or "centre" (fine-tuning's --single-clip;
               "centre" for runs that predate the flag and for pre-training exports, as vimpac probe)
   clip_len    T of the model

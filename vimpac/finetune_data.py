@@ -20,7 +20,7 @@ Datasets:
                         from a generator seeded by (seed, epoch, index): keys are (epoch, index) pairs from
                         vimpac.data.ResumableDistributedSampler; optionally on a label_subset of the split, seen
                         `repeats` times per epoch
-  FinetuneTestClips     every test view × K uniformly spaced clips (vimpac.data.evaluation_starts; K = 1 is the
+  FinetuneTestClips     every test view × K uniformly spaced clips (vimpac.clip_windows.evaluation_starts; K = 1 is the
                         centre clip, or the first with single_clip="start", the original's and fine-tuning's
                         default): item i → tokens [V·K, T, h, w], view-major (view v, clip k at row v·K + k)
 Training and test views may live in different databases of the same videos (the demo writes a 6-view train
@@ -48,18 +48,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vimpac.clip_windows import clip_slack, evaluation_clip_starts, take_clip
 from vimpac.code_db import CodeDatabase, CorruptRecordError
 from vimpac.data import (
     SAMPLING_STREAM,
     CodeClips,
     bad_record_fields,
     check_bad_record_mode,
-    clip_slack,
-    evaluation_starts,
     random_start,
     read_or_substitute,
     sample_rng,
-    take_clip,
     warn_bad_record,
 )
 from vimpac.errors import UsageError
@@ -368,9 +366,7 @@ class FinetuneTestClips(CodeClips):
         return len(self.ids)
 
     def starts(self, num_frames: int) -> list[int]:
-        if self.num_clips == 1 and self.single_clip == "start":
-            return [0]
-        return evaluation_starts(clip_slack(num_frames, self.clip_len, self.stride), self.num_clips)
+        return evaluation_clip_starts(num_frames, self.clip_len, self.stride, self.num_clips, self.single_clip)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

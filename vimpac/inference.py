@@ -5,9 +5,9 @@ video at a time, with the same functions (vimpac.inference_stream runs many vide
   decode     vimpac.tokenization.decode.iter_view_frames: PyAV decoding, resampled to the database's fps with its
              frame selection, each test view (shorter-side resize, square crop) at the frame size
   encode     the tokenizer of the database (fingerprint checked), at its fixed network batch
-  clips      K clips per view at vimpac.data.evaluation_starts (K = 1: frame 0 with single_clip "start"), frame
+  clips      K clips per view at vimpac.clip_windows.evaluation_starts (K = 1: frame 0 with single_clip "start"), frame
              stride fps / frame_rate, PAD-padded
-             (vimpac.data.take_clip), view-major as vimpac.finetune_data.FinetuneTestClips
+             (vimpac.clip_windows.take_clip), view-major as vimpac.finetune_data.FinetuneTestClips
   predict    classifier logits per clip, softmax per clip, mean (vimpac.finetune_data.average_view_probabilities)
   embed      per clip the CLS vector and the non-PAD token mean (vimpac.probe.clip_features), mean over the clips
 so a video's probabilities equal those of `finetune.py --eval-only` on a code database of the same file made with
@@ -29,11 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
+from vimpac.clip_windows import EvaluationFrames, evaluation_clip_starts, frame_stride, take_clip
 from vimpac.errors import UsageError
 from vimpac.finetune_data import average_view_probabilities
 from vimpac.tokenization.annotations import VIDEO_EXTENSIONS
-from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, DecodeError, iter_view_frames, resize_frame
+from vimpac.tokenization.code_stream import full_codes
+from vimpac.tokenization.decode import (
+    DEFAULT_FRAME_SELECTION,
+    DecodeError,
+    iter_view_frames,
+    planned_view_frames,
+    resize_frame,
+)
 from vimpac.tokenization.views import View, apply_view, shorter_sides
 
 FEATURES = ("cls", "mean", "both")
@@ -139,9 +146,21 @@ class VideoPipeline:
                 out[v, t] = apply_view(resized[view.shorter], view, self.frame_size)
         return out
 
-    def codes(self, video: str | Path | np.ndarray) -> list[np.ndarray]:
-        """Codes int64 [n, h, w] per test view of a video file (DecodeError when it cannot be used) or array."""
-        if isinstance(video, (str, Path)):
+    @property
+    def evaluation_frames(self) -> EvaluationFrames:
+        """The frames of a video its evaluation clips read, as a function of the video's frame count."""
+        return EvaluationFrames(self.model.config.clip_len, self.stride, self.num_clips, self.single_clip)
+
+    def codes(self, video: str | Path | np.ndarray, every_frame: bool = True) -> list[np.ndarray]:
+        """Codes int64 [n, h, w] per test view of a video file (DecodeError when it cannot be used) or array. With
+        `every_frame` False a file's frames that no evaluation clip reads are neither converted nor encoded, and
+        hold -1 (planned_view_frames): what `tokens` needs, at a fraction of the cost on long videos."""
+        if isinstance(video, (str, Path)) and not every_frame:
+            n, indices, frames = planned_view_frames(
+                video, self.fps, self.views, self.frame_size, self.evaluation_frames, selection=self.frame_selection
+            )
+            chunks = (frames[:, i : i + DEFAULT_ENCODE_BATCH] for i in range(0, len(indices), DEFAULT_ENCODE_BATCH))
+        elif isinstance(video, (str, Path)):
             chunks = iter_view_frames(
                 video, self.fps, self.views, self.frame_size, chunk=DEFAULT_ENCODE_BATCH, selection=self.frame_selection
             )
@@ -153,13 +172,16 @@ class VideoPipeline:
                 per_view[v].append(self.tokenizer.encode(chunk[v]).cpu().numpy())
         if not per_view[0]:
             raise DecodeError("resample", f"too short: no frame at {self.fps:g} fps")
-        return [np.concatenate(parts) for parts in per_view]
+        codes = [np.concatenate(parts) for parts in per_view]
+        if isinstance(video, (str, Path)) and not every_frame:
+            return full_codes(codes, n, indices)
+        return codes
 
     def starts(self, num_frames: int) -> list[int]:
         """Clip starts of a video of `num_frames` codes: FinetuneTestClips.starts."""
-        if self.num_clips == 1 and self.single_clip == "start":
-            return [0]
-        return evaluation_starts(clip_slack(num_frames, self.model.config.clip_len, self.stride), self.num_clips)
+        return evaluation_clip_starts(
+            num_frames, self.model.config.clip_len, self.stride, self.num_clips, self.single_clip
+        )
 
     def clips(self, codes: Sequence[np.ndarray]) -> torch.Tensor:
         """int64 [V·K, T, h, w]: K evaluation clips of each view's codes, view-major (FinetuneTestClips' order)."""
@@ -170,7 +192,7 @@ class VideoPipeline:
         return torch.from_numpy(np.stack(rows))
 
     def tokens(self, video: str | Path | np.ndarray) -> torch.Tensor:
-        return self.clips(self.codes(video))
+        return self.clips(self.codes(video, every_frame=False))
 
     # --------------------------------------------------------------------------------------------- outputs
     def _chunks(self, tokens: torch.Tensor):

@@ -46,25 +46,30 @@ class VideoResult:
     failure: dict[str, str] | None = None
 
 
-def file_codes(pipeline: VideoPipeline, items: Sequence[tuple[str, str | Path]], workers: int) -> Iterator[Codes]:
+def file_codes(
+    pipeline: VideoPipeline, items: Sequence[tuple[str, str | Path]], workers: int, every_frame: bool = False
+) -> Iterator[Codes]:
     """Codes per test view of each (id, path) of `items`, in the order of `items`: decoded in `workers`
-    processes (at most one per video) and encoded in shared batches, or in this process when `workers` is 0."""
+    processes (at most one per video) and encoded in shared batches, or in this process when `workers` is 0.
+    Only the frames the evaluation clips read are encoded (the others hold -1; VideoPipeline.codes) unless
+    `every_frame`."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0; got {workers}")
     if workers == 0:
         for video_id, path in items:
             try:
-                yield video_id, str(path), pipeline.codes(path)
+                yield video_id, str(path), pipeline.codes(path, every_frame)
             except Exception as err:  # one bad video costs itself, not the run
                 yield video_id, str(path), failure(path, err)
         return
-    from vimpac.tokenization.code_stream import Assembler, Encoded, stream_codes
+    from vimpac.tokenization.code_stream import Assembler, Encoded, full_codes, stream_codes
     from vimpac.tokenization.decode_pool import DecodePool
 
     tokenizer = pipeline.tokenizer  # loaded (and checked) before any worker starts
     views, size = pipeline.views, pipeline.frame_size
+    plan = None if every_frame else pipeline.evaluation_frames
     pool = DecodePool(
-        min(workers, len(items)), pipeline.fps, views, size, DEFAULT_ENCODE_BATCH, pipeline.frame_selection
+        min(workers, len(items)), pipeline.fps, views, size, DEFAULT_ENCODE_BATCH, pipeline.frame_selection, plan
     )
     try:
         # The pool knows videos by their position, so the same file listed twice is two videos.
@@ -74,7 +79,7 @@ def file_codes(pipeline: VideoPipeline, items: Sequence[tuple[str, str | Path]],
         for event in stream_codes(pool, assembler, [(str(i), path) for i, (_, path) in enumerate(items)]):
             index = int(event.id)
             if isinstance(event, Encoded):
-                ready[index] = event.codes
+                ready[index] = full_codes(event.codes, event.num_frames, event.frame_indices)
             else:
                 ready[index] = {"video": str(items[index][1]), "stage": event.stage, "reason": event.reason}
             while position in ready:  # hand them on in input order

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from vimpac.clip_windows import clip_slack, take_clip
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig
-from vimpac.data import CodeClips, clip_slack, random_start, sample_rng, take_clip
+from vimpac.data import CodeClips, random_start, sample_rng
 from vimpac.errors import UsageError
 from vimpac.sharded_eval import evaluate_sharded
 from vimpac.tokenization.views import centre_view

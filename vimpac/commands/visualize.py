@@ -138,8 +138,8 @@ def check_vocabularies(db, tokenizer, config, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from vimpac.clip_windows import clip_slack, evaluation_starts, frame_stride, take_clip
     from vimpac.code_db import CodeDatabase
-    from vimpac.data import clip_slack, evaluation_starts, frame_stride, take_clip
     from vimpac.errors import UsageError
     from vimpac.masking import IGNORE_INDEX, check_mask_config, mask_blocks
     from vimpac.pretrain_eval import recorded_arguments
