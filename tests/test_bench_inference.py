@@ -55,3 +55,11 @@ def test_two_videos_write_consistent_json(bench, tmp_path):
     assert payload["streamed"]["predict"]["workers"] == 2 and payload["streamed"]["embed"]["failed"] == 0
     row = payload["one_at_a_time"]["predict"]
     assert 0 < row["tokens_seconds"] + row["model_seconds"] <= row["seconds"]
+
+
+def test_seconds_makes_long_videos(bench, tmp_path):
+    from vimpac.tokenization.decode import probe
+
+    folder = bench.make_corpus(tmp_path, videos=2, seed=0, seconds=3.0)
+    videos = sorted(folder.iterdir())
+    assert len(videos) == 2 and all(probe(v).duration == pytest.approx(3.0, abs=0.2) for v in videos)

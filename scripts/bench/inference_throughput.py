@@ -1,6 +1,7 @@
 """Benchmark `vimpac predict` and `vimpac embed` on video files: videos/s end to end on this machine.
 
     python scripts/bench/inference_throughput.py --videos 48 --json benchmarks/inference_cpu_2core.json
+    python scripts/bench/inference_throughput.py --seconds 60 --videos 8 --json benchmarks/inference_cpu_2core_60s.json
     python scripts/bench/inference_throughput.py --budget long --device cuda --videos 96 --json OUT.json
     python scripts/bench/inference_throughput.py --corpus DIR --export runs/demo/finetune_pretrained --device cuda
 
@@ -23,7 +24,8 @@ Inputs:
   --corpus DIR   video files to use (recursively; the first --videos of them, sorted); without it the script
                  writes --videos synthetic clips with `vimpac synth`'s generator at the corpus settings of the
                  demo budget --budget (vimpac.commands.demo.BUDGETS: default 6 motion classes at 96×112, long
-                 16 classes at 160×192; H.264)
+                 16 classes at 160×192; H.264), or with --seconds S that many videos of S seconds (the
+                 synthesizer's long unlabeled videos), where the evaluation clips read a small share of the frames
   --export DIR   a fine-tuned export or its run directory (its inference settings and tokenizer, as `vimpac
                  predict --model DIR` finds them; --tokenizer / --data as there; a pre-training export is
                  measured for embed only). Without it the script makes one at the sizes of --budget (tokenizer
@@ -71,8 +73,9 @@ METHOD = (
 )
 
 
-def make_corpus(out: Path, videos: int, seed: int, budget_name: str = "default") -> Path:
-    """`videos` synthetic clips (or a few more: whole classes) at the corpus settings of a demo budget."""
+def make_corpus(out: Path, videos: int, seed: int, budget_name: str = "default", seconds: float | None = None) -> Path:
+    """`videos` synthetic clips (or a few more: whole classes) at the corpus settings of a demo budget; with
+    `seconds`, `videos` long videos of that length instead (the synthesizer's unlabeled ones, one scene each)."""
     budget = BUDGETS[budget_name]
     classes = budget.classes or CLASS_KEYS
     generate(
@@ -80,9 +83,10 @@ def make_corpus(out: Path, videos: int, seed: int, budget_name: str = "default")
             out=out,
             seed=seed,
             classes=classes,
-            train_per_class=math.ceil(videos / len(classes)),
+            train_per_class=0 if seconds else math.ceil(videos / len(classes)),
             val_per_class=0,
-            unlabeled=0,
+            unlabeled=videos if seconds else 0,
+            unlabeled_seconds=seconds or 30.0,
             size=budget.video_size,
             calm=budget.calm,
             object_scale=budget.object_scale,
@@ -91,7 +95,7 @@ def make_corpus(out: Path, videos: int, seed: int, budget_name: str = "default")
         ),
         False,
     )
-    return out / "videos"
+    return out / "unlabeled" / "videos" if seconds else out / "videos"
 
 
 def make_export(out: Path, seed: int, budget_name: str = "default") -> Path:
@@ -274,6 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="folder of video files (default: synthetic clips made here)")
     parser.add_argument("--videos", type=int, default=24, help="videos measured per pass (default 24)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="without --corpus: long synthetic videos of this many seconds instead of the demo's clips",
+    )
     parser.add_argument("--budget", choices=("default", "long"), default="default", help="sizes without --export")
     parser.add_argument("--export", help="fine-tuned export or run directory (default: random weights made here)")
     parser.add_argument("--tokenizer", help="with --export: tokenizer directory (default: the one it names)")
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.corpus is not None:
             folder = args.corpus
         else:
-            folder = make_corpus(work / "synth", args.videos, args.seed, args.budget)
+            folder = make_corpus(work / "synth", args.videos, args.seed, args.budget, args.seconds)
         videos = video_files([folder])[: args.videos]
         if not videos:
             parser.error(f"no video files under {folder}")
@@ -323,7 +333,10 @@ def main(argv: list[str] | None = None) -> dict:
         **environment(torch.device(args.device)),
         "method": METHOD,
         "weights": "given export" if args.export else f"random init at the demo's {args.budget}-budget sizes",
-        "corpus": str(args.corpus) if args.corpus else f"synthetic (vimpac synth, demo {args.budget}-budget settings)",
+        "corpus": str(args.corpus)
+        if args.corpus
+        else f"synthetic (vimpac synth, demo {args.budget}-budget settings"
+        + (f", {args.seconds:g} s unlabeled videos)" if args.seconds else ")"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_average_1_5_15_min": {"before": list(load_before), "after": list(load_after)},
         "note": args.note,
