@@ -638,7 +638,8 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
         time_base = stream.time_base
         stamps = []
         for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's end-of-stream marker
+            # size 0: the demuxer's end-of-stream marker; discard: outside an edit list, decoded but never output
+            if packet.size == 0 or packet.is_discard:
                 continue
             if packet.pts is None or not time_base:
                 return None
