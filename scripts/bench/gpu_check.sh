@@ -6,6 +6,7 @@
 #   kernels     scripts/bench/kernels.py: Triton vs eager and torch.compile'd references, same run   ≤ 200 s
 #   train_step  one small-model step at 128 px, fp16: reference vs Triton attention, eager and compiled ≤ 360 s
 #   inference   predict/embed videos/s (scripts/bench/inference_throughput.py, long-budget sizes)    ≤ 120 s
+#   inference_long  the same on 8 synthetic 60 s videos (only the evaluated frames are tokenized)  ≤ 90 s
 #   tokenize    the tokenization benchmarks (VQ-VAE, DALL-E fp16)                                 ≤ 190 s
 #   demo_long   `vimpac demo --budget long` (fp16, one GPU), its report and pictures copied to $OUT  ≤ DEMO_LONG_S
 #   pretrain    a short fp16 pre-training run through the launcher script                         ≤ 110 s
@@ -19,7 +20,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/vimpac-gpu-check}
 mkdir -p "$OUT"
-SECTIONS=${*:-tests selfcheck kernels train_step inference tokenize demo_long pretrain}
+SECTIONS=${*:-tests selfcheck kernels train_step inference inference_long tokenize demo_long pretrain}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 || exit 1
@@ -65,6 +66,12 @@ if wanted inference; then
   echo "== vimpac predict / embed videos/s: streamed ($workers decode workers, batched, fp16) vs one video at a time"
   timeout 120 python3 scripts/bench/inference_throughput.py --device cuda --budget long --videos 96 --repeats 2 \
     --workers "$workers" --json "$OUT/inference_gpu_long_sizes.json" 2>&1 | tail -9
+fi
+
+if wanted inference_long; then
+  echo "== vimpac predict / embed videos/s on 60 s videos (the K = 5 clips read 25 of 240 frames per view)"
+  timeout 90 python3 scripts/bench/inference_throughput.py --device cuda --budget long --seconds 60 --videos 8 \
+    --repeats 2 --workers "$workers" --json "$OUT/inference_gpu_long_sizes_60s.json" 2>&1 | tail -9
 fi
 
 if wanted tokenize; then
