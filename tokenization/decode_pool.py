@@ -89,7 +89,7 @@ def _decode_worker(
                 if plan is None:
                     chunks, indices = iter_view_frames(path, fps, views, out, chunk=chunk, selection=selection), None
                 else:
-                    frames, indices, planned = planned_view_frames(path, fps, views, out, plan, selection=selection)
+                    count, indices, planned = planned_view_frames(path, fps, views, out, plan, selection=selection)
                     chunks = (planned[:, i : i + chunk] for i in range(0, len(indices), chunk))
                 sent = 0
                 for frames_chunk in chunks:
@@ -100,8 +100,7 @@ def _decode_worker(
                     sent += n
                 if sent == 0:
                     raise DecodeError("resample", f"too short: {info.duration:.2f} s gives no frame at {fps:g} fps")
-                if plan is None:
-                    frames = sent
+                frames = sent if indices is None else count
                 results.send(("done", video_id, float(info.duration), float(info.fps), frames, indices))
             except DecodeError as err:
                 results.send(("fail", video_id, err.stage, err.reason))

@@ -155,11 +155,12 @@ class VideoPipeline:
         """Codes int64 [n, h, w] per test view of a video file (DecodeError when it cannot be used) or array. With
         `every_frame` False a file's frames that no evaluation clip reads are neither converted nor encoded, and
         hold -1 (planned_view_frames): what `tokens` needs, at a fraction of the cost on long videos."""
+        num_frames, indices = 0, None  # every frame, unless planned
         if isinstance(video, (str, Path)) and not every_frame:
-            n, indices, frames = planned_view_frames(
+            num_frames, indices, frames = planned_view_frames(
                 video, self.fps, self.views, self.frame_size, self.evaluation_frames, selection=self.frame_selection
             )
-            chunks = (frames[:, i : i + DEFAULT_ENCODE_BATCH] for i in range(0, len(indices), DEFAULT_ENCODE_BATCH))
+            chunks = [frames]  # the tokenizer batches them itself
         elif isinstance(video, (str, Path)):
             chunks = iter_view_frames(
                 video, self.fps, self.views, self.frame_size, chunk=DEFAULT_ENCODE_BATCH, selection=self.frame_selection
@@ -172,10 +173,7 @@ class VideoPipeline:
                 per_view[v].append(self.tokenizer.encode(chunk[v]).cpu().numpy())
         if not per_view[0]:
             raise DecodeError("resample", f"too short: no frame at {self.fps:g} fps")
-        codes = [np.concatenate(parts) for parts in per_view]
-        if isinstance(video, (str, Path)) and not every_frame:
-            return full_codes(codes, n, indices)
-        return codes
+        return full_codes([np.concatenate(parts) for parts in per_view], num_frames, indices)
 
     def starts(self, num_frames: int) -> list[int]:
         """Clip starts of a video of `num_frames` codes: FinetuneTestClips.starts."""

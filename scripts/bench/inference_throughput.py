@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(
             f"--videos, --repeats and --workers must be >= 1; got {args.videos}, {args.repeats}, {args.workers}"
         )
+    if args.seconds is not None and (args.seconds <= 0 or args.corpus is not None):
+        parser.error(f"--seconds makes the synthetic videos: a positive length, without --corpus; got {args.seconds}")
     if args.export is None and (args.tokenizer or args.data):
         parser.error("--tokenizer and --data go with --export")
 
