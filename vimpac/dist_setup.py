@@ -10,17 +10,31 @@ DeepSpeed's CPU backend also JIT-compiles a shared-memory all-reduce op at initi
 C++ compiler on first use) that only its inference all-reduce calls, and maps a /dev/shm segment per rank
 (~69 MB) that it never unlinks: every CPU run would leave them behind until /dev/shm fills. Training never calls
 it, so `init_distributed` skips building it.
+
+Gloo's process groups have no shutdown: `destroy_process_group` only drops torch's references, and a group's
+threads stop when the last reference goes. A trained DeepSpeed engine is kept alive by the gradient hooks ZeRO
+registers (held by autograd, out of the garbage collector's sight) and holds the groups it uses; and
+torch.distributed.nn binds the default group into its functions' defaults when imported after initialisation
+(DeepSpeed imports it lazily). So the groups' threads used to run on into interpreter finalization and the exit,
+while the peers were exiting too, and now and then a finished rank aborted on its way out ("terminate called
+without an active exception"). `shutdown_distributed` takes the engines apart (`track_engine` registers them) and
+frees the groups while the interpreter is whole; tests/test_dist_teardown.py checks that no group thread is left.
+ZeRO-3 still leaks: its optimizer stays reachable from the partitioned parameters after `engine.destroy()`.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import socket
+import weakref
+from typing import Any
 
 import torch
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines `shutdown_distributed` takes apart
 
 
 def free_port() -> int:
@@ -65,12 +79,28 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     if not torch.cuda.is_available():
         # import_module: the attribute deepspeed.comm.torch is the torch package, not this submodule.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
+    # Its functions take `group=group.WORLD` as a default, evaluated at import: imported later (DeepSpeed does,
+    # lazily) they would hold the default group for the life of the process.
+    importlib.import_module("torch.distributed.nn.functional")
     deepspeed.init_distributed(dist_backend=backend)
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+def track_engine(engine: Any) -> None:
+    """Have `shutdown_distributed` take `engine` (a DeepSpeedEngine) apart before the process groups go."""
+    _ENGINES.add(engine)
+
+
 def shutdown_distributed() -> None:
-    """Tear the process group down before the interpreter exits: left alive, gloo's threads race the exit and a
-    rank can abort at the very end of a finished run ("terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Stop the process groups' threads while the interpreter is still whole (see the module docstring): remove
+    the tracked engines' hooks so that they and the groups they hold can be freed, destroy the groups through
+    DeepSpeed (which also drops its own references to them), and collect."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import deepspeed.comm
+
+    while _ENGINES:
+        _ENGINES.pop().destroy()  # no name left holding an engine through the collection
+    gc.collect()  # the engines, their optimizers and the parameters holding groups
+    deepspeed.comm.destroy_process_group()
+    gc.collect()

@@ -25,7 +25,7 @@ from deepspeed.accelerator import get_accelerator
 from vimpac.activation_checkpointing import enable_activation_checkpointing
 from vimpac.atomic_write import write_json_atomic
 from vimpac.checkpoint import latest_tag
-from vimpac.dist_setup import init_distributed
+from vimpac.dist_setup import init_distributed, track_engine
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
 from vimpac.errors import UsageError
 from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
@@ -141,6 +141,7 @@ def build_engine(
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, scheduler, warmup, total),
     )
+    track_engine(engine)
     if compile_backend is not None:
         engine.compile(backend=compile_backend)
     return engine
