@@ -4,7 +4,7 @@ Gloo's groups stop their threads only when the last reference to them goes, and 
 them through hooks autograd keeps; left to interpreter finalization, those threads raced the exit and a finished
 rank occasionally aborted ("terminate called without an active exception"). Checked here on 2 ranks under the
 deepspeed launcher: after vimpac/pretrain.py's `main` returns, no gloo or c10d store thread is left in either rank.
-ZeRO-3 is not covered: DeepSpeed's stage-3 optimizer stays reachable from its partitioned parameters after
+ZeRO-3 is not covered: DeepSpeed's stage-3 code keeps the model reachable from module-level state after
 `engine.destroy()`, so its groups still live until the process exits (vimpac/dist_setup.py).
 """
 

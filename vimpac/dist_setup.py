@@ -19,7 +19,8 @@ torch.distributed.nn binds the default group into its functions' defaults when i
 while the peers were exiting too, and now and then a finished rank aborted on its way out ("terminate called
 without an active exception"). `shutdown_distributed` takes the engines apart (`track_engine` registers them) and
 frees the groups while the interpreter is whole; tests/test_dist_teardown.py checks that no group thread is left.
-ZeRO-3 still leaks: its optimizer stays reachable from the partitioned parameters after `engine.destroy()`.
+ZeRO-3 still leaks: after `engine.destroy()` DeepSpeed's stage-3 code keeps the model reachable from module-level
+state (a stack of modules it never pops, an lru_cache keyed by modules), so those groups live until the exit.
 """
 
 from __future__ import annotations
