@@ -19,8 +19,9 @@ torch.distributed.nn binds the default group into its functions' defaults when i
 while the peers were exiting too, and now and then a finished rank aborted on its way out ("terminate called
 without an active exception"). `shutdown_distributed` takes the engines apart (`track_engine` registers them) and
 frees the groups while the interpreter is whole; tests/test_dist_teardown.py checks that no group thread is left.
-ZeRO-3 still leaks: after `engine.destroy()` DeepSpeed's stage-3 code keeps the model reachable from module-level
-state (a stack of modules it never pops, an lru_cache keyed by modules), so those groups live until the exit.
+Under ZeRO-3, `engine.destroy()` is not enough: DeepSpeed's stage-3 code keeps the model reachable from
+module-level state (a stack of modules it never pops, an lru_cache keyed by modules), which `shutdown_distributed`
+empties too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import gc
 import importlib
 import os
 import socket
+import sys
 import weakref
 from typing import Any
 
@@ -92,6 +94,24 @@ def track_engine(engine: Any) -> None:
     _ENGINES.add(engine)
 
 
+def _forget_zero3_modules() -> None:
+    """Drop the modules DeepSpeed's ZeRO-3 code keeps in module-level state after `engine.destroy()`: the forward
+    stack (the root module is pushed at set-up and never popped) and the release-plan lru_cache, keyed by the
+    parameter coordinator and submodules (the cache sits in a closure: DeepSpeed's NVTX wrapper hides it). Neither is
+    needed once the engines are gone; any name missing in another DeepSpeed version is left alone."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    release_plan = vars(cls).get("_PartitionedParameterCoordinator__params_to_release") if cls else None
+    for cell in getattr(release_plan, "__closure__", None) or ():
+        cache_clear = getattr(cell.cell_contents, "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
+
+
 def shutdown_distributed() -> None:
     """Stop the process groups' threads while the interpreter is still whole (see the module docstring): remove
     the tracked engines' hooks so that they and the groups they hold can be freed, destroy the groups through
@@ -102,6 +122,7 @@ def shutdown_distributed() -> None:
 
     while _ENGINES:
         _ENGINES.pop().destroy()  # no name left holding an engine through the collection
+    _forget_zero3_modules()
     gc.collect()  # the engines, their optimizers and the parameters holding groups
     deepspeed.comm.destroy_process_group()
     gc.collect()
