@@ -97,7 +97,7 @@ def track_engine(engine: Any) -> None:
 def _forget_zero3_modules() -> None:
     """Drop the modules DeepSpeed's ZeRO-3 code keeps in module-level state after `engine.destroy()`: the forward
     stack (the root module is pushed at set-up and never popped) and the release-plan lru_cache, keyed by the
-    parameter coordinator and submodules (the cache sits in a closure: DeepSpeed's NVTX wrapper hides it). Neither is
+    parameter coordinator and submodules (the cache sits in the closure of DeepSpeed's NVTX wrapper). Neither is
     needed once the engines are gone; any name missing in another DeepSpeed version is left alone."""
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     stack = getattr(offload, "FWD_MODULE_STACK", None)
@@ -106,8 +106,9 @@ def _forget_zero3_modules() -> None:
     coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
     cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
     release_plan = vars(cls).get("_PartitionedParameterCoordinator__params_to_release") if cls else None
-    for cell in getattr(release_plan, "__closure__", None) or ():
-        cache_clear = getattr(cell.cell_contents, "cache_clear", None)
+    cells = [cell.cell_contents for cell in getattr(release_plan, "__closure__", None) or ()]
+    for candidate in (release_plan, getattr(release_plan, "__wrapped__", None), *cells):
+        cache_clear = getattr(candidate, "cache_clear", None)
         if callable(cache_clear):
             cache_clear()
 
