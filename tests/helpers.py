@@ -69,20 +69,29 @@ RUN += ["--lr", "1e-2", "--warm-up", "0.1"]
 LOSSES = ("loss/total", "loss/mlm", "loss/nce", "accuracy/mlm", "accuracy/nce")
 
 
-def command(db: Path, output: Path, ranks: int, *flags: str) -> list[str]:
-    """vimpac.pretrain with MODEL and RUN on `db`, writing to `output`, in one process or over `ranks` ranks."""
-    return [*launcher("vimpac.pretrain", ranks), "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
+def command(db: Path, output: Path, ranks: int, *flags: str, entry: str = "vimpac.pretrain") -> list[str]:
+    """`entry` (vimpac.pretrain, or a test wrapper taking its flags) with MODEL and RUN on `db`, writing to
+    `output`, in one process or over `ranks` ranks."""
+    return [*launcher(entry, ranks), "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
 
 
 def shm_segments() -> set[Path]:
     return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
 
 
-def train(db: Path, output: Path, ranks: int, *flags: str) -> dict[int, dict]:
-    """Run `command(...)` to the end; return its metrics. Fails when it fails or leaves DeepSpeed's shm segments."""
+def train(
+    db: Path, output: Path, ranks: int, *flags: str, entry: str = "vimpac.pretrain", env: dict[str, str] | None = None
+) -> dict[int, dict]:
+    """Run `command(...)` to the end (`env`: variables added to `environment()`); return its metrics. Fails when
+    it fails or leaves DeepSpeed's shm segments."""
     before = shm_segments()
     result = subprocess.run(
-        command(db, output, ranks, *flags), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+        command(db, output, ranks, *flags, entry=entry),
+        cwd=REPO,
+        env={**environment(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert shm_segments() <= before, "DeepSpeed's CPU all-reduce segments were left in /dev/shm"

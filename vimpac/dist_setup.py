@@ -18,7 +18,7 @@ torch.distributed.nn binds the default group into its functions' defaults when i
 (DeepSpeed imports it lazily). So the groups' threads used to run on into interpreter finalization and the exit,
 while the peers were exiting too, and now and then a finished rank aborted on its way out ("terminate called
 without an active exception"). `shutdown_distributed` takes the engines apart (`track_engine` registers them) and
-frees the groups while the interpreter is whole; tests/test_dist_teardown.py checks that no group thread is left.
+frees the groups while the interpreter is whole; tests/test_pretrain_runs.py checks that no group thread is left.
 Under ZeRO-3, `engine.destroy()` is not enough: DeepSpeed's stage-3 code keeps the model reachable from
 module-level state (a stack of modules it never pops, an lru_cache keyed by modules), which `shutdown_distributed`
 empties too.
