@@ -4,7 +4,8 @@ It builds and resumes the run exactly as vimpac/pretrain.py does, then, instead 
 holds to $RESUME_PROBE_OUTPUT (rank 0; torch.save): every parameter's full fp32 value and Adam moments, read with
 DeepSpeed's public `safe_get_full_*` API under ZeRO (every rank takes part: they are collectives) and from the
 module / torch optimizer at stage 0, plus the buffers, the base optimizer's step counts, the learning rates of the
-param groups, the engine's step counter and the trainer's epoch position.
+param groups, the engine's step counter and the trainer's epoch position. With RESUME_PROBE_THEN_TRAIN=1 the run
+then trains on as vimpac/pretrain.py would, so one launch both probes a resume and continues it.
 """
 
 from __future__ import annotations
@@ -60,5 +61,12 @@ def probe(trainer: Trainer) -> None:
 
 
 if __name__ == "__main__":
-    Trainer.fit = probe
+    fit = Trainer.fit
+
+    def probe_then_maybe_fit(trainer: Trainer) -> None:
+        probe(trainer)
+        if os.environ.get("RESUME_PROBE_THEN_TRAIN") == "1":
+            fit(trainer)
+
+    Trainer.fit = probe_then_maybe_fit
     sys.exit(main())

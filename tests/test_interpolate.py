@@ -180,13 +180,23 @@ RUN = ["--deepspeed_config", "ds_configs/cpu.json", "--batch-size", "8", "--bs-p
 RUN += ["--lr", "1e-2", "--warm-up", "3", "--epochs", "4"]  # 2 steps per epoch on 16 videos: 8 steps in all
 
 
-def launch(entry: str, db: Path, output: Path, frame: int, ranks: int, *flags: str, probe: Path | None = None):
+def launch(
+    entry: str,
+    db: Path,
+    output: Path,
+    frame: int,
+    ranks: int,
+    *flags: str,
+    probe: Path | None = None,
+    then_train: bool = False,
+):
     """Run `entry` (vimpac.pretrain, or the path of tests/resume_probe.py) in one process or over `ranks` ranks."""
     args = [*launcher(entry, ranks), "--data", str(db), "--output", str(output), "--frame-size", str(frame)]
     args += [*MODEL, *RUN, *flags]
     env = environment()
     if probe is not None:
         env["RESUME_PROBE_OUTPUT"] = str(probe)
+        env["RESUME_PROBE_THEN_TRAIN"] = "1" if then_train else "0"
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -196,10 +206,14 @@ def run_ok(*args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def probe_state(db: Path, output: Path, frame: int, ranks: int, *flags: str) -> dict:
+def probe_state(
+    db: Path, output: Path, frame: int, ranks: int, *flags: str, then_train: bool = False
+) -> tuple[dict, subprocess.CompletedProcess]:
+    """Resume `output` and read what the engine holds (tests/resume_probe.py); with `then_train`, the same launch
+    then trains on to the end of the schedule, as `vimpac.pretrain --resume` would."""
     path = output.parent / f"probe_{output.name}_{frame}.pt"
-    run_ok(str(PROBE), db, output, frame, ranks, *flags, "--resume", probe=path)
-    return torch.load(path, weights_only=False)
+    result = run_ok(str(PROBE), db, output, frame, ranks, *flags, "--resume", probe=path, then_train=then_train)
+    return torch.load(path, weights_only=False), result
 
 
 def expected_lr(step: int) -> float:
@@ -275,12 +289,10 @@ def test_resume_at_a_larger_frame_size_interpolates_and_continues(databases, tmp
     output = tmp_path / "run"
     old_config, new_config = small_model_configs()
     run_ok("vimpac.pretrain", small, output, 32, 1, "--interval", "2")  # epochs 0-1: steps 1-4, ZeRO 2
-    new = probe_state(large, output, 64, 1)
     old = zero_checkpoint_state(output / "checkpoints" / "step00000004")
+    new, resumed = probe_state(large, output, 64, 1, then_train=True)
     assert_resized(new, old, old_config, new_config)
     assert not any(p.name.startswith("resized-") for p in (output / "checkpoints").iterdir()), "scratch removed"
-
-    resumed = run_ok("vimpac.pretrain", large, output, 64, 1, "--resume")
     assert "positional tables and their Adam moments interpolated" in resumed.stdout
     metrics = read_metrics(output)
     assert sorted(metrics) == list(range(1, 9))  # the step counter continues: 5-8 in epochs 2 and 3
@@ -322,7 +334,7 @@ def test_resume_at_a_larger_frame_size_from_zero_stage_0(databases, tmp_path):
         "lr": [g["lr"] for g in saved["optimizer"]["param_groups"]],
         "global_steps": saved["global_steps"],
     }
-    new = probe_state(large, output, 64, 1, "--zero-stage", "0")
+    new, _ = probe_state(large, output, 64, 1, "--zero-stage", "0")
     assert_resized(new, old, old_config, new_config, step=3)
 
 
@@ -336,10 +348,9 @@ def test_resume_at_a_larger_frame_size_over_two_ranks(databases, tmp_path, stage
     # 2 ranks × 2 videos × 2 accumulation steps: still 2 steps per epoch.
     two = ["--batch-size", "8", "--bs-per-gpu", "2", "--zero-stage", str(stage)]
     run_ok("vimpac.pretrain", small, output, 32, 2, *two, "--interval", "2")
-    old = probe_state(small, output, 32, 2, *two)
-    new = probe_state(large, output, 64, 2, *two)
+    old, _ = probe_state(small, output, 32, 2, *two)
+    new, _ = probe_state(large, output, 64, 2, *two, then_train=True)
     assert_resized(new, old, old_config, new_config)
-    run_ok("vimpac.pretrain", large, output, 64, 2, *two, "--resume")
     metrics = read_metrics(output)
     assert sorted(metrics) == list(range(1, 9))
     for step, record in metrics.items():
