@@ -18,7 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vimpac",
         description=(
             "VIMPAC video pre-training. Pipeline: synth (or your videos) → train-tokenizer / convert-dalle → "
-            "tokenize (code database) → db inspect. Run `vimpac <command> --help` for each stage."
+            "tokenize (code database) → db inspect → pre-training → fine-tuning → predict / embed / probe. Run "
+            "`vimpac <command> --help` for each stage."
+        ),
+        epilog=(
+            "Pre-training and fine-tuning run under the DeepSpeed launcher, not as subcommands: "
+            "`deepspeed --num_gpus N vimpac/pretrain.py --deepspeed_config ds_configs/small.json --data DB ...`, "
+            "then `deepspeed --num_gpus N vimpac/finetune.py --deepspeed_config ds_configs/finetune_small.json "
+            "--data DB --load RUN/export ...` (`--module vimpac.pretrain` / `vimpac.finetune` from an installed "
+            "package; `python vimpac/pretrain.py ...` for one process). scripts/pretrain/ and scripts/finetune/ "
+            "hold the paper's recipes. Start with `vimpac demo`: it runs every stage on a synthetic corpus."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
