@@ -5,6 +5,7 @@ tests/synthetic_codes.py, tests/videos.py, tests/tokenizers.py), never from anot
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -73,6 +74,17 @@ def command(db: Path, output: Path, ranks: int, *flags: str, entry: str = "vimpa
     """`entry` (vimpac.pretrain, or a test wrapper taking its flags) with MODEL and RUN on `db`, writing to
     `output`, in one process or over `ranks` ranks."""
     return [*launcher(entry, ranks), "--data", str(db), "--output", str(output), *MODEL, *RUN, *flags]
+
+
+@contextlib.contextmanager
+def one_rank_process_group(backend: str, folder: Path) -> Iterator[None]:
+    """torch.distributed's default group over this process alone (store file in `folder`), destroyed on exit."""
+    init = f"file://{folder / 'process_group_store'}"
+    torch.distributed.init_process_group(backend, init_method=init, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def shm_segments() -> set[Path]:

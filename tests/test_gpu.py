@@ -1,5 +1,5 @@
-"""CUDA checks, run on the lent GPU machine (skipped without CUDA): the model under fp16 autocast, and the
-tokenizer on the GPU against the CPU."""
+"""CUDA checks, run on the lent GPU machine (skipped without CUDA): the model under fp16 autocast, the tokenizer
+on the GPU against the CPU, and the step metrics' all_reduce under NCCL."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import one_rank_process_group
 from tests.tokenizers import tiny_vqvae_dir
 from vimpac.config import VimpacConfig
 from vimpac.losses import info_nce, masked_token_loss
 from vimpac.masking import mask_batch
+from vimpac.metrics import StepAccumulator
 from vimpac.modeling import VimpacForPretraining
 from vimpac.tokenization.tokenizer import load_tokenizer
 from vimpac.tokenization.vqvae import frames_to_input
@@ -72,3 +74,15 @@ def test_vqvae_codes_on_gpu_match_cpu(tmp_path):
     book = cpu_tok.model.quantizer.codebook
     brute = torch.cdist(z_gpu.reshape(-1, book.shape[1]).double(), book.double()).argmin(1).view_as(gpu)
     assert (brute == gpu).float().mean() > 0.999
+
+
+def test_step_metrics_all_reduce_under_nccl(tmp_path):
+    """NCCL, the process group of GPU runs, moves CUDA tensors only: the trainer's per-step all_reduce of its metrics
+    must happen on the engine's device (a CPU tensor there stopped every multi-GPU run at its first step)."""
+    with one_rank_process_group("nccl", tmp_path):
+        with pytest.raises(RuntimeError):
+            torch.distributed.all_reduce(torch.zeros(2))  # what the metrics did before they took a device
+        meter = StepAccumulator(torch.device("cuda"))
+        meter.add("loss", torch.tensor(3.0, device="cuda"))
+        meter.add("loss", 5.0)
+        assert meter.reduce() == {"loss": 4.0}

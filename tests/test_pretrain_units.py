@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.helpers import one_rank_process_group
 from tests.synthetic_codes import VOCAB, write_code_database
 from vimpac.activation_checkpointing import activation_checkpointing_enabled, enable_activation_checkpointing
 from vimpac.config import VimpacConfig
@@ -83,6 +84,25 @@ def test_step_accumulator_weights():
     meter.add("acc", 1.0, weight=30)
     assert meter.reduce() == {"acc": pytest.approx(0.875), "loss": pytest.approx(3.0)}
     assert meter.reduce() == {}
+
+
+def test_step_accumulator_all_reduces_on_its_device(tmp_path, monkeypatch):
+    """In a process group the sums go through one all_reduce of a tensor on the accumulator's device (the engine's:
+    NCCL refuses CPU tensors; tests/test_gpu.py checks that on CUDA), a one-rank group included."""
+    seen = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", recording_all_reduce)
+    with one_rank_process_group("gloo", tmp_path):
+        meter = StepAccumulator(torch.device("cpu"))
+        meter.add("acc", torch.tensor(0.25), weight=torch.tensor(4))
+        meter.add("acc", 1.0, weight=0)
+        assert meter.reduce() == {"acc": 0.25}
+    assert seen == [torch.device("cpu")]
 
 
 def test_metrics_survive_a_torn_line(tmp_path):

@@ -26,9 +26,12 @@ class StepAccumulator:
     """Sums per-micro-step values of one optimizer step, then reduces them over ranks in one all_reduce.
 
     `add(name, value, weight)` accumulates value·weight and weight; `reduce()` returns {name: Σ value·weight /
-    Σ weight} over micro-steps and ranks (weights: 1 for plain means, counts for exact ratios) and resets."""
+    Σ weight} over micro-steps and ranks (weights: 1 for plain means, counts for exact ratios) and resets.
+    `device` is where the all_reduce happens: the engine's device, since NCCL (the process group on GPUs) moves
+    CUDA tensors only and refuses a CPU one."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._sums: dict[str, list[float]] = {}
 
     def add(self, name: str, value: float | torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
@@ -41,11 +44,12 @@ class StepAccumulator:
         self._sums, sums = {}, self._sums
         if not names:
             return {}
-        packed = torch.tensor([v for n in names for v in sums[n]], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.tensor([v for n in names for v in sums[n]], dtype=torch.float64, device=self.device)
+        # Also in a one-rank group: a one-GPU run then takes the path (and the device) of a many-GPU one.
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
-        pairs = packed.view(-1, 2)
-        return {n: (float(pairs[i, 0] / pairs[i, 1]) if pairs[i, 1] > 0 else 0.0) for i, n in enumerate(names)}
+        pairs = packed.view(-1, 2).tolist()
+        return {n: (total / weight if weight > 0 else 0.0) for n, (total, weight) in zip(names, pairs)}
 
 
 class MetricsWriter:

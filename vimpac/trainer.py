@@ -446,7 +446,7 @@ class Trainer:
             self.dataset.set_epoch(self.epoch)
             self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.global_batch)
             iterator = self.batches(iter(self.loader()))
-            meter = StepAccumulator()
+            meter = StepAccumulator(self.engine.device)
             self.epoch_bad_records = 0
             bar = tqdm(
                 total=self.steps_per_epoch,
