@@ -206,6 +206,8 @@ def test_embed_files_equals_embed_database_and_resumes(setup, tmp_path, capsys):
     np.testing.assert_allclose(a[order], b, rtol=1e-5, atol=1e-6)
     assert cli_main(["embed", str(setup["videos"]), "--out", str(files), *common[:2], "--feature", "cls"]) == 2
     assert "other settings (feature)" in capsys.readouterr().err
+    assert cli_main(["embed", "--db", str(setup["db"]), "--split", "train", "--out", str(from_db), *common]) == 2
+    assert "other settings (split)" in capsys.readouterr().err
     per_clip = tmp_path / "clips"
     assert cli_main(["embed", "--db", str(setup["db"]), "--out", str(per_clip), *common, "--per-clip"]) == 0
     assert np.load(per_clip / "embeddings.npy").shape == (4, 6, 64)  # 3 views × 2 clips

@@ -20,6 +20,7 @@ from vimpac.code_db import CodeDatabaseWriter
 from vimpac.commands import probe as probe_command
 from vimpac.config import VimpacConfig
 from vimpac.dist_setup import free_port
+from vimpac.finetune import build_parser as finetune_parser
 from vimpac.finetune_data import FinetuneTestClips, label_subset
 from vimpac.modeling import VimpacBackbone, VimpacForPretraining
 from vimpac.probe import (
@@ -222,10 +223,10 @@ def test_cli_subset_and_no_baseline(setup, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["pretrained"] and "random" not in capsys.readouterr().out
     assert report["train_videos"] == 8 and report["train_videos_per_class"] == {"min": 2, "max": 2}
-    # The videos fine-tuning's --labels-per-class 2 --labels-seed 0 trains on.
+    # The videos fine-tuning's --labels-per-class 2 trains on at its default --seed.
     train = FinetuneTestClips(db, "train", 3, pad_id=CONFIG.pad_id, views=["r32_center_f0"])
-    expected = label_subset(train.ids, train.labels.tolist(), 2, 0)
-    assert report["settings"]["label_subset"] == {"labels_per_class": 2, "seed": 0, "ids": expected}
+    expected = label_subset(train.ids, train.labels.tolist(), 2, finetune_parser().get_default("seed"))
+    assert report["settings"]["label_subset"] == {"labels_per_class": 2, "seed": 9595, "ids": expected}
     assert report["results"]["pretrained"]["cls"]["linear"]["cv_accuracy"] is None
 
 
@@ -259,6 +260,7 @@ def test_cli_help_and_defaults(capsys):
     assert probe_command.DEFAULT_K == probe.DEFAULT_K
     assert probe_command.DEFAULT_TEMPERATURE == probe.DEFAULT_TEMPERATURE
     assert probe_command.DEFAULT_WEIGHT_DECAYS == probe.DEFAULT_WEIGHT_DECAYS
+    assert finetune_parser().get_default("seed") == probe_command.FINETUNE_SEED
 
 
 def write_noisy(path, noise, classes=3, train=5, val=3, frames=4):

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "feature": args.feature,
         "per_clip": args.per_clip,
         "source": str(args.db) if args.db else "files",
+        **({"split": args.split} if args.db else {}),  # another split of the same database is other videos
     }
     done, rows = _resume(args.out, settings)
     partial = args.out / PARTIAL

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # the command imports torch and the model only when it runs
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# vimpac/finetune.py's --seed default, which seeds its --labels-per-class subset unless --labels-seed is given.
+FINETUNE_SEED = 9595
 
 EPILOG = """\
 Every video's feature is the mean over its evaluation views (--views; default r<S>_{top,center,bottom}_f0, the
@@ -77,7 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="fit on N training videos per class, the subset fine-tuning's --labels-per-class takes (default: all)",
     )
-    p.add_argument("--labels-seed", type=int, default=None, help="seed of that subset (default: --seed)")
+    p.add_argument(
+        "--labels-seed",
+        type=int,
+        default=FINETUNE_SEED,
+        help="seed of that subset: fine-tuning's --labels-seed, or its --seed where it had none (default "
+        "%(default)s, fine-tuning's default --seed)",
+    )
     p.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours of the kNN vote (default %(default)s)")
     p.add_argument(
         "--temperature",
@@ -246,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = FinetuneTestClips(train_db, train_split, config.clip_len, views=views_of(train_db), **common)
     eval_set = FinetuneTestClips(eval_db, eval_split, config.clip_len, views=views_of(eval_db), **common)
     train_items = list(range(len(train_set)))
-    labels_seed = args.seed if args.labels_seed is None else args.labels_seed
+    labels_seed = args.labels_seed
     subset = None
     if args.labels_per_class is not None:
         # Fine-tuning's low-label subset: the same N, seed and split give the very videos a fine-tuning run used.
