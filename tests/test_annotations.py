@@ -526,3 +526,12 @@ def test_binary_file_is_not_an_annotation(tmp_path, no_scan):
     binary.write_bytes(b"\x00\xff\xfe video bytes")
     assert "is not a UTF-8 text file" in usage_error("list", [binary], tmp_path)
     assert "is a directory" in usage_error("list", [tmp_path], tmp_path)
+
+
+def test_list_zero_padded_ids_are_the_same_class(tmp_path):
+    touch(tmp_path, "a.mp4", "b.mp4", "c.mp4")
+    listing = tmp_path / "train.txt"
+    listing.write_text("a.mp4 01\nb.mp4 1\nc.mp4 -0\n")
+    result = load_annotations("list", [listing], tmp_path)
+    assert result.classes == ["0", "1"]
+    assert [(vid, label) for vid, _, label, _ in summary(result)] == [("a", 1), ("b", 1), ("c", 0)]

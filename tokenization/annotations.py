@@ -481,6 +481,7 @@ def _parse_list(files: Sequence[Path], root: Path) -> tuple[list[str], list[_Row
             if label is not None and re.fullmatch(r"-?\d+", label):
                 if int(label) < -1:
                     raise UsageError(f"{path}:{number}: label {label}; class ids are >= 0 (-1: unlabeled)")
+                label = str(int(label))  # "07" and "7" are one class
                 kinds.setdefault("id", where)
             elif label is not None:
                 kinds.setdefault("name", where)
