@@ -8,7 +8,9 @@ import pytest
 from vimpac.errors import UsageError
 from vimpac.masking import (
     IGNORE_INDEX,
+    REPLACE_PROBS,
     axis_cover_probability,
+    block_actions,
     block_length_limits,
     check_mask_config,
     expected_mask_ratio,
@@ -226,15 +228,27 @@ def test_rand_replace_is_per_block_80_10_10():
     assert abs(noise.mean() - (V - 1) / 2) < 5 * V / np.sqrt(12 * len(noise))
 
 
-def test_rand_replace_with_overlapping_blocks_keeps_80_10_10_per_position():
-    """The last block covering a position decides; block choices are independent of geometry, so each masked
-    position is MASK / noise / unchanged with probabilities 80/10/10."""
+def test_keep_blocks_leave_earlier_blocks_as_they_were():
+    """Blocks fill one after another (the original's loop): MASK and noise blocks overwrite, keep blocks do not."""
+    mask, noise, keep = range(len(REPLACE_PROBS))
+    starts = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 3]])  # three blocks along w of a [1, 1, 5] clip
+    lengths = np.array([[1, 1, 3], [1, 1, 3], [1, 1, 2]])  # w 0-2, 1-3, 3-4
+    action = block_actions(starts, lengths, (1, 1, 5), np.array([mask, keep, noise]))
+    np.testing.assert_array_equal(action[0, 0], [mask, mask, mask, noise, noise])
+    action = block_actions(starts, lengths, (1, 1, 5), np.array([noise, mask, keep]))
+    np.testing.assert_array_equal(action[0, 0], [noise, mask, mask, mask, keep])
+
+
+def test_rand_replace_with_overlapping_blocks_is_near_80_10_10_per_position():
+    """Block choices are independent of geometry, so a masked position is MASK / noise / unchanged with about
+    80/10/10; overlaps move a little from unchanged to the others, since a keep block covers nothing up."""
     rng = np.random.default_rng(9)
     tokens = rng.integers(0, V, size=(3000, 5, 16, 16))
     inputs, labels = mask_batch(tokens, 6, rng, PAD, MASK, V, rand_replace=True)
     masked = labels != IGNORE_INDEX
     fractions = np.bincount(classify(inputs, tokens, masked), minlength=3) / masked.sum()
     np.testing.assert_allclose(fractions, [0.8, 0.1, 0.1], atol=0.02)
+    assert fractions[2] < 0.1
 
 
 def test_rand_replace_iid_is_per_token():

@@ -101,13 +101,15 @@ def block_union(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int, 
 def block_actions(
     starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int, int], block_action: np.ndarray
 ) -> np.ndarray:
-    """Per-position rand_replace action int [..., T, H, W]: that of the last block covering the position (as if
-    blocks were filled one after another), _KEEP where none covers. block_action: int [..., k]."""
+    """Per-position rand_replace action int [..., T, H, W], as the original fills blocks one after another: a MASK
+    or noise block overwrites what it covers, a keep block writes nothing, so a position takes the action of the
+    last MASK / noise block covering it and _KEEP where there is none. block_action: int [..., k]."""
     t, h, w = axis_indicators(starts, lengths, shape)
     action = np.full((*t.shape[:-2], *shape), _KEEP)
     for j in range(block_action.shape[-1]):  # a loop over the few blocks; each step is vectorised over positions
         cover = t[..., j, :, None, None] & h[..., j, None, :, None] & w[..., j, None, None, :]
-        action = np.where(cover, block_action[..., j, None, None, None], action)
+        writes = cover & (block_action[..., j, None, None, None] != _KEEP)
+        action = np.where(writes, block_action[..., j, None, None, None], action)
     return action
 
 
