@@ -333,6 +333,15 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
     rows = list(csv.DictReader(table.open()))
     assert [r["video"] for r in rows] == [v for v in videos for _ in range(2)]
     assert [r["rank"] for r in rows] == ["1", "2"] * len(videos)
+    assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0  # nothing left to do
+    assert json.loads((table.parent / "p.csv.settings.json").read_text())["top_k"] == 2
+    assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--csv", str(table)]) == 2
+    assert "other settings (top_k" in capsys.readouterr().err
+    assert len(list(csv.DictReader(table.open()))) == len(rows)
+    # Only failures left to do, after earlier predictions: some failed (1), not "nothing could be predicted" (2).
+    gone = str(tmp_path / "gone.mp4")
+    assert cli_main(["predict", *videos, gone, *common, "--csv", str(table)]) == 1
+    assert cli_main(["predict", gone, *common, "--csv", str(tmp_path / "none.csv")]) == 2
     (tmp_path / "other.csv").write_text("a,b\n")
     assert cli_main(["predict", *videos, *common, "--csv", str(tmp_path / "other.csv")]) == 2
     assert "not a predictions CSV" in capsys.readouterr().err

@@ -29,12 +29,13 @@ default (--precision) with the Triton kernels. Results keep the order of the inp
 
 Resuming: with --json or --csv, videos already in that file (predicted or failed) are skipped and the new ones
 added, so an interrupted run over a long list picks up where it stopped (the JSON is rewritten every few seconds
-and on exit, the CSV gets a row per video as it is done). A JSON made with other settings (model, views, K,
-top-k) is refused; delete the file to start over.
+and on exit, the CSV gets a row per video as it is done). Output made with other settings (model, views, K,
+top-k) is refused; delete the file to start over. The JSON holds its settings; a CSV's are kept beside it in
+<name>.settings.json.
 
 A video that cannot be used is reported with the stage and reason (as in `vimpac tokenize`'s failures.jsonl) and
-the others go on; the exit code is 1 when some failed, 2 when none could be predicted or the command line is
-wrong.
+the others go on; the exit code is 1 when some failed, 2 when the output holds no prediction at all (none could
+be predicted, now or before) or the command line is wrong.
 """
 CSV_HEADER = ["video", "rank", "label", "probability", "error"]
 SAVE_EVERY_S = 10.0  # how often the JSON output is rewritten while a run goes on
@@ -134,14 +135,31 @@ def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
     return list(before.get("predictions") or []), list(before.get("failures") or [])
 
 
-def _previous_csv(path: Path) -> set[str]:
+def csv_settings_path(table: Path) -> Path:
+    """Where the settings of a predictions CSV are kept: <name>.settings.json beside it."""
+    return table.with_name(table.name + ".settings.json")
+
+
+def _previous_csv(path: Path, settings: dict) -> tuple[set[str], set[str]]:
+    """(videos predicted, videos failed) in an existing predictions CSV made with `settings`; refuses another."""
     from vimpac.errors import UsageError
 
     with path.open(newline="") as f:
         reader = csv.reader(f)
         if next(reader, None) != CSV_HEADER:
             raise UsageError(f"{path} exists but is not a predictions CSV (header {CSV_HEADER}); delete it")
-        return {row[0] for row in reader if row}
+        rows = [row for row in reader if row]
+    kept = csv_settings_path(path)
+    if kept.is_file():  # a CSV written before the settings were kept has none to compare
+        old = json.loads(kept.read_text())
+        if old != settings:
+            changed = sorted(k for k in settings if old.get(k) != settings[k])
+            raise UsageError(
+                f"{path} holds predictions made with other settings ({', '.join(changed)}, as {kept} says); delete "
+                "both or use another --csv"
+            )
+    predicted = {row[0] for row in rows if len(row) > 1 and row[1]}
+    return predicted, {row[0] for row in rows} - predicted
 
 
 def csv_rows(entry: dict) -> list[list[str]]:
@@ -171,13 +189,18 @@ def run(args: argparse.Namespace) -> int:
     pipeline.tokenizer  # noqa: B018 - load and check it before the first video
     predictions, failures, done = [], [], set()
     settings = {**pipeline.settings(), "top_k": args.top_k}
-    if args.json and args.json.exists():
-        predictions, failures = _previous_json(args.json, settings)
-        done = {entry["video"] for entry in predictions + failures}
-    elif args.csv and args.csv.exists():
-        done = _previous_csv(args.csv)
+    predicted_before = 0
+    if args.csv and args.csv.exists():
+        predicted, failed = _previous_csv(args.csv, settings)
+        done, predicted_before = predicted | failed, len(predicted)
     elif args.csv:
         args.csv.write_text(",".join(CSV_HEADER) + "\n")
+    if args.csv:
+        write_json_atomic(csv_settings_path(args.csv), settings, 1)
+    if args.json and args.json.exists():  # with both outputs, the JSON says what is done
+        predictions, failures = _previous_json(args.json, settings)
+        done = {entry["video"] for entry in predictions + failures}
+        predicted_before = len(predictions)
     todo = [(str(v), v) for v in videos if str(v) not in done]
     if done:
         print(f"{len(videos) - len(todo)} of {len(videos)} videos are in the output already; {len(todo)} to do")
@@ -218,6 +241,6 @@ def run(args: argparse.Namespace) -> int:
             table.close()
         save()
     print(f"{new_ok} predicted, {new_failed} failed", file=sys.stderr)
-    if not predictions:
+    if new_ok + predicted_before == 0:
         return 2
     return 1 if new_failed else 0
