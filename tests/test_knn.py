@@ -285,6 +285,8 @@ def test_flags_build_the_monitor_or_refuse_clearly(labeled_db, tmp_path):
         knn_monitor_from_args(parse("--eval-per-epochs", "0"), CONFIG)
     with pytest.raises(UsageError, match=r"unknown split 'test_1'.*valid splits: train, val"):
         knn_monitor_from_args(parse("--knn-monitor", str(labeled_db), "--knn-val-split", "test_1"), CONFIG)
+    with pytest.raises(UsageError, match=r"12 videos are in both --knn-train-split 'train' .*find itself"):
+        knn_monitor_from_args(parse("--knn-monitor", str(labeled_db), "--knn-val-split", "train"), CONFIG)
     unlabeled = write_code_database(tmp_path / "unlabeled", videos=4)
     with pytest.raises(UsageError, match="needs a labeled database"):
         knn_monitor_from_args(parse("--knn-monitor", str(unlabeled), "--knn-val-split", "train"), CONFIG)

@@ -13,7 +13,13 @@ from tests.helpers import REPO, environment, launcher
 from tests.synthetic_codes import VOCAB, write_labeled
 from vimpac import finetune
 from vimpac.errors import UsageError
-from vimpac.finetune_data import FinetuneTrainClips, few_labels_warning, label_subset, subset_repeats
+from vimpac.finetune_data import (
+    FinetuneTrainClips,
+    few_labels_warning,
+    label_subset,
+    shared_videos_warning,
+    subset_repeats,
+)
 
 
 def _split(sizes: dict[int, int]) -> tuple[list[str], list[int]]:
@@ -88,6 +94,13 @@ def test_short_classes_give_all_they_have_with_a_warning():
     assert warning.startswith("warning: --labels-per-class 3: 2 of 4 classes")
     assert "b (2)" in warning and "d (0)" in warning and "a (" not in warning
     assert few_labels_warning(labels, 2, names[:3], "train") is None
+
+
+def test_videos_in_both_splits_are_named():
+    assert shared_videos_warning(["a", "b"], ["c", "d"], "train", "val") is None
+    warning = shared_videos_warning(["e", "a", "b", "c", "d"], ["d", "c", "b", "a", "x"], "train", "val")
+    assert warning.startswith("warning: 4 of 5 evaluation videos (split 'val') are also training videos")
+    assert "e.g. a, b, c, ...:" in warning
 
 
 def test_repeats_fill_one_global_batch():

@@ -210,6 +210,22 @@ def few_labels_warning(labels: Sequence[int], per_class: int, class_names: Seque
     )
 
 
+def shared_videos_warning(
+    train_ids: Sequence[str], eval_ids: Sequence[str], train_split: str, eval_split: str
+) -> str | None:
+    """The warning line when videos are in both the training and the evaluation split (their scores are then not
+    held-out scores); None when the splits are disjoint. Ids name videos across databases of one dataset."""
+    shared = sorted(set(train_ids) & set(eval_ids))
+    if not shared:
+        return None
+    named = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+    return (
+        f"warning: {len(shared)} of {len(set(eval_ids))} evaluation videos (split {eval_split!r}) are also training "
+        f"videos (split {train_split!r}), e.g. {named}: their accuracy is not held-out accuracy; evaluate on a "
+        "split disjoint from the training one"
+    )
+
+
 def subset_repeats(videos: int, global_batch: int) -> int:
     """Passes over `videos` training videos per epoch: 1, or the fewest that fill one global batch (ranks × micro
     × accumulation videos) when the subset is smaller, so that an epoch takes at least one optimizer step (the

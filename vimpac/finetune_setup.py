@@ -47,6 +47,7 @@ from vimpac.finetune_data import (
     average_view_probabilities,
     classification_metrics,
     evaluation_views,
+    shared_videos_warning,
     split_names,
     subset_repeats,
     training_views,
@@ -370,6 +371,9 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         for k in clip_counts
     }
     num_classes = train_set.num_classes
+    shared = shared_videos_warning(train_set.ids, eval_db.ids(eval_split), train_split, eval_split)
+    if shared and os.environ.get("RANK", "0") == "0":
+        print(shared, file=sys.stderr, flush=True)
 
     base = load_json(args.deepspeed_config) if args.deepspeed_config else {}
     if args.batch_size is None and "train_batch_size" not in base:

@@ -297,6 +297,13 @@ def knn_monitor_from_args(args: argparse.Namespace, config: VimpacConfig) -> Knn
         )
         for split in (args.knn_train_split, args.knn_val_split)
     }
+    shared = set(clips[args.knn_train_split].ids) & set(clips[args.knn_val_split].ids)
+    if shared:
+        raise UsageError(
+            f"--knn-monitor {args.knn_monitor}: {len(shared)} videos are in both --knn-train-split "
+            f"{args.knn_train_split!r} (the bank) and --knn-val-split {args.knn_val_split!r} (the queries), e.g. "
+            f"{min(shared)}: each would find itself in the bank; give two disjoint splits"
+        )
     return KnnMonitor(
         clips[args.knn_train_split],
         clips[args.knn_val_split],

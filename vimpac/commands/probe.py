@@ -212,7 +212,14 @@ def run(args: argparse.Namespace) -> int:
 
     from vimpac.code_db import CodeDatabase
     from vimpac.config import VimpacConfig
-    from vimpac.finetune_data import FinetuneTestClips, evaluation_views, few_labels_warning, label_subset, split_names
+    from vimpac.finetune_data import (
+        FinetuneTestClips,
+        evaluation_views,
+        few_labels_warning,
+        label_subset,
+        shared_videos_warning,
+        split_names,
+    )
     from vimpac.modeling import VimpacBackbone
     from vimpac.probe import (
         FEATURES,
@@ -266,6 +273,9 @@ def run(args: argparse.Namespace) -> int:
         position = {video: i for i, video in enumerate(train_set.ids)}
         train_items = [position[video] for video in chosen]
         subset = {"labels_per_class": args.labels_per_class, "seed": labels_seed, "ids": chosen}
+    shared = shared_videos_warning([train_set.ids[i] for i in train_items], eval_set.ids, train_split, eval_split)
+    if shared and os.environ.get("RANK", "0") == "0":
+        print(shared, file=sys.stderr, flush=True)
     train_y, eval_y = train_set.labels[train_items], eval_set.labels
     models = {"pretrained": pretrained_backbone(export, config)}  # its errors come before any process group
     if args.device == "cuda" and not torch.cuda.is_available():
