@@ -256,3 +256,31 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tok):
     assert resumed.returncode == 0, resumed.stderr
     assert "already done" in resumed.stdout
     assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+def test_rerun_with_other_annotations_adds_splits_retries_found_videos_and_refuses_relabels(tmp_path, tok):
+    labels, train, val = ssv2_dataset(tmp_path, {"1": 0, "2": 1}, {"3": 2})
+    videos, out = tmp_path / "videos", tmp_path / "db"
+
+    def state() -> tuple[dict, list[str], list[str], dict[str, int]]:
+        db = CodeDatabase(out)  # closed again: the next extract opens the same environments for writing
+        try:
+            found = {vid: db.read(vid, db.views[0])[1] for vid in db.ids()}
+            return db.splits, db.ids("train"), [f["id"] for f in db.failures()], found
+        finally:
+            db.close()
+
+    (videos / "2.mp4").rename(tmp_path / "2.mp4")
+    extract(config(tmp_path, [labels, train], tok, out))
+    assert state() == ({"train": ["1", "2"]}, ["1"], ["2"], {"1": 0})
+    extract(config(tmp_path, [labels, val], tok, out))  # the validation list into the same database
+    assert state() == ({"train": ["1", "2"], "val": ["3"]}, ["1"], ["2"], {"1": 0, "3": 2})
+    (tmp_path / "2.mp4").rename(videos / "2.mp4")
+    summary = extract(config(tmp_path, [labels, train], tok, out))  # found now: tried again
+    assert summary.tokenized == 1
+    assert state() == ({"train": ["1", "2"], "val": ["3"]}, ["1", "2"], [], {"1": 0, "2": 1, "3": 2})
+    rows = json.loads(train.read_text())
+    rows[0]["template"] = TEMPLATES[2]  # video 1 is now annotated with class 2
+    train.write_text(json.dumps(rows))
+    with pytest.raises(UsageError, match=r"1 of these videos with another label \(1: stored Moving something"):
+        extract(config(tmp_path, [labels, train], tok, out))

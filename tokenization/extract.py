@@ -6,7 +6,9 @@ keeps memory flat however long a video is). The main process encodes frames in f
 collects each video's codes per view and hands finished videos to the database writer, which commits in
 batches. Killed at any point, a rerun skips every video already complete in the database (or already recorded
 as a failure) and produces the same database as an uninterrupted run: the tokenizers' codes do not depend on how
-frames are batched.
+frames are batched. A rerun may bring other annotation files (testlist01 after trainlist01): their splits join
+the earlier ones, a video whose file was missing and is found now is tried again, and a video already stored
+with another label than the annotations now give is refused.
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             )
         manifest_base = _manifest_base(cfg, annotations, tokenizer, views)
         with CodeDatabaseWriter(cfg.out, manifest_base, commit_every=cfg.commit_every) as writer:
+            _check_stored_labels(writer.labels(), annotations, cfg.out)
+            # A video missing from disk in an earlier run and found now is tried again.
+            found = {vid for vid, entry in entries.items() if entry.path is not None}
+            writer.forget_failures(f["id"] for f in writer.failures() if f["stage"] == "locate" and f["id"] in found)
             done = writer.done_ids()
             for problem in annotations.problems:
                 if problem.id not in done:
@@ -187,6 +193,24 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         total_videos=int(counts["videos"]),
         total_failures=int(counts["failures"]["total"]),
     )
+
+
+def _check_stored_labels(stored: dict[str, int], annotations: AnnotationSet, out: Path) -> None:
+    """Refuse a rerun whose annotations give a video already in the database another label: its record keeps the
+    label it was written with, and a silent mismatch would train on the old class."""
+    changed = [(e.id, stored[e.id], e.label) for e in annotations.entries if stored.get(e.id, e.label) != e.label]
+    if changed:
+        names = list(annotations.classes)
+
+        def name(label: int) -> str:
+            return "unlabeled" if label < 0 else names[label]
+
+        shown = "; ".join(f"{vid}: stored {name(old)}, annotated {name(new)}" for vid, old, new in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise UsageError(
+            f"{out} already holds {len(changed)} of these videos with another label ({shown}{more}); a record keeps "
+            "the label it was tokenized with: tokenize into a new --out, or fix the annotations"
+        )
 
 
 def _run_pool(cfg, pool, views, tokenizer, todo, entries, writer) -> tuple[int, int, int]:

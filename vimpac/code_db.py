@@ -510,8 +510,11 @@ class CodeDatabaseWriter:
 
     def _start_manifest(self, base: dict, resume: bool) -> dict:
         manifest_path = self.path / MANIFEST
+        # The splits of earlier runs stay until `finalize` (it keeps those this run's annotations do not name).
+        self._earlier_splits: dict[str, list[str]] = {}
         if manifest_path.exists():
             old = read_manifest(self.path)
+            self._earlier_splits = dict(old.get("splits") or {})
             if not resume:
                 raise UsageError(f"{self.path} already holds a code database; resume it or choose a new output")
             diffs = config_differences(old, base)
@@ -523,7 +526,7 @@ class CodeDatabaseWriter:
                 )
         elif any(p.name not in ("writer.lock", MANIFEST + ".tmp") for p in self.path.iterdir()):
             raise UsageError(f"{self.path} exists, is not empty and is not a code database; choose a new output")
-        manifest = {**base, "splits": {}, "counts": {}, "complete": False}
+        manifest = {**base, "splits": dict(self._earlier_splits), "counts": {}, "complete": False}
         manifest.setdefault("args", {})
         write_json_atomic(manifest_path, manifest)
         return manifest
@@ -613,6 +616,21 @@ class CodeDatabaseWriter:
         present = set.intersection(*(_keys(env) for env in self._envs.values()))
         return present | set(self._pending) | self._failed_ids
 
+    def labels(self) -> dict[str, int]:
+        """{id: label} of the committed records, read from the first view's record headers (no codes copied)."""
+        out = {}
+        with self._envs[self.views[0]].begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                out[bytes(key).decode("utf-8")] = _unpack_header(value)[4]
+        return out
+
+    def forget_failures(self, ids: Iterable[str]) -> None:
+        """Drop the failure lines of `ids` (atomically), so that a rerun tries those videos again."""
+        forget = set(ids) & self._failed_ids
+        if forget:
+            _write_failures(self._failures_path, [f for f in self.failures() if f["id"] not in forget])
+            self._failed_ids -= forget
+
     def failures(self) -> list[dict]:
         """The failure entries written so far ({"id", "path", "stage", "reason"}), one per id."""
         return _parse_failures(self._failures_path)[0]
@@ -620,7 +638,9 @@ class CodeDatabaseWriter:
     def finalize(self, splits: Mapping[str, Sequence[str]]) -> dict:
         """Commit, drop failure lines of ids that now have records, write the final manifest (splits sorted,
         counts, complete=true) atomically and return it. The splits list every annotated id; readers list only
-        the ids with records."""
+        the ids with records. A split of an earlier run into this database that `splits` does not name is kept
+        (e.g. train_1 from trainlist01, then test_1 from testlist01); one it names is replaced."""
+        splits = {**self._earlier_splits, **splits}
         self.commit()
         failures = self.failures()
         present = set.intersection(*(_keys(env) for env in self._envs.values()))
