@@ -382,3 +382,8 @@ def test_evaluation_chunks_halve_after_out_of_memory():
 
     with pytest.raises(torch.OutOfMemoryError):  # not even one clip fits: the error reaches the caller
         forward_in_chunks(never_fits, tokens, 4)
+    # ZeRO-3 over several ranks: no rank may retry alone; the error names the size to pass instead.
+    model = SmallMemory()
+    with pytest.raises(torch.OutOfMemoryError, match="rerun with --eval-batch-size 8"):
+        forward_in_chunks(model, tokens, 16, retry_smaller=False)
+    assert model.calls == [10]

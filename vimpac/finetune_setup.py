@@ -147,16 +147,28 @@ def initial_state(
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def forward_in_chunks(model: torch.nn.Module, tokens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+def forward_in_chunks(
+    model: torch.nn.Module, tokens: torch.Tensor, chunk: int, retry_smaller: bool = True
+) -> tuple[torch.Tensor, int]:
     """(fp32 logits [N, C] of tokens [N, T, h, w], the chunk size that worked): forward `chunk` clips at a time,
     halving the chunk after a CUDA out-of-memory error (down to 1 clip, then the error is raised). The returned
-    size is where the next batch should start, so one OOM is paid once per evaluation, not once per batch."""
+    size is where the next batch should start, so one OOM is paid once per evaluation, not once per batch.
+
+    retry_smaller=False raises at the first out-of-memory error, saying which --eval-batch-size to pass: under
+    ZeRO-3 over several ranks each forward gathers parameters with the other ranks, and a rank that retried alone
+    would run more forwards than they do and hang them."""
     while True:
         try:
             return torch.cat([model(part).float() for part in tokens.split(chunk)]), chunk
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
             if chunk == 1:
                 raise
+            if not retry_smaller:
+                raise torch.OutOfMemoryError(
+                    f"{err}\nevaluation ran out of memory at {chunk} clips per forward pass; under ZeRO-3 over "
+                    f"several ranks it cannot retry with fewer (the ranks gather parameters together): rerun with "
+                    f"--eval-batch-size {chunk // 2}"
+                ) from err
             chunk = max(1, chunk // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -171,18 +183,19 @@ def evaluate_clips(
     world: int = 1,
     clips_per_forward: int = 32,
     num_workers: int = 0,
+    retry_smaller: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, C], per-video mean cross-entropy over views [N]) of every video of `dataset`, in its
     order, each counted once (vimpac.sharded_eval). `model` maps tokens [B, T, h, w] to logits [B, C]; it runs in
-    eval mode and is put back; `clips_per_forward` is halved on out-of-memory (forward_in_chunks). A collective:
-    every rank calls it."""
+    eval mode and is put back; `clips_per_forward` is halved on out-of-memory unless `retry_smaller` is false
+    (forward_in_chunks). A collective: every rank calls it."""
     views = len(dataset.views) * dataset.num_clips
     chunk = clips_per_forward
 
     def rows_of(batch: dict[str, Any]) -> torch.Tensor:
         nonlocal chunk
         tokens = batch["tokens"].flatten(0, 1).to(device)  # [B·V, T, h, w]
-        logits, chunk = forward_in_chunks(model, tokens, chunk)
+        logits, chunk = forward_in_chunks(model, tokens, chunk, retry_smaller)
         logits = logits.view(-1, views, logits.shape[-1])
         labels = batch["label"].to(device)
         probs = average_view_probabilities(logits)
@@ -225,7 +238,15 @@ class FinetuneTask(Task):
         values = {}
         for k in clip_counts:
             dataset = self.test_sets[k]
-            probs, losses = evaluate_clips(engine.module, dataset, engine.device, rank, world, self.clips_per_forward)
+            probs, losses = evaluate_clips(
+                engine.module,
+                dataset,
+                engine.device,
+                rank,
+                world,
+                self.clips_per_forward,
+                retry_smaller=world == 1 or engine.zero_optimization_stage() < 3,
+            )
             metrics = classification_metrics(probs.cpu(), dataset.labels, dataset.class_names)
             values[f"eval/top1_clips{k}"] = metrics["top1"]
             values[f"eval/top5_clips{k}"] = metrics["top5"]
