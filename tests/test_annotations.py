@@ -13,7 +13,7 @@ import pytest
 
 from vimpac.errors import UsageError
 from vimpac.tokenization import annotations
-from vimpac.tokenization.annotations import FORMATS, Problem, VideoEntry, load_annotations
+from vimpac.tokenization.annotations import FORMATS, Problem, VideoEntry, load_annotations, read_class_list
 
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
 
@@ -204,6 +204,39 @@ def test_kinetics_flat_nested_and_renamed_folders(tmp_path):
     (problem,) = result.problems
     assert (problem.id, problem.stage) == ("-0WnNA6VNBM_000001_000011", "locate")
     assert f"{tmp_path}/train/zumba/-0WnNA6VNBM_000001_000011.mp4" in problem.reason
+
+
+def test_a_class_list_file_pins_the_labels_of_a_shard(tmp_path):
+    """Kinetics' validate.csv alone names two classes; with the full list, its labels are the full dataset's."""
+    touch(
+        tmp_path,
+        "kinetics400_val_256/abseiling/0wR5jVB-WPk_000417_000427.mp4",
+        "val/zumba/-FY2_0X5xsc_000045_000055.mp4",
+    )
+    shard = [FIXTURES / "kinetics" / "validate.csv"]
+    assert load_annotations("kinetics", shard, tmp_path).classes == ["abseiling", "zumba"]
+    names = tmp_path / "classes.txt"
+    names.write_text("# Kinetics, in label order\nabseiling\nmassaging person's head\n\nzumba\n")
+    pinned = read_class_list(names)
+    result = load_annotations("kinetics", shard, tmp_path, classes=pinned)
+    assert result.classes == ["abseiling", "massaging person's head", "zumba"]
+    assert [(e.id.rsplit("/", 1)[1], e.label) for e in result.entries] == [
+        ("0wR5jVB-WPk_000417_000427", 0),
+        ("-FY2_0X5xsc_000045_000055", 2),
+    ]
+    # a class the list lacks makes that video an annotation problem, not a new label
+    result = load_annotations("kinetics", shard, tmp_path, classes=["zumba"])
+    assert [(e.id.rsplit("/", 1)[1], e.label) for e in result.entries] == [("-FY2_0X5xsc_000045_000055", 0)]
+    (problem,) = result.problems
+    assert (
+        problem.stage == "annotation"
+        and "class 'abseiling' (validate.csv:2) is not in the --classes list" in problem.reason
+    )
+    names.write_text("a\nb\na\n")
+    with pytest.raises(UsageError, match="names 'a' more than once"):
+        read_class_list(names)
+    with pytest.raises(UsageError, match="does not exist"):
+        read_class_list(tmp_path / "missing.txt")
 
 
 def test_diving48_with_vocab(tmp_path):

@@ -284,3 +284,29 @@ def test_rerun_with_other_annotations_adds_splits_retries_found_videos_and_refus
     train.write_text(json.dumps(rows))
     with pytest.raises(UsageError, match=r"1 of these videos with another label \(1: stored Moving something"):
         extract(config(tmp_path, [labels, train], tok, out))
+
+
+def test_shards_tokenized_with_one_class_list_merge(tmp_path, tok, capsys):
+    """Two `list` shards name different classes; with the same --classes file their databases merge."""
+    ssv2_dataset(tmp_path, {"1": 0, "2": 1}, {"3": 2})  # only for its videos
+    shards = [tmp_path / "train_a.txt", tmp_path / "train_b.txt"]
+    shards[0].write_text("1.mp4 jump\n2.mp4 run\n")
+    shards[1].write_text("3.mp4 swim\n")
+    names = tmp_path / "classes.txt"
+    names.write_text("jump\nrun\nswim\n")
+    common = ["tokenize", "--videos", str(tmp_path / "videos"), "--format", "list", "--tokenizer", str(tok)]
+    common += ["--fps", "4", "--frame-size", "64", "--workers", "1", "--no-progress"]
+    for pinned in (False, True):
+        outs = [tmp_path / f"{'pinned' if pinned else 'own'}_{i}" for i in range(2)]
+        for shard, out in zip(shards, outs):
+            extra = ["--classes", str(names)] if pinned else []
+            assert cli_main([*common, "--annotations", str(shard), "--out", str(out), *extra]) == 0
+        merged = tmp_path / f"merged_{pinned}"
+        code = cli_main(["db", "merge", "--no-progress", str(merged), *map(str, outs)])
+        if not pinned:
+            assert code == 2 and "classes" in capsys.readouterr().err
+            continue
+        assert code == 0
+        db = CodeDatabase(merged)
+        assert db.manifest["classes"] == ["jump", "run", "swim"]
+        assert {vid: db.read(vid, db.views[0])[1] for vid in db.ids()} == {"1": 0, "2": 1, "3": 2}

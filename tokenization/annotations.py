@@ -645,17 +645,51 @@ def _merge(dataset: str, classes: list[str], rows: list[_Row], index: _VideoInde
     return AnnotationSet(dataset, classes, entries, problems)
 
 
-def load_annotations(fmt: str, files: Sequence[Path], video_root: Path) -> AnnotationSet:
+def read_class_list(path: Path) -> list[str]:
+    """Class names from a text file, one per line in label order (blank lines and '#' comments skipped)."""
+    if not Path(path).is_file():
+        raise UsageError(f"--classes file {path} does not exist")
+    names = [line for _, line in _lines(Path(path)) if not line.startswith("#")]
+    if not names:
+        raise UsageError(f"--classes file {path} names no class; write one class name per line")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"--classes file {path} names {', '.join(map(repr, repeated[:5]))} more than once")
+    return names
+
+
+def _pin_classes(classes: list[str], rows: list[_Row], pinned: Sequence[str], source: str) -> list[_Row]:
+    """The rows relabelled to the class list `pinned`, matched by name; a row whose class `pinned` lacks becomes an
+    annotation problem. Shards of one dataset (each annotation file alone lists only its own classes for Kinetics,
+    HMDB51 and `list`) then share one class list, as `vimpac db merge` and fine-tuning require."""
+    position = {name: i for i, name in enumerate(pinned)}
+    out = []
+    for row in rows:
+        if row.label < 0 or row.error:
+            out.append(row)
+        elif classes[row.label] in position:
+            out.append(replace(row, label=position[classes[row.label]]))
+        else:
+            out.append(replace(row, label=-1, error=f"class {classes[row.label]!r} ({row.where}) is not in {source}"))
+    return out
+
+
+def load_annotations(
+    fmt: str, files: Sequence[Path], video_root: Path, classes: Sequence[str] | None = None
+) -> AnnotationSet:
     """Read a dataset's official annotation files and find its videos under `video_root`.
 
     fmt: one of FORMATS; files: the annotation files (any order); video_root: folder the video ids are relative
-    to. Raises UsageError for bad input (see the module docstring) before scanning the video root.
+    to; classes: the class list to label with (names in label order, see `read_class_list`) instead of the one the
+    files give. Raises UsageError for bad input (see the module docstring) before scanning the video root.
     """
     files = [Path(path) for path in files]
     video_root = Path(video_root)
     _check_inputs(fmt, files, video_root)
     if fmt == "list":
-        classes, rows = _parse_list(files, video_root)
+        found, rows = _parse_list(files, video_root)
     else:
-        classes, rows = _PARSERS[fmt](files)
-    return _merge(fmt, classes, rows, _VideoIndex(video_root))
+        found, rows = _PARSERS[fmt](files)
+    if classes is not None:
+        rows, found = _pin_classes(found, rows, classes, "the --classes list"), list(classes)
+    return _merge(fmt, found, rows, _VideoIndex(video_root))

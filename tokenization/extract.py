@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vimpac.code_db import CodeDatabaseWriter
 from vimpac.errors import UsageError
-from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations
+from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations, read_class_list
 from vimpac.tokenization.code_stream import Assembler, Failed, stream_codes
 from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, FRAME_RESIZE, FRAME_SELECTIONS
 from vimpac.tokenization.decode_pool import DecodePool
@@ -55,6 +55,7 @@ class ExtractConfig:
     commit_every: int = 32
     strict: bool = False
     progress: bool = True
+    classes: Path | None = None  # a class list file (annotations.read_class_list); None: the annotations' own
     extra: dict = field(default_factory=dict)
 
 
@@ -146,7 +147,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Tokenize every video of the annotation set into `cfg.out`; resumes a killed run. See module docstring."""
     validate(cfg)
     views = extraction_views(cfg)
-    annotations = load_annotations(cfg.format, cfg.annotations, cfg.videos)
+    pinned = read_class_list(cfg.classes) if cfg.classes is not None else None
+    annotations = load_annotations(cfg.format, cfg.annotations, cfg.videos, classes=pinned)
     entries: dict[str, VideoEntry] = {e.id: e for e in annotations.entries}
     start = time.monotonic()
     tokenized = failed = frames = 0

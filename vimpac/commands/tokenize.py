@@ -52,6 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--format", required=True, choices=FORMATS, help="annotation format (see README: datasets)")
     p.add_argument(
+        "--classes",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the class list, one name per line in label order, instead of the one the annotation files give: the "
+        "same FILE for every shard of a dataset tokenized in parts makes their databases mergeable (Kinetics, "
+        "HMDB51 and list files name only their own videos' classes); a video of a class not in FILE is a failure",
+    )
+    p.add_argument(
         "--tokenizer",
         required=True,
         help="tokenizer directory (from `vimpac train-tokenizer` or `vimpac convert-dalle`)",
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         commit_every=args.commit_every,
         strict=args.strict,
         progress=not args.no_progress,
+        classes=args.classes,
     )
     summary = extract(cfg)
     print(
