@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
     """(ids already embedded or failed, rows kept); refuses other settings; trims a partial row."""
+    from vimpac.commands.predict import changed_settings
     from vimpac.errors import UsageError
 
     out.mkdir(parents=True, exist_ok=True)
@@ -70,9 +71,9 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
     if saved.is_file():
         before = json.loads(saved.read_text())
         if before != settings:
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
             raise UsageError(
-                f"{out} holds embeddings made with other settings ({', '.join(changed)}); use another --out"
+                f"{out} holds embeddings made with other settings ({changed_settings(before, settings)}); use "
+                "another --out"
             )
     else:
         saved.write_text(json.dumps(settings, indent=1) + "\n")

@@ -117,6 +117,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def changed_settings(before: dict, settings: dict) -> str:
+    """The keys of `settings` whose values `before` (an output's recorded settings) does not share, comma-joined."""
+    return ", ".join(sorted(k for k in settings if before.get(k) != settings[k]))
+
+
 def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
     from vimpac.errors import UsageError
 
@@ -128,9 +133,9 @@ def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
         ) from None
     if not isinstance(before, dict) or before.get("settings") != settings:
         old = before.get("settings") or {} if isinstance(before, dict) else {}
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
         raise UsageError(
-            f"{path} holds predictions made with other settings ({', '.join(changed)}); delete it or use another --json"
+            f"{path} holds predictions made with other settings ({changed_settings(old, settings)}); delete it or "
+            "use another --json"
         )
     return list(before.get("predictions") or []), list(before.get("failures") or [])
 
@@ -153,10 +158,9 @@ def _previous_csv(path: Path, settings: dict) -> tuple[set[str], set[str]]:
     if kept.is_file():  # a CSV written before the settings were kept has none to compare
         old = json.loads(kept.read_text())
         if old != settings:
-            changed = sorted(k for k in settings if old.get(k) != settings[k])
             raise UsageError(
-                f"{path} holds predictions made with other settings ({', '.join(changed)}, as {kept} says); delete "
-                "both or use another --csv"
+                f"{path} holds predictions made with other settings ({changed_settings(old, settings)}, as {kept} "
+                "says); delete both or use another --csv"
             )
     predicted = {row[0] for row in rows if len(row) > 1 and row[1]}
     return predicted, {row[0] for row in rows} - predicted
