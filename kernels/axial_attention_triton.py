@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from vimpac.kernels.axial_attention_reference import AXIS_DIMS, _check_inputs
+from vimpac.kernels.launch import on_device
 
 LOG2E = 1.4426950408889634
 MAX_SEQ = 256  # 1 + axis length; the score tile is BLOCK_M², held in registers
@@ -381,19 +382,20 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
         return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
     pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
     grid = (batch * progs_per_b, heads)
-    _axial_fwd_kernel[grid](
-        q, k, v, cls_q, cls_k, cls_v, pad, out, cls_part,
-        seed, scale * LOG2E, dropout_p,
-        *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
-        *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
-        *pad_strides,
-        *_line_strides(out, a, d1, d2),
-        lines_per_b, progs_per_b, q.shape[d2], heads,
-        N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
-        HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_num_warps(block_m, dim),
-    )  # fmt: skip
+    with on_device(q):
+        _axial_fwd_kernel[grid](
+            q, k, v, cls_q, cls_k, cls_v, pad, out, cls_part,
+            seed, scale * LOG2E, dropout_p,
+            *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
+            *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
+            *pad_strides,
+            *_line_strides(out, a, d1, d2),
+            lines_per_b, progs_per_b, q.shape[d2], heads,
+            N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
+            HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+            CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=_num_warps(block_m, dim),
+        )  # fmt: skip
     # cls_out = mean over lines of the per-line CLS outputs = (sum of the per-program partials) / lines.
     return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
 
@@ -416,21 +418,22 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
         dout = dout.contiguous()
     pad, pad_strides = _pad_args(key_padding_mask, q, a, d1, d2)
     grid = (batch * progs_per_b, heads)
-    _axial_bwd_kernel[grid](
-        q, k, v, cls_q, cls_k, cls_v, pad, dout, dcls, *grads, cls_part,
-        seed, scale, scale * LOG2E, dropout_p, 1.0 / lines_per_b,
-        *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
-        *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
-        *pad_strides,
-        *_line_strides(dout, a, d1, d2),
-        *dcls.stride(),
-        *_line_strides(grads[0], a, d1, d2),
-        lines_per_b, progs_per_b, q.shape[d2], heads,
-        N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
-        HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_num_warps(block_m, dim),
-    )  # fmt: skip
+    with on_device(q):
+        _axial_bwd_kernel[grid](
+            q, k, v, cls_q, cls_k, cls_v, pad, dout, dcls, *grads, cls_part,
+            seed, scale, scale * LOG2E, dropout_p, 1.0 / lines_per_b,
+            *_line_strides(q, a, d1, d2), *_line_strides(k, a, d1, d2), *_line_strides(v, a, d1, d2),
+            *cls_q.stride(), *cls_k.stride(), *cls_v.stride(),
+            *pad_strides,
+            *_line_strides(dout, a, d1, d2),
+            *dcls.stride(),
+            *_line_strides(grads[0], a, d1, d2),
+            lines_per_b, progs_per_b, q.shape[d2], heads,
+            N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
+            HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+            CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=_num_warps(block_m, dim),
+        )  # fmt: skip
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
 
 
@@ -655,9 +658,10 @@ def dropout_keep_mask(
     progs_per_b = triton.cdiv(lines_per_b, lpp)
     grid = (batch * progs_per_b, heads)
     seed = _seed_tensor(seed, keep.device)
-    _keep_mask_kernel[grid](
-        keep, seed, float(dropout_p), lines_per_b, progs_per_b, heads, N=seq, LPP=lpp, BLOCK_M=block_m
-    )  # fmt: skip
+    with on_device(keep):
+        _keep_mask_kernel[grid](
+            keep, seed, float(dropout_p), lines_per_b, progs_per_b, heads, N=seq, LPP=lpp, BLOCK_M=block_m
+        )  # fmt: skip
     return keep.bool()
 
 

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vimpac.kernels.launch import on_device
 from vimpac.kernels.vq_reference import _check_inputs, argmax_scores_reference
 
 ROUNDING_SAFETY = 8.0
@@ -201,14 +202,15 @@ def _launch(
     flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": precision, "UPCAST": _INTERPRET}
     if blocks is None and _INTERPRET:
         blocks = _INTERPRETER_BLOCKS
-    if blocks is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _argmax_scores_tuned[grid](*args, **flags)
-    else:
-        block_n, block_k, block_d = blocks
-        _argmax_scores_kernel[(triton.cdiv(n, block_n),)](
-            *args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d
-        )
+    with on_device(x):
+        if blocks is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            _argmax_scores_tuned[grid](*args, **flags)
+        else:
+            block_n, block_k, block_d = blocks
+            _argmax_scores_kernel[(triton.cdiv(n, block_n),)](
+                *args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d
+            )
     return idx, best, second
 
 

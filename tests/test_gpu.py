@@ -86,3 +86,23 @@ def test_step_metrics_all_reduce_under_nccl(tmp_path):
         meter.add("loss", torch.tensor(3.0, device="cuda"))
         meter.add("loss", 5.0)
         assert meter.reduce() == {"loss": 4.0}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_their_tensors_gpu_not_the_current_one():
+    """Triton launches on the current device; the kernels make their tensors' device current (kernels/launch.py)."""
+    from vimpac.kernels import axial_attention, nearest_code
+    from vimpac.kernels.axial_attention_reference import axial_attention_reference
+    from vimpac.kernels.vq_reference import nearest_code_reference
+
+    assert torch.cuda.current_device() == 0
+    generator = torch.Generator().manual_seed(0)
+    x, book = torch.randn(300, 64, generator=generator), torch.randn(512, 64, generator=generator)
+    idx, _ = nearest_code(x.to("cuda:1"), book.to("cuda:1"))
+    assert idx.device == torch.device("cuda:1") and torch.equal(idx.cpu(), nearest_code_reference(x, book)[0])
+    q, k, v = (torch.randn(2, 5, 4, 4, 2, 32, generator=generator).to("cuda:1", torch.float16) for _ in range(3))
+    cls = [torch.randn(2, 2, 32, generator=generator).to("cuda:1", torch.float16) for _ in range(3)]
+    out, cls_out = axial_attention(q, k, v, *cls, "T")
+    ref, ref_cls = axial_attention_reference(q.float(), k.float(), v.float(), *(c.float() for c in cls), "T")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(cls_out.float(), ref_cls, rtol=2e-2, atol=2e-2)
