@@ -28,7 +28,9 @@ from vimpac.checkpoint import (
     complete_tags,
     latest_tag,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from vimpac.config import VimpacConfig
 from vimpac.errors import UsageError
@@ -231,3 +233,20 @@ def test_staging_directories_are_never_taken_for_checkpoints(tmp_path):
     (root / "step2").mkdir()
     (root / LATEST).write_text("step00000002\n")
     assert latest_tag(output) == "step00000002" and complete_tags(output) == ["step00000002"]
+
+
+def test_cuda_rng_state_is_this_devices_and_restores_with_fewer_gpus(monkeypatch):
+    """Only the current device's CUDA generator is saved and restored: a resume on fewer visible GPUs (8 → 4, or
+    one GPU per process) must not index devices it does not have. Simulated: no GPU here."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([11], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(int(state[0])))
+    state = rng_state()
+    assert int(state["cuda_device"][0]) == 11 and "cuda" not in state
+    set_rng_state(state)
+    legacy = {key: state[key] for key in ("python", "numpy", "torch")}
+    set_rng_state({**legacy, "cuda": [torch.tensor([20], dtype=torch.uint8), torch.tensor([21], dtype=torch.uint8)]})
+    set_rng_state({**legacy, "cuda": [torch.tensor([30], dtype=torch.uint8)]})  # device 1 was not saved: skipped
+    assert restored == [11, 21]

@@ -117,19 +117,26 @@ def latest_tag(output: str | Path) -> str | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states: python `random`, numpy's global generator, torch CPU (and CUDA when present)."""
+    """This process's RNG states: python `random`, numpy's global generator, torch CPU, and the generator of the
+    CUDA device it runs on (only that one: a resume may see fewer GPUs, or its rank on another device index)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s states; the CUDA one goes to the current device. Checkpoints written before kept
+    every visible device's state ("cuda", by device index): the current device's entry is taken if there is one."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif len(state.get("cuda") or ()) > torch.cuda.current_device():
+        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
 
 
 def _rank_world() -> tuple[int, int]:
