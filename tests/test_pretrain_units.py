@@ -223,3 +223,63 @@ def test_load_runs_and_a_mismatched_export_is_refused(database, tmp_path, capsys
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["loaded"] == str(tmp_path / "two")
     assert "weights from --load" in result.stdout
+
+
+def test_save_steps_that_end_an_epoch_are_saved_whatever_save_epochs(tmp_path, monkeypatch):
+    """--save-steps 4 with 8 steps per epoch and --save-epochs 4: a checkpoint every 4 steps, those at epoch ends
+    included (they were skipped, waiting for an epoch-end save that --save-epochs put off)."""
+    import vimpac.trainer as trainer_module
+
+    saved = []
+    monkeypatch.setattr(
+        trainer_module, "save_checkpoint", lambda engine, output, step, *args, **kwargs: saved.append(step) or "t"
+    )
+
+    class Engine:
+        device, global_steps, skipped_steps = torch.device("cpu"), 0, 0
+        module = torch.nn.Linear(1, 1)
+
+        def get_lr(self):
+            return [1e-3]
+
+        def is_gradient_accumulation_boundary(self):
+            return True
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            self.global_steps += 1
+
+        def get_global_grad_norm(self):
+            return 0.0
+
+        def fp16_enabled(self):
+            return False
+
+    class Videos(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return {"x": torch.zeros(1)}
+
+        def set_epoch(self, epoch):
+            pass
+
+    class Task(trainer_module.Task):
+        def compute_loss(self, engine, batch):
+            return torch.zeros(()), {"loss/total": 0.0}
+
+    engine_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 1,
+        "zero_optimization": {"stage": 0},
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+    }
+    settings = trainer_module.TrainSettings(epochs=4, save_steps=4, save_epochs=4, num_workers=0, export=False)
+    config = VimpacConfig(hidden_size=64, heads=2, layers=1)
+    trainer_module.Trainer(Engine(), config, Videos(), settings, tmp_path, engine_config, Task()).fit()
+    assert saved == [4, 8, 12, 16, 20, 24, 28, 32]

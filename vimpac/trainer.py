@@ -478,10 +478,14 @@ class Trainer:
                     tag = self.save()
             bar.close()
             del iterator
-            save_now = (self.epoch + 1) % self.settings.save_epochs == 0 or self.epoch + 1 == last_epoch
-            if save_now and self.save_allowed(f"at the end of epoch {self.epoch}", self.epoch + 1 == last_epoch):
+            at_epoch = (self.epoch + 1) % self.settings.save_epochs == 0 or self.epoch + 1 == last_epoch
+            # A --save-steps step that ends an epoch is saved here, with the epoch's end state.
+            at_step = bool(self.settings.save_steps) and int(self.engine.global_steps) % self.settings.save_steps == 0
+            if (at_epoch or at_step) and self.save_allowed(
+                f"at the end of epoch {self.epoch}", self.epoch + 1 == last_epoch
+            ):
                 tag = self.save()
-                if self.settings.export:
+                if at_epoch and self.settings.export:
                     self.export(tag)
             self.writer.flush()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
