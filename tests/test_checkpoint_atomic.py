@@ -210,11 +210,11 @@ def test_save_publishes_by_rename_and_clears_what_killed_runs_left(tmp_path):
     ]
     assert VimpacConfig.load(root / "step00000003" / "vimpac_config.json") == config
     assert checkpoint_world_size(output, "step00000003") == 1
-    # Newest two kept (the leftover step 5 is newer); every staging directory is gone.
-    assert complete_tags(output) == ["step00000003", "step00000005"] and staging_dirs(output) == []
+    # This run's newest two kept; the killed run's step 5 is superseded and goes; every staging directory is gone.
+    assert complete_tags(output) == ["step00000001", "step00000003"] and staging_dirs(output) == []
 
     save_checkpoint(engine, output, 4, {}, keep=2)
-    save_checkpoint(engine, output, 5, {}, keep=2)  # replaces the leftover of the killed run
+    save_checkpoint(engine, output, 5, {}, keep=2)
     assert complete_tags(output) == ["step00000004", "step00000005"] and latest_tag(output) == "step00000005"
     assert not (root / "step00000005" / "from-the-killed-run").exists()
     assert staging_dirs(output) == []
@@ -250,3 +250,18 @@ def test_cuda_rng_state_is_this_devices_and_restores_with_fewer_gpus(monkeypatch
     set_rng_state({**legacy, "cuda": [torch.tensor([20], dtype=torch.uint8), torch.tensor([21], dtype=torch.uint8)]})
     set_rng_state({**legacy, "cuda": [torch.tensor([30], dtype=torch.uint8)]})  # device 1 was not saved: skipped
     assert restored == [11, 21]
+
+
+def test_pruning_keeps_this_runs_newest_and_drops_later_leftovers(tmp_path):
+    """Checkpoints of later steps than the one just published come from a run this one replaced (or a launch killed
+    before it moved `latest`): they go, and `keep` counts this run's own checkpoints."""
+    from vimpac.checkpoint import _prune
+    from vimpac.run_setup import refuse_existing_run
+
+    root = checkpoint_root(tmp_path)
+    for step in (1000, 2000, 100, 200, 300):  # an old run's two, then this run's three
+        (root / f"step{step:08d}").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"delete .*checkpoints to start over"):
+        refuse_existing_run(tmp_path, resume=False)  # no `latest`, yet checkpoints
+    _prune(root, "step00000300", keep=2)
+    assert complete_tags(tmp_path) == ["step00000200", "step00000300"]

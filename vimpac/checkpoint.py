@@ -184,12 +184,14 @@ def _publish(root: Path, staging: Path, tag: str) -> None:
 
 
 def _prune(root: Path, tag: str, keep: int) -> None:
-    """Rank 0, after publishing `tag`: keep the newest `keep` complete checkpoints (and `tag`), delete older ones
-    and every `.partial-*` leftover of an interrupted save (none is in progress: all ranks have passed the save)."""
+    """Rank 0, after publishing `tag`: keep the newest `keep` complete checkpoints up to `tag` (itself included),
+    delete older ones, every checkpoint of a later step (left by a run this one replaced, or published by a
+    launch killed before it moved `latest`, and now superseded) and every `.partial-*` leftover of an interrupted
+    save (none is in progress: all ranks have passed the save)."""
     complete = complete_tags(root.parent)
-    for old in complete[: max(0, len(complete) - max(1, keep))]:
-        if old != tag:
-            _discard(root, root / old)
+    ours = [t for t in complete if t <= tag]  # tags are zero-padded step numbers: text order is step order
+    for old in ours[: max(0, len(ours) - max(1, keep))] + [t for t in complete if t > tag]:
+        _discard(root, root / old)
     for stale in root.iterdir():
         if stale.name.startswith(PARTIAL_PREFIX) and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -253,7 +255,7 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
         raise UsageError(f"{root / tag} is not a complete checkpoint (their tags are {TAG_PREFIX}<8 digits>)")
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
-        raise UsageError(f"could not load checkpoint {root / tag}; delete {root / LATEST} to start over")
+        raise UsageError(f"could not load checkpoint {root / tag}; delete {root} to start over")
     rng = root / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

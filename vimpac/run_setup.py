@@ -24,7 +24,7 @@ from deepspeed.accelerator import get_accelerator
 
 from vimpac.activation_checkpointing import enable_activation_checkpointing
 from vimpac.atomic_write import write_json_atomic
-from vimpac.checkpoint import latest_tag
+from vimpac.checkpoint import checkpoint_root, complete_tags, latest_tag
 from vimpac.dist_setup import init_distributed, track_engine
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
 from vimpac.errors import UsageError
@@ -34,8 +34,11 @@ from vimpac.trainer import TrainSettings, epoch_steps
 
 def refuse_existing_run(output: Path, resume: bool) -> None:
     """UsageError when `output` already holds checkpoints and --resume was not given."""
-    if not resume and latest_tag(output) is not None:
-        raise UsageError(f"{output} already holds checkpoints; pass --resume to continue it or choose another --output")
+    if not resume and (latest_tag(output) is not None or complete_tags(output)):
+        raise UsageError(
+            f"{output} already holds checkpoints; pass --resume to continue it, choose another --output, or delete "
+            f"{checkpoint_root(output)} to start over"
+        )
 
 
 def seed_everything(seed: int) -> None:
