@@ -259,8 +259,8 @@ def test_directory_names_and_overrides(tmp_path):
     with pytest.raises(UsageError, match="pass --dataset, --fps, --frame-size, --views"):
         import_original([renamed], tmp_path / "db", progress=False, log=lambda _: None)
     cmd = ["db", "import-original", str(renamed), "--out", str(tmp_path / "db"), "--no-progress", "--dataset"]
-    cmd += ["hmdb51", "--fps", "8", "--frame-size", "32", "--views", "r40_bottom_f1"]
-    assert main(cmd) == 0
+    cmd += ["hmdb51", "--fps", "8", "--frame-size", "32", "--views", "r40_bottom_f1", "--verify"]
+    assert main(cmd) == 0  # --verify reads the directory with the same flags
     m = CodeDatabase(tmp_path / "db").manifest
     assert (m["dataset"], m["fps"], m["views"]) == ("hmdb51", 8, ["r40_bottom_f1"])
     assert m["source"]["directories"][0]["settings_from"]["shorter"] == "--views"

@@ -648,12 +648,21 @@ def _read_views(
     return None, codes, next(iter(labels.values()))
 
 
-def verify(out: str | Path, directories: Sequence[str | Path], views: Sequence[str] | None = None) -> list[str]:
+def verify(
+    out: str | Path,
+    directories: Sequence[str | Path],
+    views: Sequence[str] | None = None,
+    dataset: str | None = None,
+    fps: float | None = None,
+    frame_size: int | None = None,
+) -> list[str]:
     """Compare every record of the database `out` with the original values (tokens and label, exactly); returns one
-    line per difference (empty: identical). Videos listed as failures are skipped."""
+    line per difference (empty: identical). Videos listed as failures are skipped. The directories' settings are
+    read as `import_original` read them, with the same flags."""
     db = CodeDatabase(out)
     sources = [
-        read_settings(d, {"view": v} if v else {}) for d, v in zip(directories, views or [None] * len(directories))
+        read_settings(d, {"dataset": dataset, "fps": fps, "frame_size": frame_size, "view": v})
+        for d, v in zip(directories, views or [None] * len(directories))
     ]
     problems = []
     readers = [OriginalLmdb(s) for s in sources]

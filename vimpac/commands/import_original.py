@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"failures with reasons: {summary.out / 'failures.jsonl'}")
     status = 0
     if args.verify:
-        problems = verify(args.out, args.directories, args.views)
+        problems = verify(args.out, args.directories, args.views, args.dataset, args.fps, args.frame_size)
         for line in problems[:20]:
             print(f"verify: {line}", file=sys.stderr)
         print(f"verify: {summary.total_videos} videos compared with the originals, {len(problems)} differences")

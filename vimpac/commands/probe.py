@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
 
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        rank, _, world = init_distributed()
+        # The features are gathered where they are computed: NCCL (the default beside a GPU) takes CUDA tensors only.
+        rank, _, world = init_distributed(None if device == "cuda" else "gloo")
     elif distributed:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if device == "cuda":
