@@ -141,6 +141,7 @@ def database(tmp_path_factory):
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--mask-blocks", "0"], "--mask-blocks 0 masks nothing"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--dataset-name", "ssv2"], "holds dataset 'synthetic'"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--precision", "fp16"], "fp16 is not supported"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(database, tmp_path, capsys, single_process_env, flags, message):

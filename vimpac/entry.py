@@ -51,7 +51,9 @@ def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGr
 
 
 def check_launch_arguments(args: argparse.Namespace) -> None:
-    """UsageError for values of add_launch_arguments' flags that cannot work."""
+    """UsageError for values of add_launch_arguments' flags (and --epochs) that cannot work."""
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1 (the length of the schedule), got {args.epochs}")
     if args.save_epochs < 1:
         raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
     if args.max_nonfinite_steps < 0:

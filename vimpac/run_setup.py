@@ -180,6 +180,7 @@ def train_settings(args: argparse.Namespace, schedule: Schedule) -> TrainSetting
         progress=args.tqdm,
         eval_every=args.eval_per_epochs,
         max_nonfinite_steps=args.max_nonfinite_steps,
+        evaluation_only=getattr(args, "eval_only", False),
     )
 
 

@@ -78,6 +78,7 @@ class TrainSettings:
     export: bool = True
     eval_every: int = 1
     max_nonfinite_steps: int = 20
+    evaluation_only: bool = False  # no training loop (finetune --eval-only): the batch need not fit the split
 
 
 # A logged value of one micro-step: a scalar, or (value, weight) for a weighted mean over the step.
@@ -177,8 +178,10 @@ class Trainer:
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         self.fp32 = not (ds_config["fp16"]["enabled"] or ds_config["bf16"]["enabled"])
         self.sampler = ResumableDistributedSampler(len(dataset), self.rank, self.world, seed=settings.seed)
-        self.steps_per_epoch = epoch_steps(
-            len(dataset), self.world, self.micro, self.accumulation, settings.steps_per_epoch_limit
+        self.steps_per_epoch = (
+            0
+            if settings.evaluation_only
+            else epoch_steps(len(dataset), self.world, self.micro, self.accumulation, settings.steps_per_epoch_limit)
         )
         self.writer = MetricsWriter(self.output, enabled=self.rank == 0)
         self.epoch, self.step_in_epoch = 0, 0
