@@ -162,6 +162,12 @@ def test_bad_inputs_are_reported_and_the_others_go_on(setup, tmp_path, capsys):
     same_size = tiny_vqvae_dir(tmp_path / "tok64", vocab_size=64, seed=1)
     assert cli_main(["predict", str(good), "--model", str(setup["run"]), "--tokenizer", str(same_size)]) == 2
     assert "is not the one the model's code database was made with" in capsys.readouterr().err
+    # settings no video could use are refused before any work
+    assert cli_main(["predict", str(good), "--model", str(setup["run"]), "--views", "r32_centre_f0"]) == 2
+    assert "--views: not a view name: 'r32_centre_f0'" in capsys.readouterr().err
+    embed = ["embed", str(good), "--model", str(setup["run"]), "--out", str(tmp_path / "e")]
+    assert cli_main([*embed, "--num-clips", "0"]) == 2
+    assert "--num-clips must be >= 1" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, tmp_path, capsys):

@@ -66,7 +66,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict:
+    """The run's inference settings the flags replace ({"num_clips", "views"}; None: the run's); UsageError for
+    values no video could use, before any work."""
+    from vimpac.errors import UsageError
+    from vimpac.tokenization.views import View
+
+    if args.num_clips is not None and args.num_clips < 1:
+        raise UsageError(f"--num-clips must be >= 1 (clips per view); got {args.num_clips}")
     views = None if args.views is None else [v for v in args.views.split(",") if v]
+    for view in views or ():
+        try:
+            View.parse(view)
+        except ValueError as err:
+            raise UsageError(f"--views: {err}, e.g. r128_center_f0") from None
     return {"num_clips": args.num_clips, "views": views}
 
 
