@@ -106,8 +106,11 @@ def validate(cfg: ExtractConfig) -> None:
             raise UsageError(f"annotation file {path} does not exist")
     if cfg.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {cfg.workers}")
-    if cfg.encode_batch < 1 or cfg.chunk_frames < 1 or cfg.commit_every < 1:
-        raise UsageError("--encode-batch, --chunk-frames and --commit-every must be at least 1")
+    for flag, value in (("--encode-batch", cfg.encode_batch), ("--commit-every", cfg.commit_every)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if cfg.chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be at least 1, got {cfg.chunk_frames}")
 
 
 def extraction_views(cfg: ExtractConfig) -> list[View]:

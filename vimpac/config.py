@@ -196,7 +196,7 @@ class VimpacConfig:
         heads, width = self.num_heads, self.attention_width
         width_note = f"attention width {width}" + (" (hidden/2, --halve-att)" if self.halve_att else "")
         if heads < 1:
-            raise UsageError(f"hidden size {self.hidden_size} gives 0 heads (hidden // 64); set heads explicitly")
+            raise UsageError(f"hidden size {self.hidden_size} gives 0 heads (hidden // 64); pass --heads")
         if width % heads:
             raise UsageError(f"{width_note} is not divisible by {heads} heads; choose heads dividing {width}")
         for patterns in parse_layout(self.layout):

@@ -50,6 +50,16 @@ def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGr
     )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's default-showing help, but only where the help does not state its default already and the
+    default says something (a None default means what the help text says it means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def check_launch_arguments(args: argparse.Namespace) -> None:
     """UsageError for values of add_launch_arguments' flags (and --epochs) that cannot work."""
     if args.epochs < 1:

@@ -20,9 +20,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
-from vimpac.config import add_model_arguments
+from vimpac.config import VimpacConfig, add_model_arguments
 from vimpac.ds_config import OPTIMIZERS
-from vimpac.entry import add_launch_arguments, check_launch_arguments, run_reporting_errors
+from vimpac.entry import HelpFormatter, add_launch_arguments, check_launch_arguments, run_reporting_errors
 from vimpac.errors import UsageError
 from vimpac.optim import SCHEDULES
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune VIMPAC (CLS → dropout → zero-initialised linear classifier, cross-entropy) on a "
         "labeled code database, from exported pre-training weights (--load) or from scratch; evaluate with K "
         "temporal clips × the test views, probabilities averaged.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run = parser.add_argument_group("run")
     run.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="engine json (default: fp32)")
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser, data_default="the export's with --load, else from the --data database")
     # The input shape comes from the checkpoint unless named (None); without --load: 5 frames at --data's frame size.
     parser.set_defaults(clip_len=None)
+    for action in parser._actions:  # the help add_model_arguments wrote for pre-training's default
+        if action.dest == "clip_len":
+            action.help = f"frames per clip T (default: the export's with --load, else {VimpacConfig().clip_len})"
     model.add_argument("--last-dropout", type=float, default=0.0, help="dropout before the classifier")
     model.add_argument("--label-smoothing", type=float, default=0.0, help="ε: (1 − ε)·NLL + ε·mean(−log p)")
 

@@ -69,7 +69,7 @@ from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
 OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 DEFAULT_BATCH = 128
-DEFAULT_CLIP_LEN = 5
+DEFAULT_CLIP_LEN = VimpacConfig().clip_len  # without --load and --clip-len
 EVAL_DIR = "eval"
 
 

@@ -21,7 +21,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
 from vimpac.config import add_model_arguments
-from vimpac.entry import add_launch_arguments, run_reporting_errors
+from vimpac.entry import HelpFormatter, add_launch_arguments, run_reporting_errors
 from vimpac.knn import add_knn_arguments
 from vimpac.optim import SCHEDULES
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train VIMPAC (block-masked token prediction + InfoNCE between two clips of a video) on a "
         "code database made by `vimpac tokenize`. Run it under the DeepSpeed launcher (deepspeed --num_gpus N ...) "
         "or as one plain process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run = parser.add_argument_group("run")
     run.add_argument(

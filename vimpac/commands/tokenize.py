@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="database directory to create (or resume)")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2, as pre-training)")
     p.add_argument("--frame-size", type=int, default=128, help="square frame side S in pixels, multiple of 8 (128)")
-    p.add_argument("--views", choices=("center", "test", "train"), default="center", help="which spatial views")
+    p.add_argument(
+        "--views", choices=("center", "test", "train"), default="center", help="which spatial views (default center)"
+    )
     p.add_argument(
         "--frame-selection",
         choices=FRAME_SELECTIONS,
