@@ -156,6 +156,9 @@ def test_bad_inputs_are_reported_and_the_others_go_on(setup, tmp_path, capsys):
     export_weights({f"backbone.{k}": v for k, v in VimpacBackbone(config).state_dict().items()}, config, pre)
     assert cli_main(["predict", str(good), "--model", str(pre), "--data", str(setup["db"])]) == 2
     assert "holds no classifier" in capsys.readouterr().err
+    (pre / "export" / "model.safetensors").write_bytes(b"cut short")  # a damaged copy
+    assert cli_main(["predict", str(good), "--model", str(pre), "--data", str(setup["db"])]) == 2
+    assert "model.safetensors is damaged or incomplete" in capsys.readouterr().err
     other = tiny_vqvae_dir(tmp_path / "tok32", vocab_size=32)
     assert cli_main(["predict", str(good), "--model", str(setup["run"]), "--tokenizer", str(other)]) == 2
     assert "32 codes but the model was trained on a vocabulary of 64" in capsys.readouterr().err

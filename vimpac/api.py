@@ -31,8 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from vimpac.config import VimpacConfig
@@ -69,9 +67,10 @@ def _read(path: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor], dict
     path = Path(path)
     folder = _find_export(path)
     if folder is not None:
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            metadata = dict(f.metadata() or {})
-        return VimpacConfig.load(folder / "config.json"), load_file(str(folder / "model.safetensors")), metadata, folder
+        from vimpac.checkpoint import read_export
+
+        config, state, metadata = read_export(folder)
+        return config, state, metadata, folder
     from vimpac import original
 
     if any((p / original.CHECKPOINT_FILE).is_file() for p in (path, path / "last")):

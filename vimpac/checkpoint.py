@@ -304,6 +304,27 @@ def fp32_state_dict(engine, output: str | Path, tag: str, zero_stage: int) -> di
     }
 
 
+def read_export(folder: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, state dict, safetensors metadata) of an export folder (config.json + model.safetensors; no
+    pickle); UsageError naming the file when either is damaged or cut short (an interrupted copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    try:
+        config = VimpacConfig.load(folder / "config.json")
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(
+            f"{folder / 'config.json'} is damaged or not a vimpac model config ({err}); export it or copy it again"
+        ) from None
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            names = f.keys()  # safe_open is not iterable itself
+            return config, {name: f.get_tensor(name) for name in names}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{weights} is damaged or incomplete ({err}); export it or copy it again") from None
+
+
 def export_weights(
     state: dict[str, torch.Tensor], config: VimpacConfig, output: str | Path, producer: str = "vimpac.pretrain"
 ) -> Path:

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from vimpac.checkpoint import read_export
 from vimpac.code_db import CodeDatabase, extraction_differences
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
@@ -90,8 +90,8 @@ def export_folder(path: str | Path) -> Path:
 
 def load_exported(path: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor]]:
     """(model config, fp32 state dict) of exported weights, read with safetensors (no pickle)."""
-    folder = export_folder(path)
-    return VimpacConfig.load(folder / "config.json"), load_file(str(folder / "model.safetensors"))
+    config, state, _ = read_export(export_folder(path))
+    return config, state
 
 
 def describe_shape(config: VimpacConfig) -> str:

@@ -180,11 +180,10 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def pretrained_backbone(export: Path, config: VimpacConfig) -> VimpacBackbone:
     """The backbone of the exported weights (a pre-training or fine-tuning export; the heads are ignored)."""
-    from safetensors.torch import load_file
-
+    from vimpac.checkpoint import read_export
     from vimpac.modeling import VimpacBackbone
 
-    state = load_file(str(export / "model.safetensors"))
+    _, state, _ = read_export(export)
     backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone_state:
         raise UsageError(f"{export / 'model.safetensors'} holds no backbone.* tensors; is this a VIMPAC export?")
