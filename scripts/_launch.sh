@@ -5,7 +5,22 @@
 # GPU_LIST is the seed's comma list (0,1,2,3 → --include localhost:0,1,2,3), or cpu:N for N CPU ranks (add
 # --deepspeed_config ds_configs/cpu.json after it: later flags win).
 set -euo pipefail
+# The scripts run from the repository root (ds_configs/ is relative to it): paths given relative to where the
+# user stands are made absolute first.
+for name in DATA EVAL_DATA LOAD OUTPUT STAGE1; do
+  if [ -n "${!name:-}" ] && [[ ${!name} != /* ]]; then
+    printf -v "$name" '%s' "$PWD/${!name}"
+  fi
+done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The launcher of this checkout's environment (bash scripts/setup.sh) when it is not activated.
+if ! command -v deepspeed >/dev/null && [ -x .venv/bin/deepspeed ]; then
+  export PATH="$PWD/.venv/bin:$PATH"
+fi
+if ! command -v deepspeed >/dev/null; then
+  echo "no deepspeed launcher on PATH: run bash scripts/setup.sh, then . .venv/bin/activate (or install vimpac)" >&2
+  exit 2
+fi
 # One JIT build of DeepSpeed's ops per environment (docs/design.md §11.2), reused by every later run.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python3 -c 'import sys; print(sys.prefix)')/torch_extensions}
 

@@ -37,14 +37,14 @@ TINY += ["--clip-len", "2", "--num-workers", "0", "--batch-size", "4", "--bs-per
 PRETRAIN = [*TINY, "--nce-proj-hid-dim", "32", "--mask-blocks", "1", "--max-steps-per-epoch", "1", "--epochs", "3"]
 
 
-def run_script(script: str, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
-    """bash scripts/<script> cpu:1 <flags> with `env` added to the trainers' test environment."""
+def run_script(script: str, env: dict[str, str], *flags: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """bash scripts/<script> cpu:1 <flags>, run in `cwd`, with `env` added to the trainers' test environment."""
     full = environment()
     full.update(env, MASTER_PORT=str(free_port()))
     full["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full['PATH']}"  # the venv's deepspeed launcher
     result = subprocess.run(
         ["bash", str(SCRIPTS / script), "cpu:1", *flags],
-        cwd=REPO,
+        cwd=cwd,
         env=full,
         capture_output=True,
         text=True,
@@ -121,7 +121,7 @@ def test_resume_from_applies_only_while_the_output_has_no_checkpoint(tmp_path):
 def test_two_stage_recipe_end_to_end(tmp_path):
     """Stage 1 (2 of 3 epochs, 32 px) → stage 2 (the last epoch, 64 px, own directory) → fine-tuning stage 2."""
     db32 = write_code_database(tmp_path / "codes_f32", videos=8, frames=4, grid=(4, 4))
-    db64 = write_code_database(tmp_path / "codes_f64", videos=8, frames=4, grid=(8, 8))
+    write_code_database(tmp_path / "codes_f64", videos=8, frames=4, grid=(8, 8))  # stage 2 names it relatively
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
 
     env = {"DATA": str(db32), "OUTPUT": str(stage1)}
@@ -129,8 +129,8 @@ def test_two_stage_recipe_end_to_end(tmp_path):
     assert latest_tag(stage1) == "step00000002"
     before = tree_digest(stage1)
 
-    env = {"DATA": str(db64), "OUTPUT": str(stage2), "STAGE1": str(stage1)}
-    result = run_script("pretrain/large_frame256cont.sh", env, *PRETRAIN, "--frame-size", "64")
+    env = {"DATA": "codes_f64", "OUTPUT": "stage2", "STAGE1": "stage1"}  # relative to where the user stands
+    result = run_script("pretrain/large_frame256cont.sh", env, *PRETRAIN, "--frame-size", "64", cwd=tmp_path)
     assert f"resumed {stage1 / 'checkpoints' / 'step00000002'} at a new shape" in result.stdout
     assert tree_digest(stage1) == before, "stage 2 changed stage 1's run directory"
     assert latest_tag(stage2) == "step00000003"  # the schedule's last step, in stage 2's own directory
