@@ -32,3 +32,38 @@ def test_the_deepspeed_launcher_starts_the_module(tmp_path):
     result = run_help([str(DEEPSPEED), *ports, "--module", "vimpac.pretrain"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "usage: vimpac/pretrain.py " in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "--out", "{file}"],
+        ["train-tokenizer", "--videos", "{dir}", "--out", "{file}"],
+        [
+            "tokenize",
+            "--videos",
+            "{dir}",
+            "--format",
+            "list",
+            "--annotations",
+            "{file}",
+            "--tokenizer",
+            "t",
+            "--out",
+            "{file}",
+        ],
+        ["embed", "{dir}", "--model", "m", "--out", "{file}"],
+        ["demo", "--out", "{file}"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_a_file_given_as_output_directory_is_refused(tmp_path, capsys, argv):
+    from vimpac.cli import main as cli_main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("a file\n")
+    argv = [a.format(file=taken, dir=tmp_path) for a in argv]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} is a file, not a directory" in err and "Traceback" not in err
+    assert taken.read_text() == "a file\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vimpac.code_db import CodeDatabaseWriter
-from vimpac.errors import UsageError
+from vimpac.errors import UsageError, require_directory
 from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations, read_class_list
 from vimpac.tokenization.code_stream import Assembler, Failed, stream_codes
 from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION, FRAME_RESIZE, FRAME_SELECTIONS
@@ -82,6 +82,7 @@ class ExtractSummary:
 
 def validate(cfg: ExtractConfig) -> None:
     """Reject bad command-line input before any work starts (UsageError says what and how to fix)."""
+    require_directory(cfg.out, "--out")
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format {cfg.format!r}; choose one of: {', '.join(FORMATS)}")
     if cfg.frame_size <= 0 or cfg.frame_size % 8:

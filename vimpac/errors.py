@@ -1,5 +1,9 @@
 """User-facing errors: raised for bad input, printed by the CLI as one clear message (no traceback)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UsageError(Exception):
     """Bad command-line input or configuration: what is wrong and how to fix it, detected before any work."""
@@ -13,3 +17,9 @@ class NonFiniteLossError(Exception):
     `exit_code`."""
 
     exit_code = 3
+
+
+def require_directory(path: str | Path, flag: str) -> None:
+    """UsageError when the output directory `path` (given as `flag`) exists as something else, e.g. a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)")

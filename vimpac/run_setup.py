@@ -27,13 +27,14 @@ from vimpac.atomic_write import write_json_atomic
 from vimpac.checkpoint import checkpoint_root, complete_tags, latest_tag
 from vimpac.dist_setup import init_distributed, track_engine
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
-from vimpac.errors import UsageError
+from vimpac.errors import UsageError, require_directory
 from vimpac.optim import build_scheduler, parameter_groups, warmup_steps
 from vimpac.trainer import TrainSettings, epoch_steps
 
 
 def refuse_existing_run(output: Path, resume: bool) -> None:
-    """UsageError when `output` already holds checkpoints and --resume was not given."""
+    """UsageError when `output` already holds checkpoints and --resume was not given, or is not a directory."""
+    require_directory(output, "--output")
     if not resume and (latest_tag(output) is not None or complete_tags(output)):
         raise UsageError(
             f"{output} already holds checkpoints; pass --resume to continue it, choose another --output, or delete "

@@ -347,8 +347,9 @@ def run_command(register: Callable, argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vimpac.errors import UsageError
+    from vimpac.errors import UsageError, require_directory
 
+    require_directory(args.out, "--out")
     budget = BUDGETS[args.budget]
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: seeds are non-negative integers (0, 1, 2, ...)")

@@ -97,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vimpac.commands.predict import decode_workers, pipeline_from_args
-    from vimpac.errors import UsageError
+    from vimpac.errors import UsageError, require_directory
     from vimpac.inference import video_files
     from vimpac.inference_stream import database_codes, file_codes, run_videos
 
+    require_directory(args.out, "--out")
     if bool(args.db) == bool(args.videos):
         raise UsageError("give video files / folders, or --db CODE_DB (one of the two)")
     if not args.db and (args.split or args.view):

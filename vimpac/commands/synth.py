@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from vimpac.errors import UsageError
+from vimpac.errors import UsageError, require_directory
 
 EPILOG = """\
 what it writes (OUT = --out):
@@ -121,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vimpac.tokenization.synth import SynthConfig, generate
 
+    require_directory(args.out, "--out")
     classes = None
     if args.classes is not None:
         classes = tuple(key.strip() for key in args.classes.split(",") if key.strip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vimpac.errors import UsageError
+from vimpac.errors import UsageError, require_directory
 
 DESCRIPTION = """\
 Train a VQ-VAE tokenizer (8x downsampling: every 8x8 pixel patch becomes one of --vocab-size codes) on frames
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.tokenization.train_vqvae import TrainSettings, dead_after_steps, train_from_videos
     from vimpac.tokenization.vqvae import VQVAEConfig
 
+    require_directory(args.out, "--out")
     if args.log_every < 1 or args.checkpoint_every < 1 or args.batch_size < 1 or args.crop_size < 8:
         raise UsageError("--log-every, --checkpoint-every and --batch-size must be at least 1, --crop-size at least 8")
     dead_after = dead_after_steps(args.vocab_size, args.batch_size, args.crop_size)
