@@ -6,6 +6,7 @@ the README's form)."""
 import subprocess
 
 import pytest
+import torch
 
 from tests.helpers import DEEPSPEED, REPO, environment, launcher
 from vimpac.dist_setup import free_port
@@ -67,3 +68,18 @@ def test_a_file_given_as_output_directory_is_refused(tmp_path, capsys, argv):
     err = capsys.readouterr().err
     assert f"--out {taken} is a file, not a directory" in err and "Traceback" not in err
     assert taken.read_text() == "a file\n"
+
+
+def test_the_cpu_accelerator_is_told_by_ds_accelerator_not_by_a_visible_gpu(monkeypatch):
+    """`vimpac demo --device cpu` on a GPU machine sets DS_ACCELERATOR=cpu: its ranks are CPU processes, which
+    share the cores, although CUDA is visible."""
+    import os
+
+    from vimpac.dist_setup import cpu_accelerator, cpu_threads_per_rank
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not cpu_accelerator({}) and cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "2"}) is None
+    env = {"DS_ACCELERATOR": "cpu", "LOCAL_WORLD_SIZE": "2"}
+    assert cpu_accelerator(env) and cpu_threads_per_rank(env) == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cpu_accelerator({})

@@ -63,10 +63,17 @@ def prepare_environment(env: dict[str, str] | None = None) -> bool:
     return launched
 
 
+def cpu_accelerator(env: dict[str, str] | None = None) -> bool:
+    """Whether DeepSpeed runs on its CPU accelerator: no CUDA, or DS_ACCELERATOR=cpu beside a GPU (e.g. `vimpac demo
+    --device cpu` on a GPU machine), where the ranks are CPU processes on gloo although CUDA is visible."""
+    env = os.environ if env is None else env
+    return env.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
 def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int | None:
     """Cores per rank on a CPU-only machine, unless OMP_NUM_THREADS already decides (None: leave torch alone)."""
     env = os.environ if env is None else env
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in env:
+    if not cpu_accelerator(env) or "OMP_NUM_THREADS" in env:
         return None
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("WORLD_SIZE", "1"))))
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
@@ -79,7 +86,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     threads = cpu_threads_per_rank()
     if threads is not None:
         torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
+    if cpu_accelerator():
         # import_module: the attribute deepspeed.comm.torch is the torch package, not this submodule.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
     # Its functions take `group=group.WORLD` as a default, evaluated at import: imported later (DeepSpeed does,

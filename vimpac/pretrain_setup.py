@@ -44,6 +44,7 @@ from vimpac.checkpoint import (
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database
 from vimpac.data import PretrainClips
+from vimpac.dist_setup import cpu_accelerator
 from vimpac.ds_config import precision_of
 from vimpac.entry import check_launch_arguments
 from vimpac.errors import UsageError
@@ -262,7 +263,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     engine, rank = start_engine(args, ds_config, schedule, make_model)
     precision = precision_of(ds_config)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and torch.cuda.is_available():
+    if peak is None and not cpu_accelerator():
         peak = peak_flops(torch.cuda.get_device_name(), precision)
     task = PretrainTask(args.mlm_weight, args.nce_weight, args.temperature, peak, knn)
     trainer = Trainer(engine, model_config, dataset, train_settings(args, schedule), output, ds_config, task)
