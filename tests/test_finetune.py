@@ -283,6 +283,7 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
         assert set(record["per_class"]) == {f"class{c}" for c in range(4)}
     with safe_open(str(out / "export" / "model.safetensors"), "pt") as exported:
         assert exported.metadata()["producer"] == "vimpac.finetune"
+        assert exported.metadata()["tokenizer_fingerprint"] == "0" * 16  # the training database's
     # the same schedule in two launches (--interval 5, then --resume) ends with the same curve and predictions
     chunked = tmp_path / "chunked"
     for extra in (["--interval", "5"], ["--resume"]):

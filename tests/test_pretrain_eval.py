@@ -293,6 +293,10 @@ def test_cli_refuses_a_vocabulary_mismatch_and_missing_paths(tmp_path, capsys):
 
     assert main(["pretrain-eval", "--model", str(tmp_path / "nowhere"), "--data", str(db)]) == 2
     assert "--model" in capsys.readouterr().err
+    # the same vocabulary and grid, but codes of another tokenizer than the model was trained on
+    export_weights(random_model(1).state_dict(), CONFIG, tmp_path / "other", tokenizer="f" * 16)
+    assert main(["pretrain-eval", "--model", str(tmp_path / "other"), "--data", str(db)]) == 2
+    assert f"tokenized by tokenizer {'0' * 16}, but the model" in capsys.readouterr().err
     assert main(["pretrain-eval", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "nodb")]) == 2
     assert "--data" in capsys.readouterr().err
 

@@ -304,6 +304,35 @@ def fp32_state_dict(engine, output: str | Path, tag: str, zero_stage: int) -> di
     }
 
 
+TOKENIZER_KEY = "tokenizer_fingerprint"  # safetensors metadata of an export: the codes' tokenizer
+
+
+def export_tokenizer(folder: str | Path | None) -> str | None:
+    """The fingerprint of the tokenizer an export's model was trained on (None: not recorded, or not an export)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = Path(folder) / "model.safetensors" if folder is not None else None
+    if weights is None or not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return (f.metadata() or {}).get(TOKENIZER_KEY)
+    except (SafetensorError, OSError):
+        return None
+
+
+def check_same_tokenizer(model: str | Path | None, manifest: dict[str, Any], database: str | Path) -> None:
+    """Refuse a code database made by another tokenizer than the one the export `model` was trained on: the same
+    code number is another visual word there, and vocabulary and grid can match all the same."""
+    trained_on = export_tokenizer(model)
+    made_by = (manifest.get("tokenizer") or {}).get("fingerprint")
+    if trained_on and made_by and trained_on != made_by:
+        raise UsageError(
+            f"{database} was tokenized by tokenizer {made_by}, but the model {model} was trained on the codes of "
+            f"tokenizer {trained_on}; its codes mean other things there: use a database made with that tokenizer"
+        )
+
+
 def read_export(folder: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor], dict[str, str]]:
     """(config, state dict, safetensors metadata) of an export folder (config.json + model.safetensors; no
     pickle); UsageError naming the file when either is damaged or cut short (an interrupted copy)."""
@@ -326,15 +355,21 @@ def read_export(folder: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tenso
 
 
 def export_weights(
-    state: dict[str, torch.Tensor], config: VimpacConfig, output: str | Path, producer: str = "vimpac.pretrain"
+    state: dict[str, torch.Tensor],
+    config: VimpacConfig,
+    output: str | Path,
+    producer: str = "vimpac.pretrain",
+    tokenizer: str | None = None,
 ) -> Path:
     """Write `<output>/export/config.json` and `model.safetensors` (fp32, contiguous) atomically per file;
-    `producer` (the entry point that trained the weights) goes into the safetensors metadata."""
+    `producer` (the entry point that trained the weights) and `tokenizer` (the fingerprint of the tokenizer whose
+    codes it was trained on) go into the safetensors metadata."""
     folder = Path(output) / EXPORT
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", "producer": producer, **({TOKENIZER_KEY: tokenizer} if tokenizer else {})}
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": producer})
+        save_file(tensors, str(tmp), metadata=metadata)
     write_text_atomic(folder / "config.json", config.to_json() + "\n")
     return folder
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vimpac.checkpoint import read_export
+from vimpac.checkpoint import check_same_tokenizer, read_export
 from vimpac.code_db import CodeDatabase, extraction_differences
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
@@ -348,6 +348,8 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     taken = fill_from_database(args, train_db.manifest, args.data) if saved is None else None
     config = finetune_config(args, saved)
 
+    for db, path in ((train_db, args.data), (eval_db, args.eval_data or args.data)):
+        check_same_tokenizer(export_folder(args.load) if args.load else None, db.manifest, path)
     dataset_name = train_db.manifest.get("dataset")
     for db in (train_db, eval_db):
         if args.dataset_name is not None and args.dataset_name != db.manifest.get("dataset"):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vimpac.checkpoint import (
+    check_same_tokenizer,
     checkpoint_root,
     latest_tag,
     load_resized_checkpoint,
@@ -251,6 +252,9 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
 
     load = getattr(args, "load", None)
     if load is not None:  # refuse a mismatched export before any process group exists
+        from vimpac.finetune_setup import export_folder
+
+        check_same_tokenizer(export_folder(load), dataset.db.manifest, args.data)
         load_export_weights(VimpacForPretraining(model_config, mlm=False, nce=False), load, model_config)
 
     def make_model() -> VimpacForPretraining:

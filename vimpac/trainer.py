@@ -279,7 +279,9 @@ class Trainer:
     def export(self, tag: str) -> None:
         state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
         if state is not None:
-            export_weights(state, self.config, self.output, self.task.producer)
+            manifest = getattr(getattr(self.dataset, "db", None), "manifest", None) or {}
+            tokenizer = (manifest.get("tokenizer") or {}).get("fingerprint")
+            export_weights(state, self.config, self.output, self.task.producer, tokenizer)
         if dist.is_initialized():
             dist.barrier()
 

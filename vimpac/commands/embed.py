@@ -110,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
         args.views = args.view
     pipeline = pipeline_from_args(args, args.db or args.data, need_classifier=False)
     if args.db:
+        from vimpac.checkpoint import check_same_tokenizer
         from vimpac.code_db import CodeDatabase
 
         db = CodeDatabase(args.db)
+        check_same_tokenizer(pipeline.model.source, db.manifest, args.db)
         unknown = [v for v in pipeline.info["views"] if v not in db.views]
         if unknown:
             raise UsageError(f"views {unknown} are not in {db.path}; valid views: {', '.join(db.views)} (--view)")

@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vimpac.checkpoint import check_same_tokenizer
     from vimpac.code_db import CodeDatabase
     from vimpac.config import VimpacConfig
     from vimpac.data import PretrainClips
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             f"the database {data_path} holds {grid[0]}x{grid[1]} codes per frame but the model {export} expects "
             f"{config.grid[0]}x{config.grid[1]}; evaluate on a database tokenized at the model's frame size"
         )
+    check_same_tokenizer(export, db.manifest, data_path)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
+    from vimpac.checkpoint import check_same_tokenizer
     from vimpac.code_db import CodeDatabase
     from vimpac.config import VimpacConfig
     from vimpac.finetune_data import (
@@ -241,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
     config = VimpacConfig.load(export / "config.json")
     train_db = CodeDatabase(data_path)
     eval_db = CodeDatabase(eval_path) if eval_path != data_path else train_db
-    for db in (train_db, eval_db):
+    for db, path in ((train_db, data_path), (eval_db, eval_path)):
         check_database(db, config, export)
+        check_same_tokenizer(export, db.manifest, path)
     classes = list(train_db.manifest["classes"])
     if classes != list(eval_db.manifest["classes"]):
         raise UsageError(f"{data_path} and {eval_path} list different classes")
