@@ -171,6 +171,8 @@ def test_bad_inputs_are_reported_and_the_others_go_on(setup, tmp_path, capsys):
     embed = ["embed", str(good), "--model", str(setup["run"]), "--out", str(tmp_path / "e")]
     assert cli_main([*embed, "--num-clips", "0"]) == 2
     assert "--num-clips must be >= 1" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert cli_main([*embed, "--frame-rate", "3"]) == 2  # the flag the frame-rate message names exists
+    assert "--frame-rate 3.0 does not divide" in capsys.readouterr().err
 
 
 def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, tmp_path, capsys):

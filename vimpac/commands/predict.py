@@ -47,6 +47,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="code database the model was evaluated on (default: the run's)")
     p.add_argument("--num-clips", type=int, default=None, help="K clips per view (default: largest last-test-clips)")
     p.add_argument("--views", default=None, help="comma list of test views, e.g. r128_center_f0 (default: the run's)")
+    p.add_argument(
+        "--frame-rate",
+        type=float,
+        default=None,
+        help="clip fps, a divisor of the database's fps (default: the run's --frame-rate); the model saw clips at its "
+        "run's rate, so change it only for a database at another fps",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument(
         "--precision",
@@ -66,20 +73,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict:
-    """The run's inference settings the flags replace ({"num_clips", "views"}; None: the run's); UsageError for
+    """The run's inference settings the flags replace (num_clips, views, frame_rate; None: the run's); UsageError for
     values no video could use, before any work."""
     from vimpac.errors import UsageError
     from vimpac.tokenization.views import View
 
     if args.num_clips is not None and args.num_clips < 1:
         raise UsageError(f"--num-clips must be >= 1 (clips per view); got {args.num_clips}")
+    if args.frame_rate is not None and not args.frame_rate > 0:
+        raise UsageError(f"--frame-rate must be positive; got {args.frame_rate}")
     views = None if args.views is None else [v for v in args.views.split(",") if v]
     for view in views or ():
         try:
             View.parse(view)
         except ValueError as err:
             raise UsageError(f"--views: {err}, e.g. r128_center_f0") from None
-    return {"num_clips": args.num_clips, "views": views}
+    return {"num_clips": args.num_clips, "views": views, "frame_rate": args.frame_rate}
 
 
 def pipeline_from_args(args: argparse.Namespace, data: str | None, need_classifier: bool):
