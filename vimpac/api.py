@@ -37,8 +37,6 @@ from vimpac.config import VimpacConfig
 from vimpac.errors import UsageError
 from vimpac.modeling import ClassifierHead, ContrastiveHead, MLMHead, VimpacBackbone
 
-EXPORT_FILES = ("config.json", "model.safetensors")
-
 
 class MissingHeadError(UsageError):
     """A method needs a head the loaded weights do not hold (e.g. class_logits on a pre-training export)."""
@@ -55,20 +53,13 @@ class _Model(nn.Module):
         self.classifier = ClassifierHead(config.hidden_size, num_classes) if num_classes else None
 
 
-def _find_export(path: Path) -> Path | None:
-    for folder in (path, path / "export"):
-        if all((folder / name).is_file() for name in EXPORT_FILES):
-            return folder
-    return None
-
-
 def _read(path: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor], dict[str, str], Path]:
     """(config, state dict, metadata, folder) of an export, a run directory or an original checkpoint folder."""
-    path = Path(path)
-    folder = _find_export(path)
-    if folder is not None:
-        from vimpac.checkpoint import read_export
+    from vimpac.checkpoint import EXPORT_FILES, find_export, read_export
 
+    path = Path(path)
+    folder = find_export(path)
+    if folder is not None:
         config, state, metadata = read_export(folder)
         return config, state, metadata, folder
     from vimpac import original

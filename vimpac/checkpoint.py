@@ -304,6 +304,28 @@ def fp32_state_dict(engine, output: str | Path, tag: str, zero_stage: int) -> di
     }
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def find_export(path: str | Path) -> Path | None:
+    """The folder holding an export (config.json + model.safetensors): `path` itself, or `path`/export for a run
+    directory; None when neither holds one."""
+    for folder in (Path(path), Path(path) / EXPORT):
+        if all((folder / name).is_file() for name in EXPORT_FILES):
+            return folder
+    return None
+
+
+def export_folder(
+    path: str | Path, flag: str = "--model", hint: str = "point it at a run directory or its export/"
+) -> Path:
+    """find_export, or a UsageError naming `flag` (the option that gave `path`), where it looked and `hint`."""
+    folder = find_export(path)
+    if folder is None:
+        raise UsageError(f"{flag} {path}: no {' + '.join(EXPORT_FILES)} there or in {Path(path) / EXPORT}; {hint}")
+    return folder
+
+
 TOKENIZER_KEY = "tokenizer_fingerprint"  # safetensors metadata of an export: the codes' tokenizer
 
 

@@ -241,12 +241,15 @@ class VimpacConfig:
         return cls.from_json(Path(path).read_text())
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | None = None) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, data_default: str | None = None, clip_len_default: str | None = None
+) -> None:
     """The seed's model flags (`--model "efflayoutT,H|W" --layers --hid-dim ...`), shared by every command.
 
     data_default: for commands that read a code database, which decides --vocab-size and --frame-size when they
     are not given: both then default to None (filled by fill_from_database) and their help says "default:
-    <data_default>". Without it (model-info, selfcheck: no database) they default to 8192 codes and 128 px."""
+    <data_default>". Without it (model-info, selfcheck: no database) they default to 8192 codes and 128 px.
+    clip_len_default: likewise for --clip-len (None default, decided later), e.g. fine-tuning's "the export's"."""
     d = VimpacConfig()
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -283,7 +286,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, data_default: str | Non
         help="PAD/MASK ids: original (PAD=V+1, MASK=V+4, V+5 rows, as the original release and paper Table 3) "
         "or compact (PAD=V, MASK=V+1, V+2 rows); default %(default)s",
     )
-    g.add_argument("--clip-len", type=int, default=d.clip_len, help="frames per clip T (default %(default)s)")
+    g.add_argument(
+        "--clip-len",
+        type=int,
+        default=None if clip_len_default else d.clip_len,
+        help=f"frames per clip T (default: {clip_len_default or '%(default)s'})",
+    )
     g.add_argument(
         "--frame-size",
         type=int,

@@ -43,14 +43,6 @@ FORMAT = 1
 FIELDS = ("tokenizer", "fps", "frame_rate", "frame_size", "views", "num_clips", "single_clip", "clip_len", "classes")
 
 
-def _export_folder(path: str | Path) -> Path:
-    path = Path(path)
-    for folder in (path, path / "export"):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    raise UsageError(f"{path}: no config.json + model.safetensors there or in {path / 'export'}")
-
-
 def _manifest(db: str | Path) -> dict[str, Any]:
     path = Path(db) / "manifest.json"
     if not path.is_file():
@@ -109,7 +101,9 @@ def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
 
 def write_inference_info(path: str | Path, data: str | Path | None = None) -> Path:
     """Derive and write <export>/inference.json for the export in `path` (an export or its run directory)."""
-    export = _export_folder(path)
+    from vimpac.checkpoint import export_folder
+
+    export = export_folder(path, "--model")
     write_json_atomic(export / INFO_FILE, derive_info(export, data))
     return export / INFO_FILE
 
@@ -120,7 +114,9 @@ def inference_info(
     """The inference settings of the export in `path`: inference.json, else derived (derive_info) and, with
     `save`, written beside the export (best effort: a read-only export is left as it is). `data` forces the
     derivation from that database; `overrides` ({field: value}, None values ignored) win over both."""
-    export = _export_folder(path)
+    from vimpac.checkpoint import export_folder
+
+    export = export_folder(path, "--model")
     file = export / INFO_FILE
     if file.is_file() and data is None:
         info = json.loads(file.read_text())

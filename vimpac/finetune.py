@@ -104,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow --clip-len / --frame-size to differ from the checkpoint's: positional tables are interpolated",
     )
-    add_model_arguments(parser, data_default="the export's with --load, else from the --data database")
+    add_model_arguments(
+        parser,
+        data_default="the export's with --load, else from the --data database",
+        clip_len_default=f"the export's with --load, else {VimpacConfig().clip_len}",
+    )
     # The input shape comes from the checkpoint unless named (None); without --load: 5 frames at --data's frame size.
-    parser.set_defaults(clip_len=None)
-    for action in parser._actions:  # the help add_model_arguments wrote for pre-training's default
-        if action.dest == "clip_len":
-            action.help = f"frames per clip T (default: the export's with --load, else {VimpacConfig().clip_len})"
     model.add_argument("--last-dropout", type=float, default=0.0, help="dropout before the classifier")
     model.add_argument("--label-smoothing", type=float, default=0.0, help="ε: (1 − ε)·NLL + ε·mean(−log p)")
 

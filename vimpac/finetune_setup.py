@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vimpac.checkpoint import check_same_tokenizer, read_export
+from vimpac.checkpoint import check_same_tokenizer, export_folder, read_export
 from vimpac.code_db import CodeDatabase, extraction_differences
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
@@ -69,6 +69,7 @@ from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
 OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 DEFAULT_BATCH = 128
+LOAD_HINT = "point it at the export/ folder of a pre-training (or fine-tuning) run"
 DEFAULT_CLIP_LEN = VimpacConfig().clip_len  # without --load and --clip-len
 EVAL_DIR = "eval"
 
@@ -76,21 +77,9 @@ EVAL_DIR = "eval"
 # ------------------------------------------------------------------------------------------------ weights
 
 
-def export_folder(path: str | Path) -> Path:
-    """The folder holding config.json + model.safetensors: `path` itself or `path`/export (a run directory)."""
-    path = Path(path)
-    for folder in (path, path / "export"):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    raise UsageError(
-        f"--load {path}: no config.json + model.safetensors there or in {path / 'export'}; point it at the export/ "
-        "folder of a pre-training (or fine-tuning) run"
-    )
-
-
 def load_exported(path: str | Path) -> tuple[VimpacConfig, dict[str, torch.Tensor]]:
     """(model config, fp32 state dict) of exported weights, read with safetensors (no pickle)."""
-    config, state, _ = read_export(export_folder(path))
+    config, state, _ = read_export(export_folder(path, "--load", LOAD_HINT))
     return config, state
 
 
@@ -348,8 +337,9 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     taken = fill_from_database(args, train_db.manifest, args.data) if saved is None else None
     config = finetune_config(args, saved)
 
+    loaded = export_folder(args.load, "--load", LOAD_HINT) if args.load else None
     for db, path in ((train_db, args.data), (eval_db, args.eval_data or args.data)):
-        check_same_tokenizer(export_folder(args.load) if args.load else None, db.manifest, path)
+        check_same_tokenizer(loaded, db.manifest, path)
     dataset_name = train_db.manifest.get("dataset")
     for db in (train_db, eval_db):
         if args.dataset_name is not None and args.dataset_name != db.manifest.get("dataset"):
@@ -442,7 +432,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             deepspeed=ds_config,
             model=config.to_dict(),
             num_classes=num_classes,
-            loaded=str(export_folder(args.load)) if args.load else None,
+            loaded=str(loaded) if loaded else None,
             pretrained_from_shape=list(saved.shape) if saved else None,
             train_split=train_split,
             eval_split=eval_split,
@@ -457,7 +447,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             resumed=resumed,
             label_subset=label_subset_record(train_set),
         )
-        source = f"weights of {export_folder(args.load)}" if args.load else "scratch (no --load)"
+        source = f"weights of {loaded}" if loaded else "scratch (no --load)"
         if taken is not None:
             print(taken, flush=True)
         print(f"fine-tuning from {source}: {num_classes} classes, model {describe_shape(config)}", flush=True)

@@ -36,6 +36,7 @@ import torch
 from vimpac.checkpoint import (
     check_same_tokenizer,
     checkpoint_root,
+    export_folder,
     latest_tag,
     load_resized_checkpoint,
     needs_universal_loading,
@@ -252,9 +253,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
 
     load = getattr(args, "load", None)
     if load is not None:  # refuse a mismatched export before any process group exists
-        from vimpac.finetune_setup import export_folder
-
-        check_same_tokenizer(export_folder(load), dataset.db.manifest, args.data)
+        check_same_tokenizer(export_folder(load, "--load"), dataset.db.manifest, args.data)
         load_export_weights(VimpacForPretraining(model_config, mlm=False, nce=False), load, model_config)
 
     def make_model() -> VimpacForPretraining:

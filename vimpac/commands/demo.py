@@ -612,8 +612,9 @@ def retrieval_picture(paths: DemoPaths, device: str, num_clips: int, queries: in
     clip of the first view, decoded by the tokenizer."""
     import numpy as np
 
+    from vimpac.checkpoint import export_folder
     from vimpac.code_db import CodeDatabase
-    from vimpac.commands.probe import find_export, pretrained_backbone, recorded_frame_rate
+    from vimpac.commands.probe import pretrained_backbone, recorded_frame_rate
     from vimpac.config import VimpacConfig
     from vimpac.finetune_data import FinetuneTestClips, evaluation_views, split_names
     from vimpac.probe import extract_features, nearest_neighbours, retrieval_queries
@@ -621,7 +622,7 @@ def retrieval_picture(paths: DemoPaths, device: str, num_clips: int, queries: in
     from vimpac.visualize import clip_frames, decode_clip
     from vimpac.visualize import retrieval_picture as draw
 
-    export = find_export(paths.training("pretrain"))
+    export = export_folder(paths.training("pretrain"))
     config = VimpacConfig.load(export / "config.json")
     db = CodeDatabase(paths.db("labeled_test"))
     dataset = db.manifest.get("dataset")

@@ -53,11 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vimpac.checkpoint import check_same_tokenizer
+    from vimpac.checkpoint import check_same_tokenizer, export_folder
     from vimpac.code_db import CodeDatabase
     from vimpac.config import VimpacConfig
     from vimpac.data import PretrainClips
-    from vimpac.finetune_setup import export_folder
     from vimpac.pretrain_eval import (
         evaluate_pretraining,
         format_report,
@@ -70,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--model", model_path), ("--data", data_path)):
         if not path.exists():
             raise UsageError(f"{flag} {path} does not exist")
-    try:
-        export = export_folder(model_path)
-    except UsageError as err:
-        raise UsageError(
-            f"--model {model_path}: no config.json + model.safetensors there or in {model_path / 'export'}; point "
-            "it at a pre-training run directory or its export/ folder"
-        ) from err
+    export = export_folder(model_path, "--model", "point it at a pre-training run directory or its export/ folder")
     config = VimpacConfig.load(export / "config.json")
     db = CodeDatabase(data_path)
     vocab = int(db.manifest["tokenizer"]["vocab_size"])

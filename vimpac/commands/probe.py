@@ -23,6 +23,7 @@ DEFAULT_TEMPERATURE = 0.07
 DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # vimpac/finetune.py's --seed default, which seeds its --labels-per-class subset unless --labels-seed is given.
 FINETUNE_SEED = 9595
+PROBE_HINT = "point it at a pre-training run directory or its export/ folder"
 
 EPILOG = """\
 Every video's feature is the mean over its evaluation views (--views; default r<S>_{top,center,bottom}_f0, the
@@ -113,17 +114,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def find_export(path: Path) -> Path:
-    """The folder holding config.json + model.safetensors: `path` or `path`/export (a run directory)."""
-    for folder in (path, path / "export"):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    raise UsageError(
-        f"--model {path}: no config.json + model.safetensors there or in {path / 'export'}; point it at a "
-        "pre-training run directory or its export/ folder"
-    )
-
-
 def recorded_frame_rate(export: Path) -> tuple[float | None, Path | None]:
     """(--frame-rate of the pre-training run that wrote `export`, its run_config.json), (None, None) without one.
     (vimpac.pretrain_eval.recorded_arguments does the same, but importing it loads DeepSpeed.)"""
@@ -209,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from vimpac.checkpoint import check_same_tokenizer
+    from vimpac.checkpoint import check_same_tokenizer, export_folder
     from vimpac.code_db import CodeDatabase
     from vimpac.config import VimpacConfig
     from vimpac.finetune_data import (
@@ -238,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--model", model_path), ("--data", data_path), ("--eval-data", eval_path)):
         if not path.exists():
             raise UsageError(f"{flag} {path} does not exist")
-    export = find_export(model_path)
+    export = export_folder(model_path, "--model", PROBE_HINT)
     config = VimpacConfig.load(export / "config.json")
     train_db = CodeDatabase(data_path)
     eval_db = CodeDatabase(eval_path) if eval_path != data_path else train_db

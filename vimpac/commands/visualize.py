@@ -88,17 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_masked_token_model(path: Path, device: str):
     """(the pre-trained model, its config, its export folder) from an export folder or run directory; it must
     have the masked-token head (a fine-tuned model cannot predict tokens)."""
+    from vimpac.checkpoint import export_folder
     from vimpac.errors import UsageError
-    from vimpac.finetune_setup import export_folder
     from vimpac.pretrain_eval import load_pretrained
 
-    try:
-        folder = export_folder(path)
-    except UsageError:
-        raise UsageError(
-            f"--model {path}: no config.json + model.safetensors there or in {path / 'export'}; pre-train first, or "
-            "point --model at a pre-training run's export/ folder"
-        ) from None
+    folder = export_folder(path, "--model", "pre-train first, or point --model at a pre-training run's export/ folder")
     model = load_pretrained(folder, device)
     if model.mlm_head is None:
         raise UsageError(f"--model {folder} has no masked-token head; point --model at a pre-training run")
