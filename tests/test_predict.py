@@ -183,6 +183,10 @@ def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, 
         assert cli_main([*command, str(empty), "--model", str(setup["run"])]) == 2
         assert f"no video files in {empty} (folders are searched for .mp4 .webm" in capsys.readouterr().err
     assert not (tmp_path / "emb").exists()
+    class_index = tmp_path / "classInd.txt"
+    class_index.write_text("# a list that is no list of videos\n1 ApplyEyeMakeup\n2 ApplyLipstick\n")
+    assert cli_main(["predict", str(class_index), "--model", str(setup["run"])]) == 2
+    assert f"{class_index} line 2: '1 ApplyEyeMakeup' does not name a video file" in capsys.readouterr().err
 
 
 def write_audio_only(path: Path) -> None:

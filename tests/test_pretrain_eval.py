@@ -17,7 +17,8 @@ from vimpac.cli import main
 from vimpac.code_db import CodeDatabase, CodeDatabaseWriter
 from vimpac.config import VimpacConfig
 from vimpac.data import PretrainClips
-from vimpac.modeling import VimpacForPretraining
+from vimpac.errors import UsageError
+from vimpac.modeling import VimpacForClassification, VimpacForPretraining
 from vimpac.pretrain_eval import (
     evaluate_pretraining,
     format_report,
@@ -306,3 +307,10 @@ def test_cli_help(capsys):
         main(["pretrain-eval", "--help"])
     assert exit_info.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_a_finetuning_export_is_named_as_such(tmp_path):
+    torch.manual_seed(0)
+    export = export_weights(VimpacForClassification(CONFIG, num_classes=3).state_dict(), CONFIG, tmp_path / "ft")
+    with pytest.raises(UsageError, match="is a fine-tuning export"):
+        load_pretrained(export)

@@ -498,10 +498,19 @@ def test_manifest_and_readme_name_the_tokenize_commands(corpus):
     assert on_disk["commands"] == manifest["commands"]
     assert "--format ssv2" in manifest["commands"]["labeled"]
     assert "--format howto100m" in manifest["commands"]["unlabeled"]
+    frame = S.suggested_frame_size(cfg.size)
+    assert all(f"--frame-size {frame} " in command for command in manifest["commands"].values())
     readme = (cfg.out / S.README_FILE).read_text()
     assert manifest["commands"]["labeled"] in readme and manifest["commands"]["unlabeled"] in readme
     assert all(spec.template in readme for spec in S.CLASSES)
     assert [c["key"] for c in manifest["labeled"]["classes"]] == list(S.CLASS_KEYS)
+
+
+def test_the_suggested_frame_size_never_upscales():
+    assert S.suggested_frame_size((160, 192)) == 128  # the default corpus: the paper's 128 px
+    assert S.suggested_frame_size((64, 80)) == 64
+    assert S.suggested_frame_size((100, 60)) == 56
+    assert S.suggested_frame_size((6, 6)) == 8
 
 
 def test_a_process_pool_writes_the_same_videos(corpus, tmp_path):

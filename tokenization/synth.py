@@ -1090,17 +1090,25 @@ def _prepare_out(out: Path) -> None:
     (out / "videos").mkdir(parents=True, exist_ok=True)
 
 
-def tokenize_commands(out: Path, tokenizer: str = "TOKENIZER") -> dict[str, str]:
-    """The `vimpac tokenize` command for each part (tokenizer: a directory from train-tokenizer/convert-dalle)."""
+def suggested_frame_size(size: tuple[int, int], largest: int = 128) -> int:
+    """The --frame-size to tokenize videos of `size` (height, width) px at: the largest multiple of 8 up to
+    `largest` that the shorter side holds without upscaling (8 at the least)."""
+    return max(8, min(largest, min(size) // 8 * 8))
+
+
+def tokenize_commands(out: Path, size: tuple[int, int], tokenizer: str = "TOKENIZER") -> dict[str, str]:
+    """The `vimpac tokenize` command for each part of a corpus of `size` (height, width) px videos (tokenizer: a
+    directory from train-tokenizer/convert-dalle)."""
+    frame = suggested_frame_size(size)
     labeled_files = " ".join(str(out / name) for name in (LABELS_FILE, *SPLIT_FILES.values()))
     # Databases go beside OUT, not inside it: regenerating OUT must not leave stale codes that a resume would trust.
     codes = out.parent / f"{out.name}-codes"
     return {
         "labeled": f"vimpac tokenize --videos {out / 'videos'} --format ssv2 --annotations {labeled_files} "
-        f"--tokenizer {tokenizer} --out {codes / 'ssv2_f128_fps4'} --fps 4 --frame-size 128 --views center",
+        f"--tokenizer {tokenizer} --out {codes / f'ssv2_f{frame}_fps4'} --fps 4 --frame-size {frame} --views center",
         "unlabeled": f"vimpac tokenize --videos {out / 'unlabeled' / 'videos'} --format howto100m "
         f"--annotations {out / 'unlabeled' / HOWTO_FILE} --tokenizer {tokenizer} "
-        f"--out {codes / 'howto100m_f128_fps2'} --fps 2 --frame-size 128 --views center",
+        f"--out {codes / f'howto100m_f{frame}_fps2'} --fps 2 --frame-size {frame} --views center",
     }
 
 
@@ -1221,7 +1229,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
             {"id": p.id, "split": p.split, "class": p.class_key, "frames": p.scene.num_frames}
             for p in (*labeled, *unlabeled)
         ],
-        "commands": tokenize_commands(cfg.out),
+        "commands": tokenize_commands(cfg.out, cfg.size),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "frames_written": frames_written,
         "elapsed_s": round(time.perf_counter() - started, 2),

@@ -292,18 +292,15 @@ def load_pipeline(
 
 def video_files(inputs: Sequence[str | Path]) -> list[Path]:
     """Video paths from files, directories (their video files, recursively, sorted) and list files (.txt/.lst: one
-    path per line, relative to the list's folder; # comments). A missing path is kept: it fails as a video.
+    path per line, relative to the list's folder, ending in a video extension; # comments). A missing path is
+    kept: it fails as a video.
     UsageError when the inputs name no video at all."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
         elif item.suffix.lower() in (".txt", ".lst") and item.is_file():
-            for line in item.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    path = Path(line.split()[0])
-                    found.append(path if path.is_absolute() else item.parent / path)
+            found += _listed_videos(item)
         else:
             found.append(item)
     if not found:
@@ -311,6 +308,25 @@ def video_files(inputs: Sequence[str | Path]) -> list[Path]:
             f"no video files in {' '.join(map(str, inputs))} (folders are searched for {' '.join(VIDEO_EXTENSIONS)}; "
             "a .txt or .lst list names one video per line)"
         )
+    return found
+
+
+def _listed_videos(listing: Path) -> list[Path]:
+    """The videos a list file names, one per line (a label or other fields may follow the path, as in UCF101's
+    trainlist). UsageError at the first entry without a video extension: a README or classInd.txt passed by
+    mistake would otherwise turn every line into a failed video."""
+    found = []
+    for number, line in enumerate(listing.read_text(errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line.split()[0])
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise UsageError(
+                f"{listing} line {number}: {line[:80]!r} does not name a video file (a .txt or .lst list names one "
+                f"video per line, ending in one of {' '.join(VIDEO_EXTENSIONS)}; # starts a comment)"
+            )
+        found.append(path if path.is_absolute() else listing.parent / path)
     return found
 
 

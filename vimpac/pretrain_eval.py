@@ -178,6 +178,11 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> Vim
     The heads are those present in the weights (a run with --mlm-weight 0 or --nce-weight 0 exports only one)."""
     config, state = load_exported(path)
     heads = {name.split(".", 1)[0] for name in state}
+    if "classifier" in heads:
+        raise UsageError(
+            f"{path} is a fine-tuning export (it has a classifier and no pre-training heads); pass the export of "
+            "a pre-training run, or use `vimpac predict` / `vimpac embed` for a fine-tuned model"
+        )
     model = VimpacForPretraining(config, mlm="mlm_head" in heads, nce="nce_head" in heads)
     try:
         model.load_state_dict(state, strict=True)
