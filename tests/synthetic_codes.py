@@ -54,7 +54,7 @@ def write_code_database(
     return path
 
 
-def write_labeled(path, videos_per_class=8, val_per_class=4, classes=4, frames=9, views=(VIEW,), kind="class"):
+def write_labeled(path, videos_per_class=8, val_per_class=4, classes=4, frames=9, views=(VIEW,), kind="class", fps=2):
     """A labeled database. kind "class": video of class c = the class pattern with 3 of 16 codes random, the same
     in every frame and view (learnable). kind "index": frame f of view v holds code 10·v + f everywhere (tells
     which view and start a clip came from)."""
@@ -62,7 +62,7 @@ def write_labeled(path, videos_per_class=8, val_per_class=4, classes=4, frames=9
     patterns = rng.integers(0, VOCAB, size=(classes, *GRID))
     manifest = {
         "dataset": "synthetic",
-        "fps": 2,
+        "fps": fps,
         "frame_size": FRAME_SIZE,
         "grid": list(GRID),
         "tokenizer": {"name": "synthetic", "vocab_size": VOCAB, "fingerprint": "0" * 16},
@@ -85,7 +85,7 @@ def write_labeled(path, videos_per_class=8, val_per_class=4, classes=4, frames=9
                         )
                         for j, v in enumerate(views)
                     }
-                writer.add(vid, codes, label=c, duration=frames / 2, fps=2.0)
+                writer.add(vid, codes, label=c, duration=frames / fps, fps=float(fps))
                 splits["train" if i < videos_per_class else "val"].append(vid)
         writer.finalize(splits)
     return Path(path)

@@ -24,6 +24,7 @@ from vimpac import code_db
 from vimpac.code_db import (
     CodeDatabase,
     CodeDatabaseWriter,
+    check_dataset_name,
     codes_dtype,
     decode_record,
     encode_record,
@@ -608,3 +609,12 @@ def test_cli_inspect_and_merge(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         parse(["db", "inspect", str(tmp_path / "a"), "--sample", "-1"])
+
+
+def test_dataset_names_are_checked_in_either_spelling():
+    kinetics = {"dataset": "kinetics"}
+    for name in ("kinetics", "kinetics400", None):  # vimpac's name, the original release's, no flag
+        check_dataset_name(name, kinetics, "db")
+    check_dataset_name("sthv2", {"dataset": "ssv2"}, "db")
+    with pytest.raises(UsageError, match="--dataset-name ucf101 but db holds dataset 'kinetics'"):
+        check_dataset_name("ucf101", kinetics, "db")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tests.helpers import REPO, environment, launcher
 from tests.synthetic_codes import GRID, VOCAB, write_labeled
 from vimpac.checkpoint import export_weights
-from vimpac.clip_windows import clip_slack, evaluation_starts
+from vimpac.clip_windows import check_same_clip_rate, clip_slack, evaluation_starts
 from vimpac.config import VimpacConfig
 from vimpac.dist_setup import free_port
 from vimpac.errors import UsageError
@@ -390,3 +390,26 @@ def test_evaluation_chunks_halve_after_out_of_memory():
     with pytest.raises(torch.OutOfMemoryError, match="rerun with --eval-batch-size 8"):
         forward_in_chunks(model, tokens, 16, retry_smaller=False)
     assert model.calls == [10]
+
+
+def test_clip_rates_of_training_and_evaluation_must_agree():
+    assert check_same_clip_rate(8.0, 8.0, None) == 8.0
+    assert check_same_clip_rate(16.0, 4.0, 2.0) == 2.0  # --frame-rate sets both (strides 8 and 2)
+    with pytest.raises(UsageError, match=r"pass --frame-rate 4 \(it divides both\)"):
+        check_same_clip_rate(8.0, 12.0, None)
+    with pytest.raises(UsageError, match="pass a --frame-rate that divides both"):
+        check_same_clip_rate(7.5, 2.0, None)
+
+
+def test_finetuning_refuses_databases_whose_clips_run_at_other_rates(tmp_path, capsys, single_process_env):
+    from vimpac import finetune
+
+    slow = write_labeled(tmp_path / "db2", videos_per_class=2, val_per_class=1, classes=2)
+    fast = write_labeled(tmp_path / "db8", videos_per_class=2, val_per_class=1, classes=2, fps=8)
+    flags = ["--layers", "1", "--hid-dim", "32", "--heads", "2", "--clip-len", "2", "--deepspeed_config"]
+    flags += ["ds_configs/cpu.json", "--num-workers", "0", "--output", str(tmp_path / "run")]
+    assert finetune.main(["--data", str(fast), "--eval-data", str(slow), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "the training database holds 8 fps and the evaluation database 2 fps" in err
+    assert "pass --frame-rate 2 (it divides both)" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from vimpac.checkpoint import export_weights
 from vimpac.cli import main as cli_main
 from vimpac.code_db import CodeDatabase
 from vimpac.config import VimpacConfig
-from vimpac.export_info import INFO_FILE, inference_info
+from vimpac.errors import UsageError
+from vimpac.export_info import INFO_FILE, derive_info, inference_info
 from vimpac.finetune_data import FinetuneTestClips
 from vimpac.finetune_setup import evaluate_clips
-from vimpac.inference import load_pipeline
+from vimpac.inference import VideoPipeline, load_pipeline
 from vimpac.modeling import VimpacForClassification
 from vimpac.tokenization.extract import ExtractConfig, extract
 
@@ -87,6 +89,23 @@ def test_inference_info_is_derived_from_the_run_and_saved(setup):
     assert info["views"] == VIEWS and info["num_clips"] == 2 and info["classes"] == list(CLASSES)
     assert json.loads((setup["run"] / "export" / INFO_FILE).read_text()) == info
     assert inference_info(setup["run"] / "export", overrides={"num_clips": 3})["num_clips"] == 3
+
+
+def test_the_clip_rate_of_fine_tuning_carries_to_data_at_another_fps(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"] / "export", run / "export", ignore=shutil.ignore_patterns(INFO_FILE))
+    args = {"data": str(setup["db"]), "frame_rate": None}
+    for record, rate in (
+        ({"test_views": VIEWS, "clip_rate": 4.0}, 4.0),  # fine-tuned at its database's own 4 fps
+        ({"test_views": VIEWS}, 4.0),  # a run from before clip_rate was recorded: its training database's fps
+        ({}, None),  # a pre-training run: each database at its own rate
+    ):
+        (run / "run_config.json").write_text(json.dumps({"args": args, **record}))
+        assert derive_info(run / "export")["frame_rate"] == rate
+    pipeline = load_pipeline(setup["run"])
+    assert VideoPipeline(pipeline.model, {**pipeline.info, "fps": 8.0, "frame_rate": 4.0}).stride == 2
+    with pytest.raises(UsageError, match=r"the model takes clips at 4 fps .*, the frames come at 2 fps"):
+        VideoPipeline(pipeline.model, {**pipeline.info, "fps": 2.0, "frame_rate": 4.0})
 
 
 def test_predict_equals_the_evaluation_of_a_database_of_the_same_files(setup, tmp_path):

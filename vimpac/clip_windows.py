@@ -37,6 +37,30 @@ def frame_stride(db_fps: float, frame_rate: float | None) -> int:
     return stride
 
 
+def clip_rate(db_fps: float, frame_rate: float | None) -> float:
+    """Frames per second of a clip: --frame-rate, else the database's own fps (stride 1)."""
+    return float(db_fps if frame_rate is None else frame_rate)
+
+
+def check_same_clip_rate(train_fps: float, eval_fps: float, frame_rate: float | None) -> float:
+    """The clip rate shared by training and evaluation; UsageError when the two databases' fps give clips of
+    different rates (no --frame-rate: each database's clips run at its own fps, so one clip spans other seconds)."""
+    train, held_out = clip_rate(train_fps, frame_rate), clip_rate(eval_fps, frame_rate)
+    if math.isclose(train, held_out, rel_tol=1e-9):
+        return train
+    common = (
+        math.gcd(int(train_fps), int(eval_fps)) if float(train_fps).is_integer() and float(eval_fps).is_integer() else 0
+    )
+    hint = (
+        f"pass --frame-rate {common} (it divides both) or " if common else "pass a --frame-rate that divides both, or "
+    )
+    raise UsageError(
+        f"the training database holds {train_fps:g} fps and the evaluation database {eval_fps:g} fps: without "
+        f"--frame-rate each one's clips run at its own rate, so a clip of the same length spans other seconds; "
+        f"{hint}tokenize both at one --fps"
+    )
+
+
 def window_span(clip_len: int, stride: int) -> int:
     """Database frames spanned by a clip window: T·r."""
     return clip_len * stride

@@ -75,6 +75,8 @@ CONFIG_KEYS = (
     *EXTRACTION_KEYS,
 )
 MANIFEST = "manifest.json"
+# The original release's dataset names (its --dset_name, its LMDB folder names) that vimpac spells otherwise.
+ORIGINAL_DATASET_NAMES = {"sthv2": "ssv2", "kinetics400": "kinetics"}
 FAILURES = "failures.jsonl"
 VIEWS_DIR = "views"
 _LMDB_MAX_KEY = 511
@@ -240,6 +242,16 @@ def extraction_method(manifest: Mapping[str, Any]) -> dict[str, str]:
     else:
         default = {"frame_selection": "vimpac", "resize": "area"}
     return {key: manifest.get(key) or default[key] for key in EXTRACTION_KEYS}
+
+
+def check_dataset_name(name: str | None, manifest: Mapping[str, Any], path: str | Path) -> None:
+    """UsageError when --dataset-name `name` (vimpac's spelling or the original release's, e.g. kinetics400) is
+    not the dataset of the database at `path`; None checks nothing."""
+    held = manifest.get("dataset")
+    if name is not None and ORIGINAL_DATASET_NAMES.get(name, name) != held:
+        raise UsageError(
+            f"--dataset-name {name} but {path} holds dataset {held!r}; drop the flag or point at the right database"
+        )
 
 
 def extraction_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:

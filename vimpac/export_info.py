@@ -5,7 +5,9 @@ evaluation database was made with and how fine-tuning evaluated it:
 
   tokenizer   {path, fingerprint, name, vocab_size, fp16}: the tokenizer of the code database (its manifest)
   fps         the database's frame rate: videos are decoded and resampled to it (vimpac.tokenization.decode)
-  frame_rate  fine-tuning's --frame-rate (null: fps): clips take every (fps / frame_rate)-th decoded frame
+  frame_rate  the clip rate the model was fine-tuned at (--frame-rate, else its training database's fps; null for a
+              pre-training export: each database's own fps): clips take every (fps / frame_rate)-th decoded frame,
+              so a database or videos at another fps still give clips at the model's rate
   frame_size  S: the side of the square views
   frame_selection  how the database picked and resized frames ("vimpac" or "ffmpeg", `vimpac tokenize
               --frame-selection`); absent from settings written before it was recorded, which means "vimpac"
@@ -59,6 +61,21 @@ def _largest_count(text: Any, default: int) -> int:
     return max(int(x) for x in str(text).split(",") if x.strip())
 
 
+def _clip_rate(run: dict[str, Any]) -> float | None:
+    """The clip rate (fps) a fine-tuned model was trained at, so that a database or videos at another fps are
+    strided to it: --frame-rate, else run_config.json's clip_rate, else (runs from before it was recorded) the
+    training database's fps. None for a pre-training run: its features are taken at each database's own rate."""
+    args = run.get("args", {})
+    if args.get("frame_rate") is not None:
+        return float(args["frame_rate"])
+    if run.get("clip_rate") is not None:
+        return float(run["clip_rate"])
+    if "test_views" in run and args.get("data"):
+        with contextlib.suppress(UsageError, OSError, KeyError, ValueError):
+            return float(_manifest(args["data"])["fps"])
+    return None
+
+
 def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
     """inference.json's fields from the run directory of `export` (run_config.json) and the database manifest.
     `data` replaces the run's evaluation database (and is enough without a run_config.json)."""
@@ -85,7 +102,7 @@ def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
         "format": FORMAT,
         "tokenizer": tokenizer,
         "fps": float(manifest["fps"]),
-        "frame_rate": args.get("frame_rate"),
+        "frame_rate": _clip_rate(run),
         "frame_size": int(manifest["frame_size"]),
         "frame_selection": manifest.get("frame_selection") or DEFAULT_FRAME_SELECTION,
         "views": list(views),

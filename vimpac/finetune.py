@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--dataset-name",
         default=None,
-        help="ssv2, diving48, ucf101, hmdb51, kinetics400 or any labeled database's name; checked against the "
-        "manifests (default: --data's)",
+        help="ssv2, diving48, ucf101, hmdb51, kinetics or any labeled database's name (the original release's "
+        "kinetics400 and sthv2 are taken too); checked against the manifests (default: --data's)",
     )
     data.add_argument("--split-id", type=int, default=None, help="UCF101/HMDB51 split 1-3 (train_k/test_k)")
     data.add_argument("--train-split", default=None, help="override the training split name")

@@ -64,7 +64,6 @@ from vimpac.errors import UsageError
 
 SPLIT_ID_DATASETS = ("ucf101", "hmdb51")
 NO_FLIP_DATASETS = ("ssv2",)
-KNOWN_DATASETS = ("ssv2", "diving48", "ucf101", "hmdb51", "kinetics400")
 TEST_CROPS = ("top", "center", "bottom")
 VIEW_NAME = re.compile(r"^r(?P<resize>\d+)_(?P<crop>[a-z]+)_f(?P<flip>[01])$")
 # Stream tag of the label-subset draw: after vimpac.data's 0-2 and vimpac.knn's 3, so choosing the subset never

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from vimpac.checkpoint import check_same_tokenizer, export_folder, read_export
-from vimpac.code_db import CodeDatabase, extraction_differences
+from vimpac.clip_windows import check_same_clip_rate
+from vimpac.code_db import CodeDatabase, check_dataset_name, extraction_differences
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
 from vimpac.ds_config import load_json, precision_of
 from vimpac.errors import UsageError
@@ -342,16 +343,14 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
         check_same_tokenizer(loaded, db.manifest, path)
     dataset_name = train_db.manifest.get("dataset")
     for db in (train_db, eval_db):
-        if args.dataset_name is not None and args.dataset_name != db.manifest.get("dataset"):
-            raise UsageError(
-                f"--dataset-name {args.dataset_name} but {db.path} holds dataset {db.manifest.get('dataset')!r}"
-            )
+        check_dataset_name(args.dataset_name, db.manifest, db.path)
         try:
             check_database_matches(db.manifest, config)
         except UsageError as err:
             raise UsageError(f"{db.path}: {err}") from None
     if list(train_db.manifest.get("classes") or []) != list(eval_db.manifest.get("classes") or []):
         raise UsageError(f"{args.data} and {args.eval_data} list different classes")
+    rate = check_same_clip_rate(float(train_db.manifest["fps"]), float(eval_db.manifest["fps"]), args.frame_rate)
     made_differently = extraction_differences(train_db.manifest, eval_db.manifest)
     if made_differently and os.environ.get("RANK", "0") == "0":
         print(
@@ -438,6 +437,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
             eval_split=eval_split,
             train_views=views_train,
             test_views=views_test,
+            clip_rate=rate,
             single_clip=args.single_clip,
             precision=precision_of(ds_config),
             world_size=world,

@@ -108,7 +108,13 @@ class VideoPipeline:
         self.fps = float(info["fps"])
         # how the database picked and resized frames (settings written before it was recorded: the default)
         self.frame_selection = self.info["frame_selection"] = info.get("frame_selection") or DEFAULT_FRAME_SELECTION
-        self.stride = frame_stride(self.fps, info.get("frame_rate"))
+        try:
+            self.stride = frame_stride(self.fps, info.get("frame_rate"))
+        except UsageError as err:
+            raise UsageError(
+                f"the model takes clips at {info['frame_rate']:g} fps (its fine-tuning's clip rate, or --frame-rate), "
+                f"the frames come at {self.fps:g} fps: {err}"
+            ) from None
         self.num_clips = int(info["num_clips"])
         self.single_clip = info.get("single_clip") or "centre"
         self.classes = list(info.get("classes") or [])

@@ -44,7 +44,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from vimpac.code_db import CodeDatabase, CodeDatabaseWriter, codes_dtype
+from vimpac.code_db import ORIGINAL_DATASET_NAMES, CodeDatabase, CodeDatabaseWriter, codes_dtype
 from vimpac.errors import UsageError
 from vimpac.tokenization.views import CROPS, View
 
@@ -55,14 +55,8 @@ DOWNSAMPLE = 8  # the DALL-E encoder: one code per 8×8 pixels
 DEFAULT_VOCAB = 8192
 # The original's dataset names → vimpac's dataset names (the annotation formats of `vimpac tokenize`).
 DATASETS = {
-    "ucf101": "ucf101",
-    "hmdb51": "hmdb51",
-    "sthv2": "ssv2",
-    "ssv2": "ssv2",
-    "kinetics400": "kinetics",
-    "kinetics": "kinetics",
-    "diving48": "diving48",
-    "howto100m": "howto100m",
+    **{name: name for name in ("ucf101", "hmdb51", "ssv2", "kinetics", "diving48", "howto100m")},
+    **ORIGINAL_DATASET_NAMES,
 }
 _NAME = re.compile(
     r"(?P<tokenizer>[A-Za-z0-9]+)_(?P<dataset>[A-Za-z0-9]+)_(?P<split>[A-Za-z0-9_]+?)_fps(?P<fps>\d+(?:\.\d+)?)"

@@ -43,7 +43,7 @@ from vimpac.checkpoint import (
     resize_source,
     with_universal_loading,
 )
-from vimpac.code_db import CodeDatabase
+from vimpac.code_db import CodeDatabase, check_dataset_name
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database
 from vimpac.data import PretrainClips
 from vimpac.dist_setup import cpu_accelerator
@@ -134,13 +134,8 @@ class PretrainTask(Task):
 
 def check_database(db: CodeDatabase, args: argparse.Namespace, model_config: VimpacConfig) -> None:
     """UsageError when --data is not the --dataset-name asked for, or does not fit the model."""
-    manifest = db.manifest
-    if args.dataset_name is not None and args.dataset_name != manifest.get("dataset"):
-        raise UsageError(
-            f"--dataset-name {args.dataset_name} but {args.data} holds dataset {manifest.get('dataset')!r}; "
-            "drop the flag or point --data at the right database"
-        )
-    check_database_matches(manifest, model_config)
+    check_dataset_name(args.dataset_name, db.manifest, args.data)
+    check_database_matches(db.manifest, model_config)
 
 
 def recorded_total_steps(output: Path) -> int | None:
