@@ -507,6 +507,8 @@ def test_ucf101_bad_inputs(tmp_path, no_scan):
     assert f"{no_folder}:1:" in usage_error("ucf101", [classes, no_folder], tmp_path)
     bad_classes = write(tmp_path / "x" / "classInd.txt", "1 ApplyEyeMakeup\nArchery\n")
     assert f"{bad_classes}:2:" in usage_error("ucf101", [bad_classes], tmp_path)
+    zero_based = write(tmp_path / "y" / "classInd.txt", "0 ApplyEyeMakeup\n1 Archery\n")
+    assert "classInd.txt ids are 1-based" in usage_error("ucf101", [zero_based], tmp_path)
 
 
 def test_hmdb51_bad_line(tmp_path, no_scan):

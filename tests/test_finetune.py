@@ -300,6 +300,8 @@ def test_finetune_fits_a_small_labeled_set_and_eval_only_reproduces(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "eval" / "eval_only_clips2.json").read_text())
+    # --last-test-clips adds to --num-test-clips (1 by default), as the original's extra evaluations
+    assert json.loads((tmp_path / "eval" / "eval" / "eval_only_clips1.json").read_text())["top1"] == final[1]["top1"]
     assert again["predictions"] == final[2]["predictions"] and again["top1"] == final[2]["top1"]
     assert "training videos" not in result.stderr
     # scoring the training videos is allowed, but said to be no held-out score; a training batch larger than the

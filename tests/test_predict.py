@@ -25,7 +25,7 @@ from vimpac.errors import UsageError
 from vimpac.export_info import INFO_FILE, derive_info, inference_info
 from vimpac.finetune_data import FinetuneTestClips
 from vimpac.finetune_setup import evaluate_clips
-from vimpac.inference import VideoPipeline, load_pipeline
+from vimpac.inference import VideoPipeline, load_pipeline, video_files
 from vimpac.modeling import VimpacForClassification
 from vimpac.tokenization.extract import ExtractConfig, extract
 
@@ -206,6 +206,17 @@ def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, 
     class_index.write_text("# a list that is no list of videos\n1 ApplyEyeMakeup\n2 ApplyLipstick\n")
     assert cli_main(["predict", str(class_index), "--model", str(setup["run"])]) == 2
     assert f"{class_index} line 2: '1 ApplyEyeMakeup' does not name a video file" in capsys.readouterr().err
+
+
+def test_list_files_take_a_byte_order_mark_crlf_labels_and_spaces(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeffa/one.mp4\r\nClass/v_two.avi 7\r\n\r\n# note\r\nmy clip.MKV\r\n/abs/x.webm\r\n".encode())
+    assert video_files([listing]) == [
+        tmp_path / "a" / "one.mp4",
+        tmp_path / "Class" / "v_two.avi",
+        tmp_path / "my clip.MKV",
+        Path("/abs/x.webm"),
+    ]
 
 
 def write_audio_only(path: Path) -> None:

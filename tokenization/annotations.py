@@ -284,6 +284,8 @@ def _parse_ucf101(files: Sequence[Path]) -> tuple[list[str], list[_Row]]:
             raise UsageError(
                 f"{class_files[0]}:{number}: {line!r}; expected '<id> <ClassName>' like '1 ApplyEyeMakeup'"
             )
+        if int(fields[0]) < 1:
+            raise UsageError(f"{class_files[0]}:{number}: {line!r}; classInd.txt ids are 1-based (1 ApplyEyeMakeup)")
         ids[fields[1]] = int(fields[0]) - 1
     classes = _dense_classes(ids, class_files[0])
 

@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--num-test-clips", type=int, default=1, help="K clips per video in evaluations during training")
-    ev.add_argument("--last-test-clips", default=None, help="comma list of K for the final evaluation, e.g. 2,5,10")
+    ev.add_argument(
+        "--last-test-clips",
+        default=None,
+        help="comma list of K evaluated after the last epoch besides --num-test-clips, e.g. 2,5,10",
+    )
     ev.add_argument(
         "--single-clip",
         default="start",

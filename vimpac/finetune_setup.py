@@ -203,7 +203,7 @@ def evaluate_clips(
 class FinetuneTask(Task):
     """Label-smoothed cross-entropy on one clip per video; evaluation on `test_sets` (K → FinetuneTestClips with K
     clips): epochs ending with an evaluation (every eval_every-th) use K = num_test_clips, the last epoch every K
-    of last_test_clips."""
+    of last_test_clips (num_test_clips first, then --last-test-clips)."""
 
     label_smoothing: float
     test_sets: dict[int, FinetuneTestClips]
@@ -365,8 +365,11 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     frame_size = eval_db.manifest.get("frame_size")
     views_train = _views_flag(args.train_views) or training_views(train_db.views, dataset_name)
     views_test = _views_flag(args.test_views) or evaluation_views(eval_db.views, dataset_name, frame_size)
-    clip_counts = sorted({args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)})
-    last_clips = parse_clip_counts(args.last_test_clips, args.num_test_clips)
+    # The last epoch is evaluated at --num-test-clips as every other, then at each extra K of --last-test-clips.
+    last_clips = list(
+        dict.fromkeys([args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)])
+    )
+    clip_counts = sorted(last_clips)
     common = {"pad_id": config.pad_id, "frame_rate": args.frame_rate, "on_bad_record": args.on_bad_record}
     subset: dict[str, Any] = {}
     if args.labels_per_class is not None:

@@ -322,11 +322,12 @@ def _listed_videos(listing: Path) -> list[Path]:
     trainlist). UsageError at the first entry without a video extension: a README or classInd.txt passed by
     mistake would otherwise turn every line into a failed video."""
     found = []
-    for number, line in enumerate(listing.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(listing.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        path = Path(line.split()[0])
+        # the whole line when it is a path (spaces allowed), else its first field
+        path = Path(line if Path(line).suffix.lower() in VIDEO_EXTENSIONS else line.split()[0])
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
             raise UsageError(
                 f"{listing} line {number}: {line[:80]!r} does not name a video file (a .txt or .lst list names one "
