@@ -21,7 +21,7 @@ from vimpac import original_db
 from vimpac.cli import main
 from vimpac.code_db import CodeDatabase, CodeDatabaseWriter, encode_record
 from vimpac.errors import UsageError
-from vimpac.original_db import import_original, parse_directory_name, verify
+from vimpac.original_db import import_original, parse_directory_name, read_annotations, verify
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "original-release"
 LMDB_NAME = "dalle_ucf101_train_val_fps16_hflip0_32center32"
@@ -313,3 +313,16 @@ def _npz(**members) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, tokens=np.zeros((1, 2, 2), np.int16), label=np.array(1, np.int16), **members)
     return buffer.getvalue()
+
+
+def test_annotation_lists_with_a_bom_and_labels_that_disagree(tmp_path):
+    train = tmp_path / "ucf101_train_split_1_videos.txt"
+    train.write_bytes("\ufeffJump/v_Jump_g01_c01.avi 3\nRun/v_Run_g01_c01.avi 5\n".encode())
+    test = tmp_path / "ucf101_val_split_1_videos.txt"
+    test.write_text("Jump/v_Jump_g01_c01.avi\n")  # unlabeled here: keeps the other list's label
+    splits, labels = read_annotations([train, test], "ucf101")
+    assert splits == {"train_1": ["Jump/v_Jump_g01_c01", "Run/v_Run_g01_c01"], "test_1": ["Jump/v_Jump_g01_c01"]}
+    assert labels == {"Jump/v_Jump_g01_c01": 3, "Run/v_Run_g01_c01": 5}
+    test.write_text("Jump/v_Jump_g01_c01.avi 4\n")
+    with pytest.raises(UsageError, match="v_Jump_g01_c01 has label 4 here and 3 in an earlier list"):
+        read_annotations([train, test], "ucf101")

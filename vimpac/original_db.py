@@ -349,12 +349,13 @@ def split_of_list(path: Path, dataset: str) -> str:
 
 def read_annotations(files: Sequence[Path], dataset: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     """({split: [video ids]}, {video id: label}) from MMAction2-style lists ("relative/path.ext label" per line; the
-    id is the path without extension, as the original extractor keys its LMDB)."""
+    id is the path without extension, as the original extractor keys its LMDB). UsageError for a video that two
+    lists give different labels."""
     splits: dict[str, list[str]] = {}
     labels: dict[str, int] = {}
     for path in files:
         split = splits.setdefault(split_of_list(path, dataset), [])
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.rsplit(None, 1)
@@ -365,7 +366,10 @@ def read_annotations(files: Sequence[Path], dataset: str) -> tuple[dict[str, lis
             relative = fields[0].strip() if len(fields) == 2 else line.strip()
             video_id = str(PurePosixPath(relative).with_suffix("")) if PurePosixPath(relative).suffix else relative
             split.append(video_id)
-            labels.setdefault(video_id, label)
+            known = labels.get(video_id, -1)
+            if known >= 0 and label >= 0 and known != label:
+                raise UsageError(f"{path}:{number}: {video_id} has label {label} here and {known} in an earlier list")
+            labels[video_id] = max(known, label)  # a list without labels (-1) keeps another list's label
     return splits, labels
 
 
