@@ -139,6 +139,10 @@ def database(tmp_path_factory):
             "--batch-size 6 is not divisible by --bs-per-gpu 4",
         ),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--mask-blocks", "0"], "--mask-blocks 0 masks nothing"),
+        (
+            ["--frame-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "2", "--bs-per-gpu", "1"],
+            "1 rank(s) × --bs-per-gpu 1 gives 1; raise --bs-per-gpu, add ranks, or pass --nce-weight 0",
+        ),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--dataset-name", "ssv2"], "holds dataset 'synthetic'"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--precision", "fp16"], "fp16 is not supported"),
         (["--epochs", "0"], "--epochs must be >= 1"),

@@ -1,5 +1,7 @@
 """DistributedBatchNorm1d on one process: equal to torch's BatchNorm1d, and usable under 16-bit engines."""
 
+import copy
+
 import torch
 
 from vimpac.sync_batchnorm import DistributedBatchNorm1d
@@ -41,3 +43,13 @@ def test_bf16_parameters_with_fp32_running_stats():
     y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
     torch.testing.assert_close(y.float(), reference(x), rtol=0.05, atol=0.05)
+
+
+def test_features_far_from_zero_relative_to_their_spread():
+    """A nearly collapsed batch (mean 300, spread 0.01): E[x²] − mean² would cancel to garbage in fp32."""
+    ours, reference = pair()
+    x = 300 + 0.01 * torch.randn(16, 5)
+    exact = copy.deepcopy(reference).double()(x.double())
+    torch_error = (reference(x).double() - exact).abs().max()  # torch's own fp32 BatchNorm1d: the bar
+    assert (ours(x).double() - exact).abs().max() <= 2 * torch_error + 1e-4
+    torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-2, atol=0)

@@ -132,6 +132,17 @@ class PretrainTask(Task):
         return values
 
 
+def check_contrastive_batch(nce_weight: float, world: int, micro_batch: int) -> None:
+    """UsageError when the contrastive loss is on but a micro-step holds one video over all ranks: its negatives
+    are the other videos, so the loss would be exactly 0 with no gradient (and its accuracy 1)."""
+    if nce_weight > 0 and world * micro_batch < 2:
+        raise UsageError(
+            f"the contrastive loss needs at least 2 videos per micro-step over all ranks (its negatives are the "
+            f"other videos), but {world} rank(s) × --bs-per-gpu {micro_batch} gives {world * micro_batch}; raise "
+            "--bs-per-gpu, add ranks, or pass --nce-weight 0"
+        )
+
+
 def check_database(db: CodeDatabase, args: argparse.Namespace, model_config: VimpacConfig) -> None:
     """UsageError when --data is not the --dataset-name asked for, or does not fit the model."""
     check_dataset_name(args.dataset_name, db.manifest, args.data)
@@ -225,6 +236,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     check_database(db, args, model_config)
     world = launch_world()
     ds_config = merged_engine_config(args, world)
+    check_contrastive_batch(args.nce_weight, world, ds_config["train_micro_batch_size_per_gpu"])
     stage = ds_config["zero_optimization"]["stage"]
     other_world = source is not None and needs_universal_loading(source, world, stage)
     if (resize is not None and stage >= 1) or other_world:

@@ -1,7 +1,8 @@
 """BatchNorm1d whose batch statistics span every rank, on any backend (gloo on CPU included).
 
 torch.nn.SyncBatchNorm only runs on CUDA, and the original code therefore could not run on CPU at all (docs/reference.md
-§8.3). Here the per-channel sum, sum of squares and count are all-reduced in one call; the all-reduce is differentiable
+§8.3). Here the per-channel sum and count are all-reduced, then the sum of squared deviations from the global mean
+(two small calls, exact where a one-call sum of squares cancels); the all-reduce is differentiable
 (its backward all-reduces the gradient), so every rank gets the gradient of the global-batch normalisation, as
 SyncBatchNorm does. Without an initialised process group or with one rank it computes what BatchNorm1d does.
 """
@@ -47,6 +48,10 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.process_group = process_group
 
+    def _global_sum(self, local: torch.Tensor) -> torch.Tensor:
+        """Σ over the ranks of the group (differentiable); `local` itself with one rank."""
+        return _AllReduceSum.apply(local, self.process_group) if _world_size(self.process_group) > 1 else local
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(f"DistributedBatchNorm1d expects [N, C]; got {tuple(x.shape)}")
@@ -55,12 +60,12 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
         xf = x.float()
         if self.training:
             count = torch.full((1,), float(x.shape[0]), device=x.device)
-            local = torch.cat([xf.sum(0), (xf * xf).sum(0), count])
-            total = _AllReduceSum.apply(local, self.process_group) if _world_size(self.process_group) > 1 else local
-            channels = self.num_features
-            n = total[-1]
-            mean = total[:channels] / n
-            var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
+            first = self._global_sum(torch.cat([xf.sum(0), count]))
+            n = first[-1]
+            mean = first[:-1] / n
+            # Two passes, not E[x²] − mean²: that difference cancels catastrophically in fp32 when features sit
+            # far from zero relative to their spread (the nearly-collapsed batches BatchNorm is there to spread).
+            var = self._global_sum(torch.square(xf - mean).sum(0)) / n
             if self.track_running_stats:
                 with torch.no_grad():
                     self.num_batches_tracked.add_(1)
