@@ -9,6 +9,7 @@ not tags) is checked in-process with a stand-in engine that writes files where D
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,3 +266,23 @@ def test_pruning_keeps_this_runs_newest_and_drops_later_leftovers(tmp_path):
         refuse_existing_run(tmp_path, resume=False)  # no `latest`, yet checkpoints
     _prune(root, "step00000300", keep=2)
     assert complete_tags(tmp_path) == ["step00000200", "step00000300"]
+
+
+def test_an_original_release_output_folder_is_named_for_load_and_resume(tmp_path):
+    from vimpac.checkpoint import export_folder
+    from vimpac.run_setup import refuse_existing_run
+
+    output = tmp_path / "snap"
+    (output / "last").mkdir(parents=True)
+    for name in ("classifier.pt", "args.pickle"):
+        (output / "last" / name).write_bytes(b"")
+    advice = f"{output / 'last'} is a checkpoint of the original release: convert it with `vimpac convert-original"
+    for given in (output, output / "last", output / "last" / "classifier.pt"):
+        with pytest.raises(UsageError, match=re.escape(advice)):
+            export_folder(given, "--load")
+    with pytest.raises(UsageError, match=re.escape(f"--resume --output {output}: no vimpac checkpoint to continue")):
+        refuse_existing_run(output, resume=True)
+    refuse_existing_run(output, resume=False)  # a new vimpac run may share the folder
+    (output / "last" / "args.pickle").unlink()
+    with pytest.raises(UsageError, match="point it at a run directory"):
+        export_folder(output, "--load")

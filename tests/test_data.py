@@ -154,6 +154,8 @@ def test_sample_layout_and_masking(db_path):
 def test_clips_follow_the_window_arithmetic(db_path):
     data = make(db_path, frame_rate=2, mask_blocks=-300)  # stride 2
     assert data.stride == 2
+    assert data.describe_clips() == "clips of 4 frames at 2 fps (1 in 2 frames of 4 fps) = 2 s"
+    assert make(db_path, mask_blocks=-300).describe_clips() == "clips of 4 frames at 4 fps = 1 s"
     for index, video_id in enumerate(data.ids):
         n = LENGTHS[video_id]
         delta = clip_slack(n, 4, 2)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import subprocess
 
 import numpy as np
@@ -196,9 +197,12 @@ def _tiny(**kw):
     return VimpacConfig(**{**fields, **kw})
 
 
-def _args(**kw):
-    base = dict(load="ckpt", dropout=0.1, clip_len=None, frame_size=None, different_shape=False)
-    return argparse.Namespace(**{**base, **kw})
+def _args(*argv, **kw):
+    """The fine-tuning command line `argv` (the model flags) with --load ckpt, then the fields of `kw`."""
+    from vimpac.finetune import build_parser
+
+    args = build_parser().parse_args(["--data", "db", "--load", "ckpt", "--dropout", "0.1", *argv])
+    return argparse.Namespace(**{**vars(args), **kw})
 
 
 def test_shape_mismatch_is_an_error_naming_both_shapes():
@@ -210,6 +214,22 @@ def test_shape_mismatch_is_an_error_naming_both_shapes():
     with pytest.raises(UsageError, match="--frame-size 64"):
         finetune_config(_args(frame_size=64), saved)
     assert finetune_config(_args(clip_len=8, frame_size=64, different_shape=True), saved).shape == (8, 8, 8)
+
+
+def test_model_flags_that_contradict_the_checkpoint_are_refused():
+    saved = _tiny()  # hidden 32, 1 layer, 2 heads, post-LN
+    assert finetune_config(_args(), saved).to_dict() == {**saved.to_dict(), "dropout": 0.1}
+    assert finetune_config(_args("--layers", "1", "--heads", "2", "--hid-dim", "32"), saved).layers == 1  # agree
+    for argv, named in (
+        (["--layers", "6", "--hid-dim", "512"], "hidden_size 32, layers 1 there"),  # the defaults, yet given
+        (["--model", "T,H,W"], "layout 'T,H|W' there"),
+        (["--pre-activation"], "pre_ln False there"),
+        (["--special-ids", "compact"], "special_ids 'original' there"),
+        (["--vocab-size", "2048"], f"vocab_size {VOCAB} there"),
+        (["--heads", "4"], "heads 2 there"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(named)):
+            finetune_config(_args(*argv), saved)
 
 
 def test_different_shape_interpolates_each_axis(tmp_path):

@@ -76,6 +76,10 @@ def test_model_differences_compare_the_keys_of_both_configs():
         with pytest.raises(UsageError, match=r"differs in nce_bn_after_proj \(nce_bn_after_proj (False|True) →"):
             check_resizable(old, new)
     check_resizable(bn, VimpacConfig(nce_bn_after_proj=True, clip_len=10))  # only the shape differs
+    # heads None means hidden // 64: a converted export says heads=2 for hid 128, the command line leaves it None
+    small, given = VimpacConfig(hidden_size=128, heads=None), VimpacConfig(hidden_size=128, heads=2)
+    assert model_differences(small, given) == model_differences(given, small) == []
+    assert model_differences(small, VimpacConfig(hidden_size=128, heads=4)) == ["heads"]
 
 
 # ----------------------------------------------------------------------------- BatchNorm after the projection
@@ -217,6 +221,7 @@ def original_args(layout: str, pre_activation: bool, bn_after_proj: bool, proj_l
         "nce_proj_layers": proj_layers,
         "nce_proj_hid_dim": 32,
         "nce_bn_after_proj": bn_after_proj,
+        "mlm_weight": 0.0,  # original_state has no MLM head, as the original builds it at weight 0
     }
 
 
@@ -413,6 +418,16 @@ def test_arguments_that_do_not_fit_the_weights_are_refused(change, drop, message
     state = {k: v for k, v in original_state(args).items() if k not in drop}
     with pytest.raises(UsageError, match=message):
         convert_state(state, {**args, **change})
+
+
+def test_a_head_missing_though_its_loss_was_on_is_refused():
+    args = original_args("T,H|W", True, True)
+    with pytest.raises(UsageError, match=r"lacks mlm_head\.\* \(--mlm-weight 1\.0\)"):
+        convert_state(original_state(args), {**args, "mlm_weight": 1.0})  # a truncated file, or a lost cls_fc
+    without_projection = {k: v for k, v in original_state(args).items() if not k.startswith("cls_head.")}
+    with pytest.raises(UsageError, match=r"lacks cls_head\.\* \(--nce-weight 1\.0\)"):
+        convert_state(without_projection, args)
+    assert convert_state(without_projection, {**args, "nce_weight": 0, "nce_bn_after_proj": False}).heads == []
 
 
 def test_drop_projection_head_leaves_the_option_out():

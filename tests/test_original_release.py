@@ -36,7 +36,6 @@ pytestmark = pytest.mark.skipif(
 PRETRAIN = FIXTURES / "pretrain_small" / "last"
 FINETUNE = FIXTURES / "finetune_small" / "last"
 LMDB = FIXTURES / "lmdb" / "dalle_ucf101_train_val_fps16_hflip0_32center32"
-TOLERANCE = 1e-4  # the fixture README: float32 re-implementations land within ~1e-5
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +53,19 @@ def exports(tmp_path_factory):
         assert main(["convert-original", str(source), "--out", str(root / kind)]) == 0
         out[kind] = root / kind
     return out
+
+
+def tolerance(golden: dict[str, np.ndarray], name: str) -> float:
+    """How far a float32 forward may land from golden array `name`: 4× the gap the fixture measured between the
+    original's float32 and float64 runs of it (f64_maxabs_<name>, 2e-7 to 2e-6), plus 1e-6; 1e-6 for arrays copied
+    as they are (the positional table). A wrong LayerNorm eps alone (1e-6 for 1e-12) is off by 4e-5."""
+    gap = golden.get(f"f64_maxabs_{name}")
+    return 1e-6 + (4 * float(gap) if gap is not None else 0.0)
+
+
+def within_tolerance(errors: dict[str, float], golden: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """{name: (error, tolerance)} of the arrays whose error exceeds their tolerance (empty: all agree)."""
+    return {k: (e, tolerance(golden, k)) for k, e in errors.items() if not e < tolerance(golden, k)}
 
 
 def max_error(actual: torch.Tensor, expected: np.ndarray) -> float:
@@ -83,13 +95,14 @@ def test_converted_pretraining_export_reproduces_every_golden_array(exports, gol
         assert torch.equal(model.mlm_logits(tokens, flat), logits)
         everywhere = model.mlm_logits(tokens)
         assert everywhere.shape == (2, 3, 4, 4, 8197)
-        assert max_error(everywhere[b, t, i, j], golden[f"pt_mlm_logits_{case}"]) < TOLERANCE
+        everywhere_error = max_error(everywhere[b, t, i, j], golden[f"pt_mlm_logits_{case}"])
+        assert everywhere_error < tolerance(golden, f"pt_mlm_logits_{case}")
         assert torch.equal(model.cls(tokens), cls) and torch.equal(model.hidden_states(tokens), hidden)
     state = load_file(str(exports["pretrain"] / "model.safetensors"))
     tables = {k.rsplit(".", 1)[1]: state[k] for k in state if k.startswith("backbone.positional_embedding.")}
     grid = tables["temporal"][:, None, None] + tables["height"][None, :, None] + tables["width"][None, None, :]
     errors["pt_pos_emb"] = max_error(torch.cat([tables["cls"], grid.reshape(48, -1)]), golden["pt_pos_emb"])
-    assert max(errors.values()) < TOLERANCE, errors
+    assert not within_tolerance(errors, golden)
 
 
 def test_converted_finetuning_export_reproduces_every_golden_array(exports, golden):
@@ -100,7 +113,7 @@ def test_converted_finetuning_export_reproduces_every_golden_array(exports, gold
         tokens = golden[f"tokens_{case}"]
         errors[f"ft_cls_{case}"] = max_error(model.cls(tokens), golden[f"ft_cls_{case}"])
         errors[f"ft_logits_{case}"] = max_error(model.class_logits(tokens), golden[f"ft_logits_{case}"])
-    assert max(errors.values()) < TOLERANCE, errors
+    assert not within_tolerance(errors, golden)
 
 
 def test_load_model_converts_an_original_folder_in_memory_exactly_like_the_export(exports, golden):
@@ -256,7 +269,7 @@ def test_drop_projection_head_converts_the_rest(tmp_path, golden):
     assert main(["convert-original", str(folder), "--out", str(tmp_path / "out"), "--drop-projection-head"]) == 0
     model = vimpac.load_model(tmp_path / "out")
     assert model.has_mlm_head and not model.has_projection_head
-    assert max_error(model.hidden_states(golden["tokens_a"]), golden["pt_hidden_a"]) < TOLERANCE
+    assert max_error(model.hidden_states(golden["tokens_a"]), golden["pt_hidden_a"]) < tolerance(golden, "pt_hidden_a")
     assert main(["convert-original", str(folder), "--out", str(tmp_path / "out"), "--drop-projection-head"]) == 2
 
 

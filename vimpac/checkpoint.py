@@ -322,8 +322,29 @@ def export_folder(
     """find_export, or a UsageError naming `flag` (the option that gave `path`), where it looked and `hint`."""
     folder = find_export(path)
     if folder is None:
-        raise UsageError(f"{flag} {path}: no {' + '.join(EXPORT_FILES)} there or in {Path(path) / EXPORT}; {hint}")
+        original = original_checkpoint_advice(path)
+        raise UsageError(
+            f"{flag} {path}: no {' + '.join(EXPORT_FILES)} there or in {Path(path) / EXPORT}; {original or hint}"
+        )
     return folder
+
+
+# The files of a checkpoint of the original release (vimpac.original reads them; named here to recognise one).
+ORIGINAL_CHECKPOINT_FILES = ("classifier.pt", "args.pickle")
+
+
+def original_checkpoint_advice(path: str | Path) -> str | None:
+    """How to use a checkpoint of the original release found at `path` (its classifier.pt, the folder holding it,
+    or an output folder holding last/): convert it first. None when `path` is no such checkpoint."""
+    path = Path(path)
+    for folder in (path.parent if path.name == ORIGINAL_CHECKPOINT_FILES[0] else path, path / "last"):
+        if all((folder / name).is_file() for name in ORIGINAL_CHECKPOINT_FILES):
+            return (
+                f"{folder} is a checkpoint of the original release: convert it with `vimpac convert-original {folder} "
+                "--out EXPORT` and pass the export (a new run starts from its weights; the original's optimizer "
+                "state and step count do not carry over)"
+            )
+    return None
 
 
 TOKENIZER_KEY = "tokenizer_fingerprint"  # safetensors metadata of an export: the codes' tokenizer

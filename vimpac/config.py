@@ -241,36 +241,87 @@ class VimpacConfig:
         return cls.from_json(Path(path).read_text())
 
 
+# The flags that fix the architecture (argparse attribute → VimpacConfig field); --vocab-size, the shape
+# (--clip-len, --frame-size), --dropout and the contrastive head's flags are handled on their own.
+ARCHITECTURE_FLAGS = {
+    "model": "layout",
+    "layers": "layers",
+    "hid_dim": "hidden_size",
+    "heads": "heads",
+    "halve_att": "halve_att",
+    "halve_mlp": "halve_mlp",
+    "pre_ln": "pre_ln",
+    "pre_ln_original": "pre_ln_original",
+    "pos_emb": "pos_emb",
+    "special_ids": "special_ids",
+}
+
+
 def add_model_arguments(
-    parser: argparse.ArgumentParser, data_default: str | None = None, clip_len_default: str | None = None
+    parser: argparse.ArgumentParser,
+    data_default: str | None = None,
+    clip_len_default: str | None = None,
+    architecture_default: str | None = None,
 ) -> None:
     """The seed's model flags (`--model "efflayoutT,H|W" --layers --hid-dim ...`), shared by every command.
 
     data_default: for commands that read a code database, which decides --vocab-size and --frame-size when they
     are not given: both then default to None (filled by fill_from_database) and their help says "default:
     <data_default>". Without it (model-info, selfcheck: no database) they default to 8192 codes and 128 px.
-    clip_len_default: likewise for --clip-len (None default, decided later), e.g. fine-tuning's "the export's"."""
+    clip_len_default: likewise for --clip-len (None default, decided later), e.g. fine-tuning's "the export's".
+    architecture_default: likewise for ARCHITECTURE_FLAGS (fill_architecture sets them), so that a flag given
+    can be told from one left alone, e.g. fine-tuning's "the export's with --load"."""
     d = VimpacConfig()
+
+    def default(value: Any, shown: str | None = None) -> tuple[Any, str]:
+        """(argparse default, help text for it) of an architecture flag whose own default is `value`."""
+        shown = shown or str(value)
+        return (
+            (None, f"default: {architecture_default}, else {shown}")
+            if architecture_default
+            else (value, f"default {shown}")
+        )
+
     g = parser.add_argument_group("model")
+    layout, layout_help = default(d.layout)
     g.add_argument(
         "--model",
-        default=d.layout,
+        default=layout,
         help="attention layout, with or without the seed's 'efflayout' prefix: ',' = blocks in sequence, "
-        "'|' = parallel patterns splitting heads; T/H/W axial, HW or THW joint (default %(default)s)",
+        f"'|' = parallel patterns splitting heads; T/H/W axial, HW or THW joint ({layout_help})",
     )
-    g.add_argument("--layers", type=int, default=d.layers, help="transformer layers (default %(default)s)")
-    g.add_argument("--hid-dim", type=int, default=d.hidden_size, help="hidden size D (default %(default)s)")
-    g.add_argument("--heads", type=int, default=None, help="attention heads (default: hid-dim // 64)")
-    g.add_argument("--halve-att", action="store_true", help="attention width D/2 (large-half model)")
-    g.add_argument("--halve-mlp", action="store_true", help="MLP width 2·D instead of 4·D (large-half model)")
-    g.add_argument("--pre-ln", "--pre-activation", action="store_true", help="pre-LN blocks (default post-LN)")
+    layers, layers_help = default(d.layers)
+    g.add_argument("--layers", type=int, default=layers, help=f"transformer layers ({layers_help})")
+    hidden, hidden_help = default(d.hidden_size)
+    g.add_argument("--hid-dim", type=int, default=hidden, help=f"hidden size D ({hidden_help})")
+    heads_help = default(None, "hid-dim // 64")[1]
+    g.add_argument("--heads", type=int, default=None, help=f"attention heads ({heads_help})")
+    off, off_help = default(False, "off")
+    g.add_argument(
+        "--halve-att", action="store_true", default=off, help=f"attention width D/2 (large-half model; {off_help})"
+    )
+    g.add_argument(
+        "--halve-mlp",
+        action="store_true",
+        default=off,
+        help=f"MLP width 2·D instead of 4·D (large-half model; {off_help})",
+    )
+    g.add_argument(
+        "--pre-ln",
+        "--pre-activation",
+        action="store_true",
+        default=off,
+        help=f"pre-LN blocks ({default(False, 'post-LN')[1]})",
+    )
     g.add_argument(
         "--pre-ln-original",
         action="store_true",
+        default=off,
         help="the original release's pre-LN ablation instead: its attention blocks add the residual to the "
-        "normalised input (implies --pre-ln)",
+        f"normalised input (implies --pre-ln; {off_help})",
     )
-    g.add_argument("--pos-emb", default=d.pos_emb, choices=POS_EMB_KINDS, help="positions (default %(default)s)")
+    pos_emb, pos_emb_help = default(d.pos_emb)
+    g.add_argument("--pos-emb", default=pos_emb, choices=POS_EMB_KINDS, help=f"positions ({pos_emb_help})")
     g.add_argument("--dropout", type=float, default=d.dropout, help="backbone dropout (default %(default)s)")
     from_data = f"default: {data_default}" if data_default else None
     g.add_argument(
@@ -279,12 +330,13 @@ def add_model_arguments(
         default=None if from_data else d.vocab_size,
         help=f"tokenizer codes ({from_data or 'default %(default)s'})",
     )
+    special, special_help = default(d.special_ids)
     g.add_argument(
         "--special-ids",
-        default=d.special_ids,
+        default=special,
         choices=SPECIAL_ID_LAYOUTS,
         help="PAD/MASK ids: original (PAD=V+1, MASK=V+4, V+5 rows, as the original release and paper Table 3) "
-        "or compact (PAD=V, MASK=V+1, V+2 rows); default %(default)s",
+        f"or compact (PAD=V, MASK=V+1, V+2 rows); {special_help}",
     )
     g.add_argument(
         "--clip-len",
@@ -306,6 +358,15 @@ def add_model_arguments(
         action="store_true",
         help="a BatchNorm after the projection head's last Linear (SimCLR; off by default, as in the original)",
     )
+
+
+def fill_architecture(args: argparse.Namespace, source: VimpacConfig) -> None:
+    """Set the ARCHITECTURE_FLAGS left unset (None: add_model_arguments' architecture_default) to `source`'s
+    values: the defaults (VimpacConfig()) for a new model, a checkpoint's config for a loaded one. A flag the
+    namespace lacks counts as unset."""
+    for flag, field in ARCHITECTURE_FLAGS.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, getattr(source, field))
 
 
 def fill_from_database(args: argparse.Namespace, manifest: dict[str, Any], name: str | Path) -> str | None:

@@ -157,6 +157,13 @@ class CodeClips(Dataset):
         self.clip_len, self.pad_id = clip_len, pad_id
         self.stride = frame_stride(float(self.db.manifest["fps"]), frame_rate)
 
+    def describe_clips(self) -> str:
+        """One log line: what a clip covers ("clips of 5 frames at 2 fps (1 in 8 frames of 16 fps) = 2.5 s")."""
+        fps = float(self.db.manifest["fps"])
+        rate = fps / self.stride
+        source = f" (1 in {self.stride} frames of {fps:g} fps)" if self.stride > 1 else ""
+        return f"clips of {self.clip_len} frames at {rate:g} fps{source} = {self.clip_len / rate:g} s"
+
     def split_ids(self, split: str | None) -> list[str]:
         """The ids of `split` (None: every video); UsageError when it has none."""
         ids = self.db.ids(split)

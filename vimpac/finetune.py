@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         data_default="the export's with --load, else from the --data database",
         clip_len_default=f"the export's with --load, else {VimpacConfig().clip_len}",
+        architecture_default="the export's with --load",
     )
     # The input shape comes from the checkpoint unless named (None); without --load: 5 frames at --data's frame size.
     model.add_argument("--last-dropout", type=float, default=0.0, help="dropout before the classifier")

@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from vimpac.checkpoint import check_same_tokenizer, export_folder, read_export
 from vimpac.clip_windows import check_same_clip_rate
 from vimpac.code_db import CodeDatabase, check_dataset_name, extraction_differences
-from vimpac.config import VimpacConfig, config_from_args, fill_from_database, grid_from_frame_size
+from vimpac.config import (
+    ARCHITECTURE_FLAGS,
+    VimpacConfig,
+    config_from_args,
+    fill_architecture,
+    fill_from_database,
+    grid_from_frame_size,
+)
 from vimpac.ds_config import load_json, precision_of
 from vimpac.errors import UsageError
 from vimpac.finetune_data import (
@@ -53,7 +60,7 @@ from vimpac.finetune_data import (
     subset_repeats,
     training_views,
 )
-from vimpac.interpolate import SHAPE_FIELDS, resize_positional_state
+from vimpac.interpolate import SHAPE_FIELDS, model_differences, resize_positional_state
 from vimpac.modeling import VimpacForClassification
 from vimpac.run_setup import (
     launch_world,
@@ -89,6 +96,19 @@ def describe_shape(config: VimpacConfig) -> str:
     return f"(T, h, w) = ({t}, {h}, {w}), i.e. --clip-len {t} --frame-size {h * 8}"
 
 
+def flags_against_checkpoint(args: argparse.Namespace, saved: VimpacConfig) -> list[str]:
+    """The architecture fields (ARCHITECTURE_FLAGS, --vocab-size) the command line gives other values than the
+    checkpoint `saved` has; flags not given (None) take the checkpoint's."""
+    flags = argparse.Namespace(**vars(args))
+    fill_architecture(flags, saved)
+    asked = {field: getattr(flags, flag) for flag, field in ARCHITECTURE_FLAGS.items()}
+    asked["pre_ln"] = flags.pre_ln or flags.pre_ln_original
+    if getattr(args, "vocab_size", None) is not None:
+        asked["vocab_size"] = args.vocab_size
+    config = VimpacConfig.from_dict({**saved.to_dict(), **asked})
+    return [name for name in model_differences(saved, config) if name in {*asked, "pre_ln_original"}]
+
+
 def finetune_config(args: argparse.Namespace, saved: VimpacConfig | None) -> VimpacConfig:
     """The model to fine-tune: the checkpoint's architecture (or the flags' without --load, whose --vocab-size and
     --frame-size must be filled in: fill_from_database), the backbone dropout of --dropout, and the checkpoint's
@@ -96,7 +116,18 @@ def finetune_config(args: argparse.Namespace, saved: VimpacConfig | None) -> Vim
     if saved is None:
         flags = argparse.Namespace(**vars(args))
         flags.clip_len = args.clip_len if args.clip_len is not None else DEFAULT_CLIP_LEN
+        fill_architecture(flags, VimpacConfig())
         return config_from_args(flags)
+    ignored = flags_against_checkpoint(args, saved)
+    if ignored:
+        detail = ", ".join(
+            f"{name} {saved.num_heads if name == 'heads' else getattr(saved, name)!r}" for name in ignored
+        )
+        raise UsageError(
+            f"the command line asks for another model than the checkpoint {args.load} holds ({detail} there): "
+            "fine-tuning keeps the loaded architecture, so drop those flags (only --clip-len / --frame-size, with "
+            "--different-shape, and --dropout may change)"
+        )
     fields = saved.to_dict()
     fields["dropout"] = args.dropout
     if args.clip_len is not None:

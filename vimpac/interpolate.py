@@ -65,8 +65,10 @@ def interpolate_grid(table: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple
 
 def model_differences(old: VimpacConfig, new: VimpacConfig) -> list[str]:
     """Names of the config fields whose values differ, sorted. Compared over the keys of both to_dict()s: an
-    optional field (config.OPTIONAL_FIELDS) is in one only when it is set there, and then it differs."""
+    optional field (config.OPTIONAL_FIELDS) is in one only when it is set there, and then it differs. Heads are
+    compared as counts: None (hidden_size // 64) is the same model as that number given."""
     a, b = old.to_dict(), new.to_dict()
+    a["heads"], b["heads"] = old.num_heads, new.num_heads
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

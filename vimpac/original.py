@@ -9,8 +9,9 @@ of plain values and refuses every other global, so a crafted file cannot run cod
 
 What is converted (docs/reference.md §4 describes both models):
 
-- Pre-training (`ModelWithHead`: `backbone.*`, `mlm_head.*`, `cls_head.*`; either head may be absent when its
-  loss weight was 0) → `backbone.*`, `mlm_head.*`, `nce_head.*`, as `vimpac.pretrain` exports.
+- Pre-training (`ModelWithHead`: `backbone.*`, `mlm_head.*`, `cls_head.*`; a head may be absent only when its
+  loss weight was 0, else the file is refused as truncated) → `backbone.*`, `mlm_head.*`, `nce_head.*`, as
+  `vimpac.pretrain` exports.
 - Fine-tuning (`Sequential(backbone, dropout, cls_fc)`) → `backbone.*`, `classifier.fc.*`, as `vimpac.finetune`
   exports; the number of classes is read from `cls_fc.weight`.
 - Per-axis query/key/value of one layout block are fused into vimpac's single QKV projection: all queries in
@@ -47,11 +48,11 @@ import torch
 from safetensors.torch import save_file
 
 from vimpac.atomic_write import atomic_path, write_text_atomic
+from vimpac.checkpoint import ORIGINAL_CHECKPOINT_FILES
 from vimpac.config import LAYOUT_PREFIX, VimpacConfig, parse_layout
 from vimpac.errors import UsageError
 
-CHECKPOINT_FILE = "classifier.pt"
-ARGS_FILE = "args.pickle"
+CHECKPOINT_FILE, ARGS_FILE = ORIGINAL_CHECKPOINT_FILES
 PRODUCER = "vimpac convert-original"
 ORIGINAL_ARGS_FILE = "original_args.json"
 # The original's hard-coded projection size (pretrain.py: CLSMLPHead(output_dim=256)).
@@ -421,6 +422,21 @@ def _check_against_model(converted: ConvertedCheckpoint) -> None:
         )
 
 
+def _check_pretraining_heads(args: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """UsageError when a head whose loss weight is positive in `args` is absent from a checkpoint without a
+    classifier: a truncated file, or a fine-tuning checkpoint that lost its cls_fc."""
+    absent = [
+        f"{prefix}* (--{flag.replace('_', '-')} {_arg(args, flag, 1.0)})"
+        for prefix, flag in (("mlm_head.", "mlm_weight"), ("cls_head.", "nce_weight"))
+        if float(_arg(args, flag, 1.0)) > 0 and not any(k.startswith(prefix) for k in state)
+    ]
+    if absent:
+        raise UsageError(
+            f"the checkpoint has no classifier (cls_fc) and lacks {' and '.join(absent)}, though {ARGS_FILE} trains "
+            "that head: is classifier.pt truncated, or a fine-tuning checkpoint without its classifier?"
+        )
+
+
 def convert_state(
     state: Mapping[str, torch.Tensor],
     args: Mapping[str, Any],
@@ -437,6 +453,8 @@ def convert_state(
         raise UsageError(f"the checkpoint holds no backbone.* tensors (keys: {sorted(state)[:5]} ...)")
     notes = []
     has_projection = any(k.startswith("cls_head.") for k in state)
+    if not finetune:
+        _check_pretraining_heads(args, state)
     if has_projection and drop_projection_head:
         _pop_prefix(state, "cls_head.")
         has_projection = False

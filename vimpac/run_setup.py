@@ -24,7 +24,7 @@ from deepspeed.accelerator import get_accelerator
 
 from vimpac.activation_checkpointing import enable_activation_checkpointing
 from vimpac.atomic_write import write_json_atomic
-from vimpac.checkpoint import checkpoint_root, complete_tags, latest_tag
+from vimpac.checkpoint import checkpoint_root, complete_tags, latest_tag, original_checkpoint_advice
 from vimpac.dist_setup import init_distributed, track_engine
 from vimpac.ds_config import load_json, merge_ds_config, precision_of, uses_activation_checkpointing
 from vimpac.errors import UsageError, require_directory
@@ -33,8 +33,12 @@ from vimpac.trainer import TrainSettings, epoch_steps
 
 
 def refuse_existing_run(output: Path, resume: bool) -> None:
-    """UsageError when `output` already holds checkpoints and --resume was not given, or is not a directory."""
+    """UsageError when `output` already holds checkpoints and --resume was not given, is not a directory, or is an
+    output folder of the original release given with --resume (which would start afresh beside it)."""
     require_directory(output, "--output")
+    original = original_checkpoint_advice(output)
+    if resume and original and latest_tag(output) is None and not complete_tags(output):
+        raise UsageError(f"--resume --output {output}: no vimpac checkpoint to continue; {original}")
     if not resume and (latest_tag(output) is not None or complete_tags(output)):
         raise UsageError(
             f"{output} already holds checkpoints; pass --resume to continue it, choose another --output, or delete "

@@ -498,9 +498,10 @@ class Trainer:
 
 
 def steps_summary(trainer: Trainer) -> str:
-    """One line for the log: batch arithmetic and schedule length."""
+    """One line for the log: what a clip covers, batch arithmetic and schedule length."""
     return (
-        f"{len(trainer.dataset)} videos, {trainer.world} ranks × {trainer.micro} videos × {trainer.accumulation} "
+        f"{trainer.dataset.describe_clips()}; {len(trainer.dataset)} videos, {trainer.world} ranks × "
+        f"{trainer.micro} videos × {trainer.accumulation} "
         f"accumulation = {trainer.global_batch} per step; {trainer.steps_per_epoch} steps/epoch × "
         f"{trainer.settings.epochs} epochs = {trainer.total_steps} steps"
         + ("" if trainer.steps_per_epoch == trainer.full_epoch_steps() else " (limited by --debug/--max-steps)")
