@@ -2,9 +2,13 @@
 outlives the write."""
 
 import json
+import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from vimpac import atomic_write
 from vimpac.atomic_write import atomic_path, write_json_atomic, write_text_atomic
 
 
@@ -28,3 +32,15 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_partial_one(tmp_path)
         raise RuntimeError("encoder died")
     assert target.read_bytes() == b"old video"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+
+
+def test_a_written_file_gets_the_umask_mode_even_from_a_writer_that_makes_it_private(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        atomic_write._file_mode.cache_clear()
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors creates its file 0600
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
+        atomic_write._file_mode.cache_clear()

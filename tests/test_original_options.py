@@ -430,6 +430,14 @@ def test_a_head_missing_though_its_loss_was_on_is_refused():
     assert convert_state(without_projection, {**args, "nce_weight": 0, "nce_bn_after_proj": False}).heads == []
 
 
+def test_an_integer_tensor_where_the_model_has_floats_is_refused():
+    args = original_args("T,H|W", True, True)
+    state = original_state(args)
+    state["backbone.ln_post.weight"] = state["backbone.ln_post.weight"].long()
+    with pytest.raises(UsageError, match=r"shapes or dtypes differ .*final_norm\.weight: \(128,\) torch\.int64"):
+        convert_state(state, args)
+
+
 def test_drop_projection_head_leaves_the_option_out():
     args = original_args("T,H|W", True, True)
     converted = convert_state(original_state(args), args, drop_projection_head=True)

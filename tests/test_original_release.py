@@ -253,7 +253,7 @@ def test_missing_files_are_named(tmp_path, capsys):
         ({"pos_emb": "frozen"}, "--pos-emb 'frozen'"),
         ({"nce_bn_after_proj": True}, r"lacks cls_head\.mlp\.bn_1\.weight"),  # the weights have no such BN
         ({"model": "efflayoutT|H|W"}, "cannot be built"),  # 2 heads over 3 parallel patterns
-        ({"frame_size": 64}, "shapes differ"),
+        ({"frame_size": 64}, "shapes or dtypes differ"),
         ({"vocab_size": 2048}, "8197 rows"),
     ],
 )

@@ -8,6 +8,7 @@ or the new one, never a mix, and a machine that crashes after the rename keeps t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -32,6 +33,15 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (read once: setting it is the only way to
+    read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write (hidden, with the same suffix, so writers that
@@ -41,6 +51,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.part{path.suffix}")
     try:
         yield tmp
+        if tmp.is_file():  # some writers (safetensors) create 0600 files: give the umask's usual mode
+            os.chmod(tmp, _file_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

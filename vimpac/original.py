@@ -403,14 +403,19 @@ def _check_against_model(converted: ConvertedCheckpoint) -> None:
     missing = sorted(set(expected) - set(converted.state))
     extra = sorted(set(converted.state) - set(expected))
     wrong = [
-        f"{k}: {tuple(converted.state[k].shape)} vs {tuple(v.shape)}"
+        f"{k}: {tuple(converted.state[k].shape)} {converted.state[k].dtype} vs {tuple(v.shape)} {v.dtype}"
         for k, v in expected.items()
-        if k in converted.state and tuple(converted.state[k].shape) != tuple(v.shape)
+        if k in converted.state
+        and (
+            tuple(converted.state[k].shape) != tuple(v.shape)
+            or converted.state[k].is_floating_point() != v.is_floating_point()
+        )
     ]
     if missing or extra or wrong:
         details = []
         if wrong:
-            details.append("shapes differ (checkpoint vs the model of its arguments): " + "; ".join(wrong[:6]))
+            listed = "; ".join(wrong[:6])
+            details.append(f"shapes or dtypes differ (checkpoint vs the model of its arguments): {listed}")
         if missing:
             details.append(f"missing {missing[:6]}")
         if extra:
