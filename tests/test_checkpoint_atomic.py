@@ -22,13 +22,17 @@ import torch
 from tests.helpers import MODEL, REPO, RUN, assert_same_curve, command, environment, train
 from tests.synthetic_codes import write_code_database
 from vimpac.checkpoint import (
+    CHECKPOINT_KEY,
     LATEST,
     PARTIAL_PREFIX,
     checkpoint_root,
     checkpoint_world_size,
     complete_tags,
+    export_metadata,
+    export_weights,
     latest_tag,
     load_checkpoint,
+    read_export,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -99,6 +103,13 @@ def test_keep_k_leaves_k_complete_checkpoints_and_a_finished_run_resumes(databas
     assert latest_tag(output) == "step00000008" == (checkpoint_root(output) / LATEST).read_text()
     assert staging_dirs(output) == []
     assert (output / "export" / "model.safetensors").is_file()  # exported from the renamed ZeRO checkpoint
+    assert export_metadata(output / "export")[CHECKPOINT_KEY] == "step00000008"
+    config, exported, _ = read_export(output / "export")
+    # A launch killed between its last save and its export leaves the previous export; `latest` is lost as well
+    # (deleted by hand, say): the resume must neither start afresh (pruning every checkpoint at its first save)
+    # nor leave the older weights in export/.
+    export_weights({k: torch.zeros_like(v) for k, v in exported.items()}, config, output, checkpoint="step00000006")
+    (checkpoint_root(output) / LATEST).unlink()
 
     result = subprocess.run(
         command(database, output, 1, *flags, "--resume"),
@@ -110,8 +121,28 @@ def test_keep_k_leaves_k_complete_checkpoints_and_a_finished_run_resumes(databas
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from step00000008: epoch 2, step 0 of 4" in result.stdout
+    assert "latest is missing; taking the newest complete checkpoint, step00000008" in result.stderr
+    assert "export/ does not hold step00000008, the newest checkpoint: exporting it" in result.stdout
+    _, again, _ = read_export(output / "export")
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+    assert export_metadata(output / "export")[CHECKPOINT_KEY] == "step00000008"
     assert read_metrics(output) == curve
     assert complete_tags(output) == ["step00000006", "step00000008"] and staging_dirs(output) == []
+
+
+def test_a_missing_or_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    root = checkpoint_root(tmp_path)
+    assert latest_tag(tmp_path) is None  # no run yet: nothing to warn about
+    for step in (3, 9):
+        (root / f"step{step:08d}").mkdir(parents=True)
+    (root / f"{PARTIAL_PREFIX}step00000012").mkdir()
+    with pytest.warns(UserWarning, match="latest is missing; taking the newest complete checkpoint, step00000009"):
+        assert latest_tag(tmp_path) == "step00000009"
+    (root / LATEST).write_text("step00000012")  # its checkpoint was deleted
+    with pytest.warns(UserWarning, match="names 'step00000012', which is not a complete checkpoint"):
+        assert latest_tag(tmp_path) == "step00000009"
+    (root / LATEST).write_text("step00000003")
+    assert latest_tag(tmp_path) == "step00000003"  # a valid pointer wins over newer tags (a replaced run's)
 
 
 @pytest.mark.slow

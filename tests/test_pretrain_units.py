@@ -13,6 +13,7 @@ from vimpac.metrics import MetricsWriter, StepAccumulator, read_metrics
 from vimpac.modeling import VimpacForPretraining
 from vimpac.pretrain import main
 from vimpac.pretrain_setup import micro_batch_tokens
+from vimpac.run_setup import lock_run, release_run_locks
 from vimpac.trainer import check_database_matches, epoch_steps
 
 TINY = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
@@ -162,6 +163,18 @@ def test_existing_run_needs_resume(database, tmp_path, capsys, single_process_en
     (checkpoints / "latest").write_text("step00000004")
     assert main(["--data", str(database), "--output", str(tmp_path / "run"), *TINY]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_a_second_launch_on_a_running_output_is_refused(database, tmp_path, capsys, single_process_env):
+    output = tmp_path / "run"
+    lock_run(output)  # the first launch, still running
+    with pytest.raises(UsageError, match="another launch is running in"):
+        lock_run(output)
+    assert main(["--data", str(database), "--output", str(output), *TINY, "--resume"]) == 2
+    assert f"another launch is running in {output}" in capsys.readouterr().err
+    release_run_locks()
+    lock_run(output)  # free again once the first launch ends
+    release_run_locks()
 
 
 def test_help_lists_the_seed_flags(capsys):

@@ -60,6 +60,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,22 @@ def complete_tags(output: str | Path) -> list[str]:
 
 
 def latest_tag(output: str | Path) -> str | None:
-    """Tag of the newest complete checkpoint of a run, or None."""
+    """Tag of the checkpoint a resume continues: the one `latest` names, or None when the run has none.
+
+    When `latest` is missing or names no complete checkpoint (deleted by hand, or a first save killed between
+    its rename and writing `latest`) while complete checkpoints exist, the newest of them is taken, with a
+    warning: every complete tag is whole (it is renamed into place only after all ranks wrote it), and starting
+    afresh would let the first save prune them all."""
     pointer = checkpoint_root(output) / LATEST
-    if not pointer.is_file():
+    tag = pointer.read_text().strip() if pointer.is_file() else None
+    if tag is not None and is_complete_tag(tag) and (checkpoint_root(output) / tag).is_dir():
+        return tag
+    complete = complete_tags(output)
+    if not complete:
         return None
-    tag = pointer.read_text().strip()
-    return tag if is_complete_tag(tag) and (checkpoint_root(output) / tag).is_dir() else None
+    said = f"names {tag!r}, which is not a complete checkpoint" if tag is not None else "is missing"
+    warnings.warn(f"{pointer} {said}; taking the newest complete checkpoint, {complete[-1]}", stacklevel=2)
+    return complete[-1]
 
 
 def rng_state() -> dict[str, Any]:
@@ -348,20 +359,26 @@ def original_checkpoint_advice(path: str | Path) -> str | None:
 
 
 TOKENIZER_KEY = "tokenizer_fingerprint"  # safetensors metadata of an export: the codes' tokenizer
+CHECKPOINT_KEY = "checkpoint"  # safetensors metadata of a trainer's export: the checkpoint tag it was made from
 
 
-def export_tokenizer(folder: str | Path | None) -> str | None:
-    """The fingerprint of the tokenizer an export's model was trained on (None: not recorded, or not an export)."""
+def export_metadata(folder: str | Path | None) -> dict[str, str]:
+    """The safetensors metadata of the export in `folder` ({} when there is none or it cannot be read)."""
     from safetensors import SafetensorError, safe_open
 
     weights = Path(folder) / "model.safetensors" if folder is not None else None
     if weights is None or not weights.is_file():
-        return None
+        return {}
     try:
         with safe_open(str(weights), "pt") as f:
-            return (f.metadata() or {}).get(TOKENIZER_KEY)
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError):
-        return None
+        return {}
+
+
+def export_tokenizer(folder: str | Path | None) -> str | None:
+    """The fingerprint of the tokenizer an export's model was trained on (None: not recorded, or not an export)."""
+    return export_metadata(folder).get(TOKENIZER_KEY)
 
 
 def check_same_tokenizer(model: str | Path | None, manifest: dict[str, Any], database: str | Path) -> None:
@@ -403,14 +420,17 @@ def export_weights(
     output: str | Path,
     producer: str = "vimpac.pretrain",
     tokenizer: str | None = None,
+    checkpoint: str | None = None,
 ) -> Path:
     """Write `<output>/export/config.json` and `model.safetensors` (fp32, contiguous) atomically per file;
-    `producer` (the entry point that trained the weights) and `tokenizer` (the fingerprint of the tokenizer whose
-    codes it was trained on) go into the safetensors metadata."""
+    `producer` (the entry point that trained the weights), `tokenizer` (the fingerprint of the tokenizer whose
+    codes it was trained on) and `checkpoint` (the tag of the checkpoint it holds) go into the safetensors
+    metadata."""
     folder = Path(output) / EXPORT
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", "producer": producer, **({TOKENIZER_KEY: tokenizer} if tokenizer else {})}
+    optional = {TOKENIZER_KEY: tokenizer, CHECKPOINT_KEY: checkpoint}
+    metadata = {"format": "pt", "producer": producer, **{k: v for k, v in optional.items() if v}}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     write_text_atomic(folder / "config.json", config.to_json() + "\n")

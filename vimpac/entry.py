@@ -74,6 +74,7 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
     """work()'s exit code; 2 for bad input or a bad database record (--on-bad-record stop), 3 when training
     stopped on non-finite losses (raised on every rank at the same step; rank 0 prints)."""
     from vimpac.dist_setup import shutdown_distributed
+    from vimpac.run_setup import release_run_locks
 
     try:
         return work()
@@ -89,3 +90,4 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
         return err.exit_code
     finally:
         shutdown_distributed()
+        release_run_locks()

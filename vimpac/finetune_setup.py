@@ -64,6 +64,7 @@ from vimpac.interpolate import SHAPE_FIELDS, model_differences, resize_positiona
 from vimpac.modeling import VimpacForClassification
 from vimpac.run_setup import (
     launch_world,
+    lock_run,
     merged_engine_config,
     plan_schedule,
     record_run,
@@ -360,6 +361,7 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     from vimpac.checkpoint import needs_universal_loading, with_universal_loading
 
     refuse_existing_run(output, args.resume or args.eval_only)
+    lock_run(output)
     saved, state = load_exported(args.load) if args.load else (None, None)
     if args.eval_only and state is None:
         raise UsageError("--eval-only needs --load with fine-tuned weights (the export/ folder of a fine-tuning run)")

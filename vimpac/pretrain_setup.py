@@ -56,6 +56,7 @@ from vimpac.losses import info_nce, masked_token_loss
 from vimpac.modeling import VimpacForPretraining
 from vimpac.run_setup import (
     launch_world,
+    lock_run,
     merged_engine_config,
     plan_schedule,
     record_run,
@@ -227,6 +228,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     """Everything after parsing; returns the exit code. Raises UsageError for bad input before training."""
     output = Path(args.output)
     refuse_existing_run(output, args.resume)
+    lock_run(output)
     check_launch_arguments(args)
     db = CodeDatabase(args.data)
     taken = fill_from_database(args, db.manifest, args.data)  # --vocab-size / --frame-size not given

@@ -9,6 +9,7 @@ runs before the process group exists, so a mistake fails fast with one message.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import random
 import sys
@@ -37,13 +38,43 @@ def refuse_existing_run(output: Path, resume: bool) -> None:
     output folder of the original release given with --resume (which would start afresh beside it)."""
     require_directory(output, "--output")
     original = original_checkpoint_advice(output)
-    if resume and original and latest_tag(output) is None and not complete_tags(output):
+    if resume and original and not complete_tags(output):
         raise UsageError(f"--resume --output {output}: no vimpac checkpoint to continue; {original}")
-    if not resume and (latest_tag(output) is not None or complete_tags(output)):
+    if not resume and (complete_tags(output) or latest_tag(output) is not None):
         raise UsageError(
             f"{output} already holds checkpoints; pass --resume to continue it, choose another --output, or delete "
             f"{checkpoint_root(output)} to start over"
         )
+
+
+RUN_LOCK = "run.lock"
+_held_locks: list[Any] = []  # open lock files: each flock lasts until its file is closed
+
+
+def lock_run(output: Path) -> None:
+    """Rank 0 holds an flock on <output>/run.lock until the launch ends: a second launch on the same run
+    directory (a duplicated --resume, say) stops here instead of pruning the first one's checkpoints and writing
+    its metrics twice. run_reporting_errors releases it when the launch's work ends; a killed process's lock goes
+    with it."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    lock_file = open(output / RUN_LOCK, "a")  # noqa: SIM115 (held open until release_run_locks)
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise UsageError(
+            f"another launch is running in {output} (it holds {output / RUN_LOCK}); wait for it to end or choose "
+            "another --output"
+        ) from None
+    _held_locks.append(lock_file)
+
+
+def release_run_locks() -> None:
+    """Let go of lock_run's locks (at the end of a launch; a process that ends lets go by itself)."""
+    while _held_locks:
+        _held_locks.pop().close()
 
 
 def seed_everything(seed: int) -> None:

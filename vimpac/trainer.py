@@ -41,9 +41,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vimpac.checkpoint import (
+    CHECKPOINT_KEY,
+    EXPORT,
     checkpoint_model_config,
     checkpoint_root,
     checkpoint_world_size,
+    export_metadata,
     export_weights,
     fp32_state_dict,
     latest_tag,
@@ -281,9 +284,22 @@ class Trainer:
         if state is not None:
             manifest = getattr(getattr(self.dataset, "db", None), "manifest", None) or {}
             tokenizer = (manifest.get("tokenizer") or {}).get("fingerprint")
-            export_weights(state, self.config, self.output, self.task.producer, tokenizer)
+            export_weights(state, self.config, self.output, self.task.producer, tokenizer, checkpoint=tag)
         if dist.is_initialized():
             dist.barrier()
+
+    def refresh_export(self) -> None:
+        """Export the newest checkpoint when export/ holds other weights: a launch killed between its last save
+        and the export, resumed with nothing left to train, would otherwise keep the older export. Collective:
+        rank 0 decides, before anyone writes."""
+        latest = latest_tag(self.output)
+        stale = [latest is not None and export_metadata(self.output / EXPORT).get(CHECKPOINT_KEY) != latest]
+        if dist.is_initialized():
+            dist.broadcast_object_list(stale, src=0)
+        if stale[0]:
+            if self.rank == 0:
+                print(f"export/ does not hold {latest}, the newest checkpoint: exporting it", flush=True)
+            self.export(latest)
 
     # -------------------------------------------------------------------------------------------- loop
     def loader(self) -> DataLoader:
@@ -494,6 +510,8 @@ class Trainer:
                     self.export(tag)
             self.writer.flush()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.settings.export:
+            self.refresh_export()
         self.writer.close()
 
 
