@@ -253,6 +253,43 @@ def test_save_publishes_by_rename_and_clears_what_killed_runs_left(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step00000004", "step00000005"]
 
 
+class FullDiskEngine(FileEngine):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 646848 vs 646736")
+
+
+class DamagedEngine(FileEngine):
+    def load_checkpoint(self, load_dir, tag):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+
+class LoadingEngine(FileEngine):
+    def load_checkpoint(self, load_dir, tag):
+        return str(Path(load_dir) / tag), {"epoch": 1}
+
+
+def test_a_failed_save_and_an_unreadable_checkpoint_say_what_to_do(tmp_path):
+    output = tmp_path / "run"
+    for step in (3, 6):
+        save_checkpoint(FileEngine(), output, step, {})
+    with pytest.raises(
+        UsageError,
+        match=r"writing checkpoint .*\.partial-step00000009 failed \(\[enforce fail.*\); \d+ MiB free on its disk\. "
+        r"The newest complete checkpoint is still step00000006: free space",
+    ):
+        save_checkpoint(FullDiskEngine(), output, 9, {})
+    assert latest_tag(output) == "step00000006" and complete_tags(output) == ["step00000003", "step00000006"]
+    with pytest.raises(
+        UsageError,
+        match=r"step00000006 cannot be read \(PytorchStreamReader failed reading zip archive: .*\); it is damaged or "
+        r"incomplete: move it aside \(mv .*damaged-step00000006\) and rerun: the resume then takes step00000003",
+    ):
+        load_checkpoint(DamagedEngine(), output, "step00000006")
+    (checkpoint_root(output) / "step00000006" / "rng_rank0.pt").unlink()
+    with pytest.warns(UserWarning, match="rng_rank0.pt is missing: this rank's random streams start from the seed"):
+        assert load_checkpoint(LoadingEngine(), output, "step00000006") == {"epoch": 1}
+
+
 def test_staging_directories_are_never_taken_for_checkpoints(tmp_path):
     output = tmp_path / "run"
     root = checkpoint_root(output)

@@ -3,6 +3,8 @@ vimpac.pretrain`; what the demo, the recipe scripts and the other tests use, nee
 so they run here from a directory outside the checkout) and as scripts from a checkout (`python vimpac/pretrain.py`,
 the README's form)."""
 
+import errno
+import os
 import subprocess
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 
 from tests.helpers import DEEPSPEED, REPO, environment, launcher
 from vimpac.dist_setup import free_port
+from vimpac.entry import run_reporting_errors
+from vimpac.errors import storage_problem
 
 ENTRIES = [("vimpac.pretrain", "vimpac/pretrain.py"), ("vimpac.finetune", "vimpac/finetune.py")]
 
@@ -83,3 +87,27 @@ def test_the_cpu_accelerator_is_told_by_ds_accelerator_not_by_a_visible_gpu(monk
     assert cpu_accelerator(env) and cpu_threads_per_rank(env) == max(1, (os.cpu_count() or 1) // 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cpu_accelerator({})
+
+
+def test_a_full_disk_is_one_line_that_says_what_to_do(capsys):
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/pt/metrics.jsonl")
+    wrapped = RuntimeError("writing failed")
+    wrapped.__cause__ = full
+    assert storage_problem(wrapped) == (
+        "runs/pt/metrics.jsonl: No space left on device; free space or fix the permissions, then rerun the same "
+        "command (finished work is kept)"
+    )
+    assert storage_problem(OSError(errno.ECONNRESET, "reset")) is None
+    assert storage_problem(ValueError("x")) is None
+
+    def work() -> int:
+        raise full
+
+    assert run_reporting_errors("vimpac/pretrain.py", work) == 1
+    assert capsys.readouterr().err == f"vimpac/pretrain.py: error: {storage_problem(full)}\n"
+
+    def bug() -> int:
+        raise OSError(errno.EBADF, "a bug, not the disk")
+
+    with pytest.raises(OSError, match="a bug"):
+        run_reporting_errors("vimpac/pretrain.py", bug)

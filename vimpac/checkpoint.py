@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -231,14 +232,22 @@ def save_checkpoint(
     if rank == 0:  # debris of a killed attempt at this very step: no stale file may survive
         shutil.rmtree(staging, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=staging_tag, client_state=client_state, save_latest=False)
-    torch.save(rng, staging / f"rng_rank{rank}.pt")
-    if rank == 0:
-        # Readable before any engine exists: a resume on another number of ranks must build its engine for
-        # universal loading, so it has to know the saved world size first.
-        (staging / WORLD_FILE).write_text(json.dumps({"world_size": _rank_world()[1]}) + "\n")
-        if model_config is not None:
-            model_config.save(staging / "vimpac_config.json")
+    try:
+        engine.save_checkpoint(str(root), tag=staging_tag, client_state=client_state, save_latest=False)
+        torch.save(rng, staging / f"rng_rank{rank}.pt")
+        if rank == 0:
+            # Readable before any engine exists: a resume on another number of ranks must build its engine for
+            # universal loading, so it has to know the saved world size first.
+            (staging / WORLD_FILE).write_text(json.dumps({"world_size": _rank_world()[1]}) + "\n")
+            if model_config is not None:
+                model_config.save(staging / "vimpac_config.json")
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        raise UsageError(
+            f"writing checkpoint {staging} failed ({str(err).strip().splitlines()[0]}); {free / 2**20:.0f} MiB free "
+            f"on its disk. The newest complete checkpoint is still {latest_tag(output) or 'none'}: free space (or "
+            "fix the permissions) and rerun with --resume"
+        ) from err
     _barrier()
     failure = None
     if rank == 0:
@@ -264,13 +273,38 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
     rank, _ = _rank_world()
     if not is_complete_tag(tag):
         raise UsageError(f"{root / tag} is not a complete checkpoint (their tags are {TAG_PREFIX}<8 digits>)")
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise UsageError(damaged_checkpoint(output, tag, err)) from err
     if load_path is None:
         raise UsageError(f"could not load checkpoint {root / tag}; delete {root} to start over")
     rng = root / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
+    elif rank < (checkpoint_world_size(output, tag) or rank + 1):  # a rank the checkpoint had
+        warnings.warn(
+            f"{rng} is missing: this rank's random streams start from the seed, so the run goes on but no longer "
+            "matches one that was never stopped",
+            stacklevel=2,
+        )
     return client_state
+
+
+def damaged_checkpoint(output: str | Path, tag: str, err: BaseException) -> str:
+    """The message for checkpoint `tag` of `output` that cannot be read: what failed and how to resume from the
+    checkpoint before it (moved aside, `tag` no longer counts and latest_tag falls back to the newest left)."""
+    root = checkpoint_root(output)
+    earlier = [t for t in complete_tags(output) if t < tag]
+    if earlier:
+        advice = (
+            f"move it aside (mv {root / tag} {root / ('damaged-' + tag)}) and rerun: the resume then takes "
+            f"{earlier[-1]}, the newest before it"
+        )
+    else:
+        advice = f"no earlier checkpoint exists: delete {root} to start over"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"checkpoint {root / tag} cannot be read ({first}); it is damaged or incomplete: {advice}"
 
 
 def checkpoint_world_size(output: str | Path, tag: str) -> int | None:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from vimpac.code_db import CorruptRecordError, record_error_message
-from vimpac.errors import NonFiniteLossError, UsageError
+from vimpac.errors import NonFiniteLossError, UsageError, storage_problem
 from vimpac.optim import DECAY_GROUPS
 
 
@@ -88,6 +88,12 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: stopped: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1
     finally:
         shutdown_distributed()
         release_run_locks()

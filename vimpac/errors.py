@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -17,6 +18,25 @@ class NonFiniteLossError(Exception):
     `exit_code`."""
 
     exit_code = 3
+
+
+# A full disk or quota, a read-only file system, a permission refused: the environment, not a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """One line for an error that comes from the storage (an OSError of STORAGE_ERRNOS, itself or in its chain
+    of causes), saying what to do; None for any other error."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            where = f"{seen.filename}: " if seen.filename else ""
+            return (
+                f"{where}{seen.strerror}; free space or fix the permissions, then rerun the same command (finished "
+                "work is kept)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def require_directory(path: str | Path, flag: str) -> None:
