@@ -380,6 +380,18 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
     assert [r["rank"] for r in rows] == ["1", "2"] * len(videos)
     assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0  # nothing left to do
     assert json.loads((table.parent / "p.csv.settings.json").read_text())["top_k"] == 2
+    # A write cut short (a kill, a full disk): video 2 lost its second row, video 4's second row is torn. Both
+    # are predicted again, their rows whole, nothing glued to a broken line.
+    finished = table.read_bytes()
+    lines = finished.decode().splitlines(keepends=True)
+    table.write_text("".join(lines[:4] + lines[5:8] + [lines[8][:9]]))
+    capsys.readouterr()
+    assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0
+    assert "dropped 2 video(s) with incomplete rows" in capsys.readouterr().out
+    again = list(csv.DictReader(table.open()))
+    assert sorted((r["video"], r["rank"], r["label"], r["probability"]) for r in again) == sorted(
+        (r["video"], r["rank"], r["label"], r["probability"]) for r in rows
+    )
     assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--csv", str(table)]) == 2
     assert "other settings (top_k" in capsys.readouterr().err
     assert len(list(csv.DictReader(table.open()))) == len(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -166,15 +167,20 @@ def csv_settings_path(table: Path) -> Path:
     return table.with_name(table.name + ".settings.json")
 
 
-def _previous_csv(path: Path, settings: dict) -> tuple[set[str], set[str]]:
-    """(videos predicted, videos failed) in an existing predictions CSV made with `settings`; refuses another."""
+def _previous_csv(path: Path, settings: dict, ranks: int) -> tuple[set[str], set[str]]:
+    """(videos predicted, videos failed) in an existing predictions CSV made with `settings`; refuses another.
+
+    A video counts as predicted only with all its `ranks` rows. A row torn by a kill or a full disk (no final
+    newline) and every row of a video short of its ranks are dropped, the file rewritten whole without them, so
+    that the rerun predicts those videos again instead of appending to a broken line."""
+    from vimpac.atomic_write import atomic_path
     from vimpac.errors import UsageError
 
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        if next(reader, None) != CSV_HEADER:
-            raise UsageError(f"{path} exists but is not a predictions CSV (header {CSV_HEADER}); delete it")
-        rows = [row for row in reader if row]
+    raw = path.read_bytes()
+    whole_lines = raw[: raw.rfind(b"\n") + 1]
+    rows = list(csv.reader(io.StringIO(whole_lines.decode("utf-8", errors="replace"), newline="")))
+    if not rows or rows[0] != CSV_HEADER:
+        raise UsageError(f"{path} exists but is not a predictions CSV (header {CSV_HEADER}); delete it")
     kept = csv_settings_path(path)
     if kept.is_file():  # a CSV written before the settings were kept has none to compare
         old = json.loads(kept.read_text())
@@ -183,8 +189,21 @@ def _previous_csv(path: Path, settings: dict) -> tuple[set[str], set[str]]:
                 f"{path} holds predictions made with other settings ({changed_settings(old, settings)}, as {kept} "
                 "says); delete both or use another --csv"
             )
-    predicted = {row[0] for row in rows if len(row) > 1 and row[1]}
-    return predicted, {row[0] for row in rows} - predicted
+    by_video: dict[str, list[list[str]]] = {}
+    for row in rows[1:]:
+        if row:
+            by_video.setdefault(row[0], []).append(row)
+    expected = [str(r) for r in range(1, ranks + 1)]
+    predicted = {v for v, own in by_video.items() if [r[1] if len(r) > 1 else "" for r in own] == expected}
+    failed = {v for v, own in by_video.items() if len(own) == 1 and len(own[0]) == len(CSV_HEADER) and own[0][4]}
+    if whole_lines != raw or len(predicted) + len(failed) != len(by_video):
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_HEADER)
+            writer.writerows(row for row in rows[1:] if row and row[0] in predicted | failed)
+        redo = len(by_video) - len(predicted) - len(failed)
+        print(f"{path}: dropped {redo} video(s) with incomplete rows (an interrupted write): they are predicted again")
+    return predicted, failed
 
 
 def csv_rows(entry: dict) -> list[list[str]]:
@@ -216,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {**pipeline.settings(), "top_k": args.top_k}
     predicted_before = 0
     if args.csv and args.csv.exists():
-        predicted, failed = _previous_csv(args.csv, settings)
+        predicted, failed = _previous_csv(args.csv, settings, min(args.top_k, pipeline.model.num_classes))
         done, predicted_before = predicted | failed, len(predicted)
     elif args.csv:
         args.csv.write_text(",".join(CSV_HEADER) + "\n")
