@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -284,6 +285,26 @@ def test_resume_after_partial_write_and_torn_failure_line(tmp_path):
     assert db.ids() == sorted([*videos, "late"])
     assert_matches(db, {**videos, "late": late})
     db.close()
+
+
+def test_a_truncated_view_is_refused_instead_of_killing_the_process(tmp_path):
+    rng = np.random.default_rng(5)
+    manifest = make_manifest()
+    path = tmp_path / "db"
+    write_db(path, {f"v{i}": random_video(rng, manifest, frames=40) for i in range(12)}, manifest)
+    data = path / "views" / VIEWS[1] / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)  # a copy cut short: reading past its end is SIGBUS
+    before = (path / "manifest.json").read_text()
+    db = CodeDatabase(path)  # views open when first read
+    db.read("v0", VIEWS[0])
+    with pytest.raises(UsageError, match=rf"{re.escape(str(data))} is truncated \([\d,]+ bytes; its pages need"):
+        db.read("v0", VIEWS[1])
+    db.close()
+    with pytest.raises(UsageError, match="is truncated"):
+        inspect(path)  # `vimpac db inspect`
+    with pytest.raises(UsageError, match="is truncated"):
+        CodeDatabaseWriter(path, manifest)  # a tokenize rerun
+    assert (path / "manifest.json").read_text() == before  # still complete: nothing was rewritten
 
 
 def test_failure_dropped_when_video_later_succeeds(tmp_path):

@@ -354,6 +354,20 @@ def _write_failures(path: Path, failures: Iterable[dict]) -> None:
 # ------------------------------------------------------------------------------------------------ scanning
 
 
+def check_not_truncated(env: lmdb.Environment, view_dir: Path) -> None:
+    """UsageError when a view's data.mdb is shorter than the pages its meta page says it holds (a copy cut short,
+    a disk that filled during one): LMDB maps the file, so reading past its end kills the process with SIGBUS,
+    without a word."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    data = view_dir / "data.mdb"
+    size = data.stat().st_size if data.is_file() else 0
+    if size < needed:
+        raise UsageError(
+            f"{data} is truncated ({size:,} bytes; its pages need {needed:,}): this view of the database is "
+            "damaged. Copy the database again, or tokenize into a new --out"
+        )
+
+
 class _ReadOnlyEnvs:
     """Per-process, reference-counted read-only environments, shared by every CodeDatabase in the process.
 
@@ -375,6 +389,11 @@ class _ReadOnlyEnvs:
             # lock=False: no reader-table writes, so read-only media and many worker processes are fine; only
             # safe while no writer is active, which is why `inspect` asks for lock=True on incomplete databases.
             env = lmdb.open(key, readonly=True, lock=lock, readahead=False, subdir=True)
+            try:
+                check_not_truncated(env, view_dir)
+            except UsageError:
+                env.close()
+                raise
             entry = self._open[key] = [env, 0, lock]
         entry[1] += 1
         return entry[0]
@@ -503,11 +522,16 @@ class CodeDatabaseWriter:
                 _write_failures(self._failures_path, failures)
             self._failed_ids = {f["id"] for f in failures}
             (self.path / VIEWS_DIR).mkdir(exist_ok=True)
-            self._envs = {
-                view: lmdb.open(str(self.path / VIEWS_DIR / view), map_size=map_size, subdir=True, readahead=False)
-                for view in self.views
-            }
+            self._envs = {}
+            for view in self.views:
+                view_dir = self.path / VIEWS_DIR / view
+                self._envs[view] = lmdb.open(str(view_dir), map_size=map_size, subdir=True, readahead=False)
+                check_not_truncated(self._envs[view], view_dir)
+            # Only now, with every view readable: a refused resume leaves the manifest as it was.
+            write_json_atomic(self.path / MANIFEST, self.manifest)
         except BaseException:
+            for env in getattr(self, "_envs", {}).values():
+                env.close()
             self._lock_file.close()
             raise
 
@@ -540,7 +564,6 @@ class CodeDatabaseWriter:
             raise UsageError(f"{self.path} exists, is not empty and is not a code database; choose a new output")
         manifest = {**base, "splits": dict(self._earlier_splits), "counts": {}, "complete": False}
         manifest.setdefault("args", {})
-        write_json_atomic(manifest_path, manifest)
         return manifest
 
     # -- writing
