@@ -38,7 +38,7 @@ from vimpac.checkpoint import (
     set_rng_state,
 )
 from vimpac.config import VimpacConfig
-from vimpac.errors import UsageError
+from vimpac.errors import StorageError, UsageError
 from vimpac.metrics import read_metrics
 
 FLAGS = ["--epochs", "2", "--zero-stage", "2"]  # 4 optimizer steps per epoch, 8 in all
@@ -263,6 +263,16 @@ class DamagedEngine(FileEngine):
         raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
 
 
+class OutOfMemoryEngine(FileEngine):
+    def load_checkpoint(self, load_dir, tag):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class SilentFailureEngine(FileEngine):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        raise OSError()
+
+
 class LoadingEngine(FileEngine):
     def load_checkpoint(self, load_dir, tag):
         return str(Path(load_dir) / tag), {"epoch": 1}
@@ -273,12 +283,16 @@ def test_a_failed_save_and_an_unreadable_checkpoint_say_what_to_do(tmp_path):
     for step in (3, 6):
         save_checkpoint(FileEngine(), output, step, {})
     with pytest.raises(
-        UsageError,
+        StorageError,
         match=r"writing checkpoint .*\.partial-step00000009 failed \(\[enforce fail.*\); \d+ MiB free on its disk\. "
         r"The newest complete checkpoint is still step00000006: free space",
     ):
         save_checkpoint(FullDiskEngine(), output, 9, {})
+    with pytest.raises(StorageError, match=r"partial-step00000009 failed \(OSError\)"):
+        save_checkpoint(SilentFailureEngine(), output, 9, {})
     assert latest_tag(output) == "step00000006" and complete_tags(output) == ["step00000003", "step00000006"]
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):  # not the file's fault: as it is
+        load_checkpoint(OutOfMemoryEngine(), output, "step00000006")
     with pytest.raises(
         UsageError,
         match=r"step00000006 cannot be read \(PytorchStreamReader failed reading zip archive: .*\); it is damaged or "
@@ -354,3 +368,47 @@ def test_an_original_release_output_folder_is_named_for_load_and_resume(tmp_path
     (output / "last" / "args.pickle").unlink()
     with pytest.raises(UsageError, match="point it at a run directory"):
         export_folder(output, "--load")
+
+
+def test_the_export_is_refreshed_only_from_the_state_of_the_newest_checkpoint(tmp_path):
+    """refresh_export writes what the engine holds (ZeRO stage 0): only when that is the newest checkpoint."""
+    from types import MethodType, SimpleNamespace
+
+    from vimpac.trainer import Trainer
+
+    output = tmp_path / "run"
+    for step in (4, 6):
+        (checkpoint_root(output) / f"step{step:08d}").mkdir(parents=True)
+    (checkpoint_root(output) / LATEST).write_text("step00000006")
+    config = VimpacConfig()
+    export_weights({"w": torch.zeros(3)}, config, output, checkpoint="step00000004")
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.ones(3))
+    trainer = SimpleNamespace(
+        output=output,
+        rank=0,
+        zero_stage=0,
+        config=config,
+        dataset=None,
+        task=SimpleNamespace(producer="vimpac.pretrain"),
+        engine=SimpleNamespace(module=module),
+        state_tag=None,  # trained past its last save, whose state a refused final save did not keep
+    )
+    trainer.export = MethodType(Trainer.export, trainer)
+    Trainer.refresh_export(trainer)
+    assert export_metadata(output / "export")[CHECKPOINT_KEY] == "step00000004"
+    trainer.state_tag = "step00000006"  # resumed from the newest checkpoint, nothing trained since
+    Trainer.refresh_export(trainer)
+    assert export_metadata(output / "export")[CHECKPOINT_KEY] == "step00000006"
+    assert torch.equal(read_export(output / "export")[1]["w"], torch.ones(3))
+
+
+def test_a_resume_that_spells_the_head_count_out_is_the_same_model(tmp_path):
+    from vimpac.checkpoint import resize_source
+
+    implicit = VimpacConfig(hidden_size=512, heads=None)  # hid-dim // 64 = 8
+    save_checkpoint(FileEngine(), tmp_path, 5, {}, model_config=implicit)
+    assert resize_source(tmp_path, VimpacConfig(hidden_size=512, heads=8)) is None  # not a "new shape"
+    assert resize_source(tmp_path, VimpacConfig(hidden_size=512, clip_len=10))[0] == "step00000005"
+    with pytest.raises(UsageError, match="differs in heads"):
+        resize_source(tmp_path, VimpacConfig(hidden_size=512, heads=4, clip_len=10))

@@ -307,6 +307,28 @@ def test_a_truncated_view_is_refused_instead_of_killing_the_process(tmp_path):
     assert (path / "manifest.json").read_text() == before  # still complete: nothing was rewritten
 
 
+def test_a_new_database_that_fails_while_opening_its_views_resumes(tmp_path, monkeypatch):
+    manifest = make_manifest()
+    path = tmp_path / "db"
+    real_open, calls = lmdb.open, []
+
+    def full_disk_on_the_second_view(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise lmdb.DiskError("No space left on device")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(code_db.lmdb, "open", full_disk_on_the_second_view)
+    with pytest.raises(lmdb.DiskError):
+        CodeDatabaseWriter(path, manifest)
+    monkeypatch.setattr(code_db.lmdb, "open", real_open)
+    with CodeDatabaseWriter(path, manifest) as writer:  # the rerun resumes what is a database from the start
+        video = random_video(np.random.default_rng(0), manifest)
+        writer.add("v0", video["codes"], video["label"], video["duration"], video["fps"])
+        writer.finalize({"train": ["v0"]})
+    assert CodeDatabase(path).ids() == ["v0"]
+
+
 def test_failure_dropped_when_video_later_succeeds(tmp_path):
     rng = np.random.default_rng(4)
     manifest = make_manifest()

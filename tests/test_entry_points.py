@@ -95,7 +95,7 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(capsys):
     wrapped.__cause__ = full
     assert storage_problem(wrapped) == (
         "runs/pt/metrics.jsonl: No space left on device; free space or fix the permissions, then rerun the same "
-        "command (finished work is kept)"
+        "command (with --resume for a training run; finished work is kept)"
     )
     assert storage_problem(OSError(errno.ECONNRESET, "reset")) is None
     assert storage_problem(ValueError("x")) is None

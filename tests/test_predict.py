@@ -102,6 +102,9 @@ def test_the_clip_rate_of_fine_tuning_carries_to_data_at_another_fps(setup, tmp_
     ):
         (run / "run_config.json").write_text(json.dumps({"args": args, **record}))
         assert derive_info(run / "export")["frame_rate"] == rate
+    # K: the largest of the final evaluation, which runs at --num-test-clips and each --last-test-clips
+    (run / "run_config.json").write_text(json.dumps({"args": {**args, "num_test_clips": 5, "last_test_clips": "2"}}))
+    assert derive_info(run / "export")["num_clips"] == 5
     pipeline = load_pipeline(setup["run"])
     assert VideoPipeline(pipeline.model, {**pipeline.info, "fps": 8.0, "frame_rate": 4.0}).stride == 2
     with pytest.raises(UsageError, match=r"the model takes clips at 4 fps .*, the frames come at 2 fps"):
@@ -210,12 +213,16 @@ def test_inputs_without_any_video_are_refused_before_anything_is_written(setup, 
 
 def test_list_files_take_a_byte_order_mark_crlf_labels_and_spaces(tmp_path):
     listing = tmp_path / "list.txt"
-    listing.write_bytes("\ufeffa/one.mp4\r\nClass/v_two.avi 7\r\n\r\n# note\r\nmy clip.MKV\r\n/abs/x.webm\r\n".encode())
+    listing.write_bytes(
+        "\ufeffa/one.mp4\r\nClass/v_two.avi 7\r\n\r\n# note\r\nmy clip.MKV\r\n/abs/x.webm\r\n"
+        "air drumming/y.mp4 3\r\n".encode()
+    )
     assert video_files([listing]) == [
         tmp_path / "a" / "one.mp4",
         tmp_path / "Class" / "v_two.avi",
         tmp_path / "my clip.MKV",
         Path("/abs/x.webm"),
+        tmp_path / "air drumming" / "y.mp4",
     ]
 
 
@@ -380,18 +387,26 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
     assert [r["rank"] for r in rows] == ["1", "2"] * len(videos)
     assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0  # nothing left to do
     assert json.loads((table.parent / "p.csv.settings.json").read_text())["top_k"] == 2
-    # A write cut short (a kill, a full disk): video 2 lost its second row, video 4's second row is torn. Both
-    # are predicted again, their rows whole, nothing glued to a broken line.
-    finished = table.read_bytes()
-    lines = finished.decode().splitlines(keepends=True)
-    table.write_text("".join(lines[:4] + lines[5:8] + [lines[8][:9]]))
-    capsys.readouterr()
-    assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0
-    assert "dropped 2 video(s) with incomplete rows" in capsys.readouterr().out
-    again = list(csv.DictReader(table.open()))
-    assert sorted((r["video"], r["rank"], r["label"], r["probability"]) for r in again) == sorted(
-        (r["video"], r["rank"], r["label"], r["probability"]) for r in rows
-    )
+
+    # A write cut short (a kill, a full disk) leaves the last video's second row torn, or missing: that video is
+    # predicted again, its rows whole, nothing glued to a broken line.
+    def whole(path):
+        return sorted((r["video"], r["rank"], r["label"], r["probability"]) for r in csv.DictReader(path.open()))
+
+    lines = table.read_text().splitlines(keepends=True)
+    for cut in ([*lines[:8], lines[8][:9]], lines[:8]):
+        table.write_text("".join(cut))
+        capsys.readouterr()
+        assert cli_main(["predict", *videos, *common, "--csv", str(table)]) == 0
+        assert "1 video(s) without all their rows (an interrupted write)" in capsys.readouterr().out
+        assert whole(table) == sorted((r["video"], r["rank"], r["label"], r["probability"]) for r in rows)
+    settings = table.with_name("p.csv.settings.json")
+    recorded = settings.read_text()
+    settings.unlink()  # a CSV from before settings were kept, written with --top-k 2, read with 3 ranks
+    assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--top-k", "3", "--csv", str(table)]) == 2
+    assert "has rows of ranks ['1', '2'], not 1..3 (--top-k 3)" in capsys.readouterr().err
+    assert whole(table) == sorted((r["video"], r["rank"], r["label"], r["probability"]) for r in rows)
+    settings.write_text(recorded)
     assert cli_main(["predict", *videos, "--model", str(setup["run"]), "--csv", str(table)]) == 2
     assert "other settings (top_k" in capsys.readouterr().err
     assert len(list(csv.DictReader(table.open()))) == len(rows)

@@ -1,10 +1,13 @@
 """Pre-training pieces in one process: activation checkpointing, batch layout, metrics, and clear refusals."""
 
+import errno
+
 import pytest
 import torch
 
 from tests.helpers import one_rank_process_group
 from tests.synthetic_codes import VOCAB, write_code_database
+from vimpac import run_setup
 from vimpac.activation_checkpointing import activation_checkpointing_enabled, enable_activation_checkpointing
 from vimpac.config import VimpacConfig
 from vimpac.errors import UsageError
@@ -174,6 +177,16 @@ def test_a_second_launch_on_a_running_output_is_refused(database, tmp_path, caps
     assert f"another launch is running in {output}" in capsys.readouterr().err
     release_run_locks()
     lock_run(output)  # free again once the first launch ends
+    release_run_locks()
+
+
+def test_a_file_system_without_flock_only_warns(tmp_path, monkeypatch):
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(run_setup.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="Function not implemented.*nothing stops a second launch"):
+        lock_run(tmp_path / "run")
     release_run_locks()
 
 

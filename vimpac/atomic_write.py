@@ -8,6 +8,7 @@ or the new one, never a mix, and a machine that crashes after the rename keeps t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,10 +36,14 @@ def fsync_path(path: str | Path) -> None:
 
 @functools.cache
 def _file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (read once: setting it is the only way to
-    read it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    """The mode open() gives a new file under this process's umask, read once: from /proc on Linux, else by
+    setting and restoring it (the only portable way, which another thread could race with)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
@@ -52,7 +57,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_file():  # some writers (safetensors) create 0600 files: give the umask's usual mode
-            os.chmod(tmp, _file_mode())
+            with contextlib.suppress(OSError):  # a file system without modes keeps its own
+                os.chmod(tmp, _file_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

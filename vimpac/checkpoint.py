@@ -72,8 +72,14 @@ from safetensors.torch import save_file
 
 from vimpac.atomic_write import atomic_path, fsync_path, write_text_atomic
 from vimpac.config import VimpacConfig
-from vimpac.errors import UsageError
-from vimpac.interpolate import check_resizable, positional_leaf, resize_positional_state, resize_positional_tensor
+from vimpac.errors import StorageError, UsageError
+from vimpac.interpolate import (
+    check_resizable,
+    model_differences,
+    positional_leaf,
+    resize_positional_state,
+    resize_positional_tensor,
+)
 
 CHECKPOINTS = "checkpoints"
 WORLD_FILE = "world.json"  # {"world_size": N} of the ranks that wrote a checkpoint
@@ -241,12 +247,14 @@ def save_checkpoint(
             (staging / WORLD_FILE).write_text(json.dumps({"world_size": _rank_world()[1]}) + "\n")
             if model_config is not None:
                 model_config.save(staging / "vimpac_config.json")
-    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(mark in str(err) for mark in UNWRITABLE_FILE_MARKS):
+            raise  # a collective or another failure: not the storage
         free = shutil.disk_usage(root).free if root.is_dir() else 0
-        raise UsageError(
-            f"writing checkpoint {staging} failed ({str(err).strip().splitlines()[0]}); {free / 2**20:.0f} MiB free "
-            f"on its disk. The newest complete checkpoint is still {latest_tag(output) or 'none'}: free space (or "
-            "fix the permissions) and rerun with --resume"
+        raise StorageError(
+            f"writing checkpoint {staging} failed ({first_line(err)}); {free / 2**20:.0f} MiB free on its disk. "
+            f"The newest complete checkpoint is still {latest_tag(output) or 'none'}: free space (or fix the "
+            "permissions) and rerun with --resume"
         ) from err
     _barrier()
     failure = None
@@ -275,7 +283,9 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
         raise UsageError(f"{root / tag} is not a complete checkpoint (their tags are {TAG_PREFIX}<8 digits>)")
     try:
         load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(mark in str(err) for mark in UNREADABLE_FILE_MARKS):
+            raise  # out of memory, a state that does not fit: not the file's fault
         raise UsageError(damaged_checkpoint(output, tag, err)) from err
     if load_path is None:
         raise UsageError(f"could not load checkpoint {root / tag}; delete {root} to start over")
@@ -291,6 +301,18 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
     return client_state
 
 
+# What torch.save's zip writer says when the file system takes fewer bytes than it wrote (a full disk).
+UNWRITABLE_FILE_MARKS = ("unexpected pos", "PytorchStreamWriter", "file write failed")
+# What torch.load says of a file cut short or garbled (its zip reader, or the pickle inside).
+UNREADABLE_FILE_MARKS = ("PytorchStreamReader", "zip archive", "unexpected EOF", "invalid load key")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def damaged_checkpoint(output: str | Path, tag: str, err: BaseException) -> str:
     """The message for checkpoint `tag` of `output` that cannot be read: what failed and how to resume from the
     checkpoint before it (moved aside, `tag` no longer counts and latest_tag falls back to the newest left)."""
@@ -303,8 +325,7 @@ def damaged_checkpoint(output: str | Path, tag: str, err: BaseException) -> str:
         )
     else:
         advice = f"no earlier checkpoint exists: delete {root} to start over"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"checkpoint {root / tag} cannot be read ({first}); it is damaged or incomplete: {advice}"
+    return f"checkpoint {root / tag} cannot be read ({first_line(err)}); it is damaged or incomplete: {advice}"
 
 
 def checkpoint_world_size(output: str | Path, tag: str) -> int | None:
@@ -480,7 +501,7 @@ def resize_source(output: str | Path, config: VimpacConfig) -> tuple[str, Vimpac
     if tag is None:
         return None
     saved = checkpoint_model_config(output, tag)
-    if saved is None or saved.to_dict() == config.to_dict():
+    if saved is None or not model_differences(saved, config):
         return None
     try:
         check_resizable(saved, config)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vimpac.commands import COMMANDS
-from vimpac.errors import UsageError, storage_problem
+from vimpac.errors import StorageError, UsageError, storage_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume where supported", file=sys.stderr)
         return 130
-    except OSError as err:
+    except (OSError, StorageError) as err:
         problem = storage_problem(err)
         if problem is None:
             raise

@@ -515,7 +515,10 @@ class CodeDatabaseWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire_lock()
         try:
+            existed = (self.path / MANIFEST).is_file()
             self.manifest = self._start_manifest(base, resume)
+            if not existed:  # a new database is one from its first file on: a rerun after any failure resumes it
+                write_json_atomic(self.path / MANIFEST, self.manifest)
             self._failures_path = self.path / FAILURES
             failures, clean = _parse_failures(self._failures_path)
             if not clean:  # a kill during add_failure left a torn last line: keep only whole lines
@@ -527,8 +530,8 @@ class CodeDatabaseWriter:
                 view_dir = self.path / VIEWS_DIR / view
                 self._envs[view] = lmdb.open(str(view_dir), map_size=map_size, subdir=True, readahead=False)
                 check_not_truncated(self._envs[view], view_dir)
-            # Only now, with every view readable: a refused resume leaves the manifest as it was.
-            write_json_atomic(self.path / MANIFEST, self.manifest)
+            if existed:  # only now, with every view whole: a refused resume leaves the manifest as it was
+                write_json_atomic(self.path / MANIFEST, self.manifest)
         except BaseException:
             for env in getattr(self, "_envs", {}).values():
                 env.close()

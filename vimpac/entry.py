@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from vimpac.code_db import CorruptRecordError, record_error_message
-from vimpac.errors import NonFiniteLossError, UsageError, storage_problem
+from vimpac.errors import NonFiniteLossError, StorageError, UsageError, storage_problem
 from vimpac.optim import DECAY_GROUPS
 
 
@@ -88,7 +88,7 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: stopped: {err}", file=sys.stderr)
         return err.exit_code
-    except OSError as err:
+    except (OSError, StorageError) as err:
         problem = storage_problem(err)
         if problem is None:
             raise

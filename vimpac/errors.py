@@ -10,6 +10,11 @@ class UsageError(Exception):
     """Bad command-line input or configuration: what is wrong and how to fix it, detected before any work."""
 
 
+class StorageError(Exception):
+    """Writing failed for a reason of the storage (a full disk, say) that the error itself could not name as an
+    OSError: the message says what is intact and what to do. Printed as one line, exit code 1."""
+
+
 class NonFiniteLossError(Exception):
     """Training stopped because the loss was NaN/Inf for --max-nonfinite-steps consecutive optimizer steps.
 
@@ -29,11 +34,13 @@ def storage_problem(err: BaseException) -> str | None:
     of causes), saying what to do; None for any other error."""
     seen: BaseException | None = err
     while seen is not None:
+        if isinstance(seen, StorageError):
+            return str(seen)
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             where = f"{seen.filename}: " if seen.filename else ""
             return (
-                f"{where}{seen.strerror}; free space or fix the permissions, then rerun the same command (finished "
-                "work is kept)"
+                f"{where}{seen.strerror}; free space or fix the permissions, then rerun the same command (with "
+                "--resume for a training run; finished work is kept)"
             )
         seen = seen.__cause__ or seen.__context__
     return None

@@ -12,7 +12,8 @@ evaluation database was made with and how fine-tuning evaluated it:
   frame_selection  how the database picked and resized frames ("vimpac" or "ffmpeg", `vimpac tokenize
               --frame-selection`); absent from settings written before it was recorded, which means "vimpac"
   views       the test views fine-tuning evaluated (run_config.json's test_views, e.g. r128_{top,center,bottom}_f0)
-  num_clips   K: clips per view at vimpac.clip_windows.evaluation_starts (default: the largest --last-test-clips)
+  num_clips   K: clips per view at vimpac.clip_windows.evaluation_starts (default: the largest K of the final
+              evaluation, --num-test-clips and --last-test-clips)
   single_clip where the one clip of K = 1 starts: "start" (frame 0) or "centre" (fine-tuning's --single-clip;
               "centre" for runs that predate the flag and for pre-training exports, as vimpac probe)
   clip_len    T of the model
@@ -106,7 +107,10 @@ def derive_info(export: Path, data: str | Path | None = None) -> dict[str, Any]:
         "frame_size": int(manifest["frame_size"]),
         "frame_selection": manifest.get("frame_selection") or DEFAULT_FRAME_SELECTION,
         "views": list(views),
-        "num_clips": _largest_count(args.get("last_test_clips"), int(args.get("num_test_clips") or 1)),
+        "num_clips": max(
+            int(args.get("num_test_clips") or 1),
+            _largest_count(args.get("last_test_clips"), int(args.get("num_test_clips") or 1)),
+        ),
         "single_clip": args.get("single_clip") or "centre",
         "clip_len": int(config["clip_len"]),
         "classes": list(manifest.get("classes") or []),

@@ -317,6 +317,15 @@ def video_files(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+def _listed_path(line: str) -> Path:
+    """The video path of one list line: the whole line when it ends in a video extension (spaces allowed), else
+    the line without a trailing label ("air drumming/x.mp4 1"), else its first field ("x.avi 1 extra")."""
+    for candidate in (line, line.rsplit(None, 1)[0], line.split()[0]):
+        if Path(candidate).suffix.lower() in VIDEO_EXTENSIONS:
+            return Path(candidate)
+    return Path(line.split()[0])
+
+
 def _listed_videos(listing: Path) -> list[Path]:
     """The videos a list file names, one per line (a label or other fields may follow the path, as in UCF101's
     trainlist). UsageError at the first entry without a video extension: a README or classInd.txt passed by
@@ -326,8 +335,7 @@ def _listed_videos(listing: Path) -> list[Path]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        # the whole line when it is a path (spaces allowed), else its first field
-        path = Path(line if Path(line).suffix.lower() in VIDEO_EXTENSIONS else line.split()[0])
+        path = _listed_path(line)
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
             raise UsageError(
                 f"{listing} line {number}: {line[:80]!r} does not name a video file (a .txt or .lst list names one "

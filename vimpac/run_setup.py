@@ -13,6 +13,7 @@ import fcntl
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,27 +48,34 @@ def refuse_existing_run(output: Path, resume: bool) -> None:
         )
 
 
-RUN_LOCK = "run.lock"
+RUN_LOCKS = ".run-locks"  # <output>/.run-locks/rank<R>.lock, one per rank of the launch running there
 _held_locks: list[Any] = []  # open lock files: each flock lasts until its file is closed
 
 
 def lock_run(output: Path) -> None:
-    """Rank 0 holds an flock on <output>/run.lock until the launch ends: a second launch on the same run
-    directory (a duplicated --resume, say) stops here instead of pruning the first one's checkpoints and writing
-    its metrics twice. run_reporting_errors releases it when the launch's work ends; a killed process's lock goes
-    with it."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    lock_file = open(output / RUN_LOCK, "a")  # noqa: SIM115 (held open until release_run_locks)
+    """Every rank holds an flock on <output>/.run-locks/rank<R>.lock until its launch ends: a second launch on
+    the same run directory (a duplicated --resume, say) stops on each of its ranks, on every node, instead of
+    pruning the first one's checkpoints and writing its metrics twice. run_reporting_errors releases the locks;
+    a killed process's go with it. A file system without flock (some NFS or Lustre mounts) gets a warning."""
+    rank = int(os.environ.get("RANK", "0"))
+    folder = output / RUN_LOCKS
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_file = open(folder / f"rank{rank}.lock", "a")  # noqa: SIM115 (held open until release_run_locks)
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.close()
         raise UsageError(
-            f"another launch is running in {output} (it holds {output / RUN_LOCK}); wait for it to end or choose "
-            "another --output"
+            f"another launch is running in {output} (its rank {rank} holds {folder / f'rank{rank}.lock'}); wait "
+            "for it to end or choose another --output"
         ) from None
+    except OSError as err:
+        lock_file.close()
+        if rank == 0:
+            warnings.warn(
+                f"cannot lock {folder} ({err.strerror}): nothing stops a second launch on {output}", stacklevel=2
+            )
+        return
     _held_locks.append(lock_file)
 
 

@@ -193,6 +193,8 @@ class Trainer:
         self.nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss
         self.last_finite_step: int | None = None
         self.track_bad_records = getattr(dataset, "on_bad_record", "stop") == "skip"
+        # The checkpoint tag whose state the engine holds (resumed or just saved); None once a step changed it.
+        self.state_tag: str | None = None
         self.epoch_bad_records = 0
         self._step_bad_records, self._step_bad_log = 0, []
         self._warned_bad: set[tuple] = set()
@@ -227,8 +229,8 @@ class Trainer:
         if tag is None:
             return False
         saved = checkpoint_model_config(source, tag)
-        if saved is not None and saved.to_dict() != self.config.to_dict():
-            changed = model_differences(saved, self.config)
+        changed = model_differences(saved, self.config) if saved is not None else []
+        if changed:
             raise UsageError(
                 f"checkpoint {tag} in {source} was trained with a different model ({', '.join(changed)} "
                 "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
@@ -244,6 +246,8 @@ class Trainer:
             state = load_checkpoint(self.engine, source, tag)
         # The sampler position counts samples of all ranks, so it carries over to another world size.
         self.sampler.load_state_dict(state["sampler"])
+        if source == self.output:  # the engine holds this run's checkpoint `tag` (another run's is not ours to export)
+            self.state_tag = tag
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -270,7 +274,7 @@ class Trainer:
         }
 
     def save(self) -> str:
-        return save_checkpoint(
+        self.state_tag = save_checkpoint(
             self.engine,
             self.output,
             int(self.engine.global_steps),
@@ -278,6 +282,7 @@ class Trainer:
             self.settings.keep_checkpoints,
             model_config=self.config,
         )
+        return self.state_tag
 
     def export(self, tag: str) -> None:
         state = fp32_state_dict(self.engine, self.output, tag, self.zero_stage)
@@ -290,10 +295,12 @@ class Trainer:
 
     def refresh_export(self) -> None:
         """Export the newest checkpoint when export/ holds other weights: a launch killed between its last save
-        and the export, resumed with nothing left to train, would otherwise keep the older export. Collective:
-        rank 0 decides, before anyone writes."""
+        and the export, resumed with nothing left to train, would otherwise keep the older export. Only while the
+        engine holds that checkpoint's state (exports of ZeRO stage 0 read the engine): a launch whose last save
+        was refused (a non-finite streak) exports nothing. Collective: rank 0 decides, before anyone writes."""
         latest = latest_tag(self.output)
-        stale = [latest is not None and export_metadata(self.output / EXPORT).get(CHECKPOINT_KEY) != latest]
+        held = latest is not None and self.state_tag == latest
+        stale = [held and export_metadata(self.output / EXPORT).get(CHECKPOINT_KEY) != latest]
         if dist.is_initialized():
             dist.broadcast_object_list(stale, src=0)
         if stale[0]:
@@ -477,6 +484,7 @@ class Trainer:
             )
             while self.step_in_epoch < self.steps_per_epoch:
                 values = self.optimizer_step(iterator, meter)
+                self.state_tag = None
                 self.step_in_epoch += 1
                 step = int(self.engine.global_steps)
                 if self.track_bad_records:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EPILOG = """\
@@ -46,14 +47,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="export/ folder of a fine-tuning run, or the run directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the database names)")
     p.add_argument("--data", default=None, help="code database the model was evaluated on (default: the run's)")
-    p.add_argument("--num-clips", type=int, default=None, help="K clips per view (default: largest last-test-clips)")
+    p.add_argument(
+        "--num-clips",
+        type=int,
+        default=None,
+        help="K clips per view (default: the largest K of the run's final evaluation)",
+    )
     p.add_argument("--views", default=None, help="comma list of test views, e.g. r128_center_f0 (default: the run's)")
     p.add_argument(
         "--frame-rate",
         type=float,
         default=None,
-        help="clip fps, a divisor of the database's fps (default: the run's --frame-rate); the model saw clips at its "
-        "run's rate, so change it only for a database at another fps",
+        help="clip fps, a divisor of the frames' fps (default: the rate the model was fine-tuned at, which data "
+        "at another fps is strided to; a pre-training export: each database's own fps)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument(
@@ -167,19 +173,42 @@ def csv_settings_path(table: Path) -> Path:
     return table.with_name(table.name + ".settings.json")
 
 
-def _previous_csv(path: Path, settings: dict, ranks: int) -> tuple[set[str], set[str]]:
-    """(videos predicted, videos failed) in an existing predictions CSV made with `settings`; refuses another.
+@dataclass
+class PreviousCsv:
+    """What an existing predictions CSV holds: its rows by video, the videos whose rows are whole (predicted:
+    all their ranks; failed: one error row), and whether the file must be rewritten without the others."""
 
-    A video counts as predicted only with all its `ranks` rows. A row torn by a kill or a full disk (no final
-    newline) and every row of a video short of its ranks are dropped, the file rewritten whole without them, so
-    that the rerun predicts those videos again instead of appending to a broken line."""
-    from vimpac.atomic_write import atomic_path
+    rows: dict[str, list[list[str]]]
+    predicted: set[str]
+    failed: set[str]
+    torn: bool
+
+    def keep_only(self, path: Path, videos: set[str]) -> None:
+        """Rewrite `path` (atomically) with the rows of `videos` only, when that drops anything."""
+        from vimpac.atomic_write import atomic_path
+
+        if not self.torn and set(self.rows) <= videos:
+            return
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_HEADER)
+            writer.writerows(row for video, own in self.rows.items() if video in videos for row in own)
+
+
+def _previous_csv(path: Path, settings: dict, ranks: int) -> PreviousCsv:
+    """An existing predictions CSV made with `settings` (refused when made with others), read, not changed.
+
+    A video counts as predicted only with all its `ranks` rows, ranks 1..`ranks`. Rows are appended video by
+    video, so an interrupted write (a kill, a full disk) leaves a torn last line (no final newline) and the last
+    video short of its ranks: the caller rewrites the file without them (PreviousCsv.keep_only) and predicts
+    that video again. Rows of any other shape (another rank count anywhere else: a file from other settings,
+    written before they were recorded) are refused."""
     from vimpac.errors import UsageError
 
     raw = path.read_bytes()
     whole_lines = raw[: raw.rfind(b"\n") + 1]
-    rows = list(csv.reader(io.StringIO(whole_lines.decode("utf-8", errors="replace"), newline="")))
-    if not rows or rows[0] != CSV_HEADER:
+    lines = list(csv.reader(io.StringIO(whole_lines.decode("utf-8", errors="replace"), newline="")))
+    if not lines or lines[0] != CSV_HEADER:
         raise UsageError(f"{path} exists but is not a predictions CSV (header {CSV_HEADER}); delete it")
     kept = csv_settings_path(path)
     if kept.is_file():  # a CSV written before the settings were kept has none to compare
@@ -189,21 +218,25 @@ def _previous_csv(path: Path, settings: dict, ranks: int) -> tuple[set[str], set
                 f"{path} holds predictions made with other settings ({changed_settings(old, settings)}, as {kept} "
                 "says); delete both or use another --csv"
             )
-    by_video: dict[str, list[list[str]]] = {}
-    for row in rows[1:]:
+    rows: dict[str, list[list[str]]] = {}
+    for row in lines[1:]:
         if row:
-            by_video.setdefault(row[0], []).append(row)
+            rows.setdefault(row[0], []).append(row)
     expected = [str(r) for r in range(1, ranks + 1)]
-    predicted = {v for v, own in by_video.items() if [r[1] if len(r) > 1 else "" for r in own] == expected}
-    failed = {v for v, own in by_video.items() if len(own) == 1 and len(own[0]) == len(CSV_HEADER) and own[0][4]}
-    if whole_lines != raw or len(predicted) + len(failed) != len(by_video):
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_HEADER)
-            writer.writerows(row for row in rows[1:] if row and row[0] in predicted | failed)
-        redo = len(by_video) - len(predicted) - len(failed)
-        print(f"{path}: dropped {redo} video(s) with incomplete rows (an interrupted write): they are predicted again")
-    return predicted, failed
+    predicted, failed = set(), set()
+    last = next(reversed(rows), None)
+    for video, own in rows.items():
+        listed = [row[1] if len(row) > 1 else "" for row in own]
+        if listed == expected:
+            predicted.add(video)
+        elif len(own) == 1 and len(own[0]) == len(CSV_HEADER) and own[0][4]:
+            failed.add(video)
+        elif video != last or listed != expected[: len(listed)]:
+            raise UsageError(
+                f"{path}: {video} has rows of ranks {listed}, not 1..{ranks} (--top-k {settings['top_k']}): it was "
+                "written with other settings; delete it or use another --csv"
+            )
+    return PreviousCsv(rows, predicted, failed, torn=whole_lines != raw)
 
 
 def csv_rows(entry: dict) -> list[list[str]]:
@@ -231,17 +264,21 @@ def run(args: argparse.Namespace) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline_from_args(args, args.data, need_classifier=True)
     pipeline.tokenizer  # noqa: B018 - load and check it before the first video
-    predictions, failures, done = [], [], set()
+    predictions, failures, predicted_before = [], [], 0
     settings = {**pipeline.settings(), "top_k": args.top_k}
-    predicted_before = 0
+    done: set[str] = set()
     if args.csv and args.csv.exists():
-        predicted, failed = _previous_csv(args.csv, settings, min(args.top_k, pipeline.model.num_classes))
-        done, predicted_before = predicted | failed, len(predicted)
+        earlier = _previous_csv(args.csv, settings, min(args.top_k, pipeline.model.num_classes))
+        done, predicted_before = earlier.predicted | earlier.failed, len(earlier.predicted)
+        earlier.keep_only(args.csv, done)
+        if len(earlier.rows) > len(done):
+            redo = len(earlier.rows) - len(done)
+            print(f"{args.csv}: {redo} video(s) without all their rows (an interrupted write) are predicted again")
     elif args.csv:
         args.csv.write_text(",".join(CSV_HEADER) + "\n")
     if args.csv:
         write_json_atomic(csv_settings_path(args.csv), settings, 1)
-    if args.json and args.json.exists():  # with both outputs, the JSON says what is done
+    if args.json and args.json.exists():
         predictions, failures = _previous_json(args.json, settings)
         done = {entry["video"] for entry in predictions + failures}
         predicted_before = len(predictions)
