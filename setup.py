@@ -35,7 +35,8 @@ setup(
         "pillow>=9.1",  # vimpac.visualize imports PIL itself (Image.Resampling)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+        # imageio-ffmpeg: an ffmpeg binary, the reference the tests hold --frame-selection ffmpeg against
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "imageio-ffmpeg>=0.5"],
     },
     entry_points={"console_scripts": ["vimpac=vimpac.cli:main"]},
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from vimpac.tokenization.decode import (
     FRAME_RESIZE,
     FRAME_SELECTIONS,
     ScaleFilter,
+    command_line_origin,
+    count_targets,
     ffmpeg_fps_indices,
     ffmpeg_tick,
     fps_fraction,
@@ -160,6 +163,75 @@ def test_rule_matches_fps_filter_variable_rate_and_late_start(tmp_path, fps, ext
     path = write_noise_video(tmp_path / f"vfr{ext}", 25, num=len(pts), pts=pts, time_base=Fraction(1, 1000))
     picked, rule = fps_filter_indices(path, fps)
     assert rule == picked
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Against the ffmpeg command line, on files that do not start at 0
+
+
+def write_with_early_audio(path: Path, video_start_ms: int) -> Path:
+    """An MKV whose audio starts at 0 and whose video (ffv1, 25 fps, random frames) starts at `video_start_ms`:
+    the file starts before its video."""
+    rng = np.random.default_rng(video_start_ms)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("ffv1", rate=25)
+        video.height, video.width, video.pix_fmt = HEIGHT, WIDTH, "yuv420p"
+        video.time_base = video.codec_context.time_base = Fraction(1, 1000)
+        audio = container.add_stream("aac", rate=16000)
+        for i in range(60):
+            samples = np.zeros((1, 1024), dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in audio.encode(frame):
+                container.mux(packet)
+            if i < 50:
+                pixels = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+                picture = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+                picture.pts, picture.time_base = video_start_ms + 40 * i, Fraction(1, 1000)
+                for packet in video.encode(picture):
+                    container.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def command_line_frames(ffmpeg: str, path: Path, fps) -> np.ndarray:
+    """What `ffmpeg -i path -vf fps=F -f rawvideo -pix_fmt rgb24 -` writes (the original extractor's command,
+    without its scale and crop): uint8 [n, H, W, 3]."""
+    command = [ffmpeg, "-v", "error", "-i", str(path), "-vf", f"fps={fps}", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    raw = subprocess.run(command, capture_output=True, check=True, timeout=60).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH, 3)
+
+
+def test_the_command_lines_zero_is_the_files_start():
+    # An MPEG-TS file starting at 1.433333 s (microseconds) on a 90 kHz clock: av_rescale_q rounds to 129000.
+    assert command_line_origin(1_433_333, Fraction(1, 90000)) == Fraction(129000, 90000)
+    assert command_line_origin(1_300_000, Fraction(1, 1000)) == Fraction(13, 10)
+    assert command_line_origin(None, Fraction(1, 1000)) == 0 and command_line_origin(0, None) == 0
+
+
+@pytest.mark.parametrize("fps", [2, 4, 16])
+def test_late_starting_files_give_the_frames_of_the_ffmpeg_command_line(tmp_path, fps):
+    """The command line shifts a file so that it starts at 0, and its constant-rate raw output repeats the first
+    frame back to that 0 when the video starts after the file (here: after its audio). Checked on three kinds of
+    late start, frame for frame and pixel for pixel."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="the ffmpeg binary comes with the dev extras")
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    vfr = [1370 + t for t in VFR_MS]
+    files = [
+        write_noise_video(tmp_path / "late.mkv", 25, num=len(vfr), pts=vfr, time_base=Fraction(1, 1000)),
+        write_noise_video(
+            tmp_path / "late.mp4", 30, num=80, pts=[730 + 33 * i for i in range(80)], time_base=Fraction(1, 1000)
+        ),
+        write_with_early_audio(tmp_path / "audio_first.mkv", 900),
+    ]
+    for path in files:
+        expected = command_line_frames(ffmpeg, path, fps)
+        ours = np.stack([frames[HEIGHT] for frames in iter_frames(path, fps, [HEIGHT], selection="ffmpeg")])
+        assert ours.shape == expected.shape, path.name
+        np.testing.assert_array_equal(ours, expected, err_msg=path.name)
+        assert count_targets(path, fps, selection="ffmpeg") == len(expected)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -490,20 +490,38 @@ def _check_selection(selection: str) -> None:
         raise ValueError(f"frame selection must be one of {FRAME_SELECTIONS}, got {selection!r}")
 
 
-def _rule(fps: float, selection: str) -> tuple[Callable, Callable, Callable]:
-    """The tick functions of a frame selection for `_shown_targets`: (first, next, end)."""
+def command_line_origin(container_start_us: int | None, time_base: Fraction | None) -> Fraction:
+    """The stream time (s, exact) that the ffmpeg command line makes 0: it subtracts the file's start time (the
+    container's, in microseconds) from every timestamp, rescaled to the stream's time base with rounding to the
+    nearest (av_rescale_q), before any filter sees the frames. 0 when the file declares no start."""
+    if not container_start_us or not time_base:
+        return Fraction(0)
+    ticks = Fraction(container_start_us, 1_000_000) / time_base
+    rounded = math.floor(ticks + Fraction(1, 2)) if ticks >= 0 else -math.floor(-ticks + Fraction(1, 2))
+    return rounded * time_base
+
+
+def _cli_origin(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Fraction:
+    return command_line_origin(container.start_time, Fraction(stream.time_base) if stream.time_base else None)
+
+
+def _rule(fps: float, selection: str, origin: Fraction = Fraction(0)) -> tuple[Callable, Callable, Callable]:
+    """The tick functions of a frame selection for `_shown_targets`: (first, next, end). `origin`: for "ffmpeg",
+    the stream time the command line shifts to 0 (`command_line_origin`), so ticks fall where the original's
+    extraction put them on files that do not start at 0 (MPEG-TS, offset MKV/MP4)."""
     if selection == "ffmpeg":
         rate = fps_fraction(fps)
 
         def first_tick(timed: _Timed) -> int:
-            return ffmpeg_tick(timed.exact, rate)
+            return ffmpeg_tick(timed.exact - origin, rate)
 
         def next_tick(timed: _Timed, start: float, tick: int) -> int:
-            return ffmpeg_tick(timed.exact, rate)
+            return ffmpeg_tick(timed.exact - origin, rate)
 
         def end_tick(held: _Timed, start: float, end: float) -> int:
             # The frame's own duration keeps the end exact; the fallbacks of stream_end are floats anyway.
-            return ffmpeg_tick(held.exact + held.exact_duration if held.duration > 0 else Fraction(end), rate)
+            stop = held.exact + held.exact_duration if held.duration > 0 else Fraction(end)
+            return ffmpeg_tick(stop - origin, rate)
 
         return first_tick, next_tick, end_tick
 
@@ -566,7 +584,8 @@ def _decoded_targets(
         _set_threads(stream, threads)
         declared_end = _declared_end(container, stream)
         timed = _timed_frames(container, stream, declared_end)
-        yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, _rule(fps, selection), resize, keep)
+        rule = _rule(fps, selection, _cli_origin(container, stream))
+        yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, resize, keep)
 
 
 def _shown_targets(
@@ -585,13 +604,16 @@ def _shown_targets(
     outside `keep` (None keeps all)."""
     first_tick, next_tick, end_tick = rule
     held: _Timed | None = None
-    first = tick = 0
+    first = tick = zero = 0
     start = 0.0
     gap: float | None = None
 
     def show(frame: av.VideoFrame | None, stop: int) -> Iterator[tuple[int, dict | None]]:
         resized = None
-        for k in range(tick - first, stop - first):
+        # The first frame shown also fills the ticks from 0 to its own: a stream that starts after its file
+        # (the ffmpeg command line's zero) is padded with it there, as that command line's constant-rate output is.
+        begin = zero if tick == first else tick
+        for k in range(begin - zero, stop - zero):
             if keep is not None and k not in keep:
                 yield k, None
                 continue
@@ -603,6 +625,7 @@ def _shown_targets(
         if held is None:
             start = timed.time
             first = tick = first_tick(timed)
+            zero = min(first, 0)
         else:
             took_over = next_tick(timed, start, tick)
             if took_over > tick:
@@ -651,7 +674,8 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
             )
             for pts, d in stamps
         )
-        targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, _rule(fps, selection), None, ())
+        rule = _rule(fps, selection, _cli_origin(container, stream))
+        targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, None, ())
         return sum(1 for _ in targets)
 
 
