@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vimpac.commands import convert_dalle
 from vimpac.errors import UsageError
@@ -240,6 +241,19 @@ def small_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("small") / "tok"
     save_dalle(out, model.state_dict(), SMALL)
     return out
+
+
+def test_fp16_weights_load_as_fp32_and_broken_ones_are_usage_errors(small_dir, tmp_path):
+    half = tmp_path / "half"
+    shutil.copytree(small_dir, half)
+    state = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(half / "model.safetensors"))
+    frames = block_frames(2, size=32, seed=2)
+    assert load_tokenizer(half).encoder.head.weight.dtype == torch.float32
+    assert load_tokenizer(half).encode(frames).shape == (2, 4, 4)
+    (half / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UsageError, match=r"weights do not match config.json, or cannot be read .*convert-dalle"):
+        load_tokenizer(half)
 
 
 def test_encode_is_argmax_of_full_logits_on_mapped_pixels(small_dir):

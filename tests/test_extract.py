@@ -148,6 +148,7 @@ def test_bad_inputs_go_to_failures(tmp_path, tok):
     assert failures["9"]["stage"] == "annotation" and "Dancing" in failures["9"]["reason"]
     assert "duplicate" in failures["1"]["reason"]
     assert summary.total_videos == 1 and summary.total_failures == 8
+    assert (summary.tokenized, summary.skipped, summary.failed) == (1, 0, 8)  # a fresh database: nothing done before
 
 
 def write_audio_only(path: Path) -> None:
@@ -184,6 +185,7 @@ def test_exit_codes_and_strict(tmp_path, tok, capsys):
         (dict(frame_size=100), "multiple of 8"),
         (dict(annotations=[Path("/nonexistent/labels.json")]), "does not exist"),
         (dict(format="youtube8m"), "unknown --format"),
+        (dict(fp16=True), "--fp16 encodes under CUDA autocast only; drop it for --device cpu"),
         (dict(videos=Path("/nonexistent")), "not a directory"),
     ],
 )

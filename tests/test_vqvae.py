@@ -238,6 +238,23 @@ def test_load_tokenizer_errors_name_the_path_and_the_fix(tmp_path, tok_dir):
     (bad / WEIGHTS_FILE).write_bytes((tok_dir / WEIGHTS_FILE).read_bytes())
     with pytest.raises(UsageError, match="weights do not match"):
         load_tokenizer(bad)
+    (bad / CONFIG_FILE).write_text((tok_dir / CONFIG_FILE).read_text())
+    (bad / WEIGHTS_FILE).write_bytes(b"\xff" * 64)  # not a safetensors file
+    with pytest.raises(UsageError, match=r"weights do not match config\.json, or cannot be read"):
+        load_tokenizer(bad)
+
+
+def test_restarted_codes_take_distinct_vectors_and_flipped_views_encode(tok_dir):
+    cfg = VQVAEConfig(vocab_size=64, code_dim=4, dead_after=3)
+    q = EMAQuantizer(cfg).train()
+    torch.manual_seed(0)
+    flat = torch.randn(100, 4)
+    assert q.restart_dead_codes(flat).numel() == 64
+    assert torch.unique(q.codebook, dim=0).shape[0] == 64  # no two codes start as one (they would tie)
+    tokenizer = load_tokenizer(tok_dir)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    flipped = frames[:, :, ::-1]  # what views.apply_view gives for a flipped view: a negative-stride view
+    assert torch.equal(tokenizer.encode(flipped), tokenizer.encode(flipped.copy()))
 
 
 def test_registered_kinds_are_loaded(tmp_path):

@@ -9,10 +9,12 @@ This is our own module with our own parameter names; `official_names` maps them 
 which `vimpac convert-dalle` turns into a tokenizer directory (`config.json` + `model.safetensors`) once. Loading
 that directory never unpickles anything. There is no decoder: the paper's system never used one.
 
-Precision: fp32 by default (no TF32), which gives the CPU's codes on CUDA too. `load_tokenizer(dir, "cuda",
-fp16=True)` follows the original instead: the official package runs every conv but the last in half on GPU; here
-the trunk runs under fp16 autocast. The final 1×1 conv + argmax is fp32 in either case. On an H100, fp16 codes
-agreed with the package's own CUDA codes at 99.6% of cells (the rest near-ties: its last conv may use TF32).
+Precision: fp32 by default (no TF32), which gives the CPU's codes on CUDA too, except at rare near-ties (cells
+whose two best logits differ by rounding), so a database is best resumed on the kind of device that began it.
+`load_tokenizer(dir, "cuda", fp16=True)` follows the original instead: the official package runs every conv but
+the last in half on GPU; here the trunk runs under fp16 autocast. The final 1×1 conv + argmax is fp32 in either
+case. On an H100, fp16 codes agreed with the package's own CUDA codes at 99.6% of cells (the rest near-ties: its
+last conv may use TF32).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from vimpac.errors import UsageError
+from vimpac.errors import UsageError, first_line
 from vimpac.kernels import argmax_scores
 from vimpac.tokenization.tokenizer import (
     CONFIG_FILE,
@@ -198,7 +201,9 @@ def load_encoder(directory: str | Path, config: DalleConfig, device: str | torch
     """Build the fp32 encoder of `config` from directory's model.safetensors on `device`, in eval mode."""
     with torch.device("meta"):
         model = DalleEncoder(config)
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True, assign=True)
+    # fp32 whatever the file holds (assign=True would keep an fp16 file's dtype, and the first encode would fail)
+    state = {k: v.float() for k, v in load_file(str(Path(directory) / WEIGHTS_FILE)).items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -240,7 +245,13 @@ def _load(directory: Path, config: dict, device: torch.device) -> DalleTokenizer
         arch = DalleConfig.from_json(config)
     except (TypeError, ValueError, KeyError) as err:
         raise UsageError(f"{directory / CONFIG_FILE}: not a valid dalle config ({err})") from err
-    encoder = load_encoder(directory, arch, device)
+    try:
+        encoder = load_encoder(directory, arch, device)
+    except (SafetensorError, RuntimeError, ValueError, TypeError) as err:
+        raise UsageError(
+            f"{directory}: weights do not match {CONFIG_FILE}, or cannot be read ({first_line(err)}); "
+            "convert encoder.pkl again with `vimpac convert-dalle`"
+        ) from err
     return DalleTokenizer(encoder, config.get("name", KIND), fingerprint(directory), device)
 
 

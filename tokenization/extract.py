@@ -107,6 +107,9 @@ def validate(cfg: ExtractConfig) -> None:
             raise UsageError(f"annotation file {path} does not exist")
     if cfg.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {cfg.workers}")
+    if cfg.fp16 and not str(cfg.device).startswith("cuda"):
+        # The precision is part of the database's identity; off CUDA the tokenizers encode in fp32 whatever is asked.
+        raise UsageError(f"--fp16 encodes under CUDA autocast only; drop it for --device {cfg.device}")
     for flag, value in (("--encode-batch", cfg.encode_batch), ("--commit-every", cfg.commit_every)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -172,13 +175,13 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             found = {vid for vid, entry in entries.items() if entry.path is not None}
             writer.forget_failures(f["id"] for f in writer.failures() if f["stage"] == "locate" and f["id"] in found)
             done = writer.done_ids()
+            skipped = sum(1 for e in annotations.entries if e.id in done)  # by earlier runs, before this one's problems
             for problem in annotations.problems:
                 if problem.id not in done:
                     writer.add_failure(problem.id, problem.path, problem.stage, problem.reason)
                     done.add(problem.id)
                     failed += 1
             todo = [e for e in annotations.entries if e.id not in done and e.path is not None]
-            skipped = len(annotations.entries) - len(todo)
             if todo:
                 t, f, frames = _run_pool(cfg, pool, views, tokenizer, todo, entries, writer)
                 tokenized += t

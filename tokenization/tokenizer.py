@@ -86,7 +86,8 @@ class Tokenizer:
 
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """frames uint8 [N, H, W, 3] (numpy or torch), H and W multiples of `downsample` → int64 [N, h, w] on CPU."""
-        frames = torch.as_tensor(frames)
+        # a flipped view is a negative-stride numpy view, which torch cannot wrap
+        frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
         n, h, w = frames.shape[:3]

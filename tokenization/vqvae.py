@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -191,7 +192,11 @@ class EMAQuantizer(nn.Module):
         if dead.numel() == 0:
             return dead
         # Drawn on the CPU generator so a saved torch.get_rng_state() reproduces it on any device.
-        pick = torch.randint(flat.shape[0], (dead.numel(),)).to(flat.device)
+        # Distinct rows where there are enough: duplicates would tie, and the higher index would stay dead.
+        if flat.shape[0] >= dead.numel():
+            pick = torch.randperm(flat.shape[0])[: dead.numel()].to(flat.device)
+        else:
+            pick = torch.randint(flat.shape[0], (dead.numel(),)).to(flat.device)
         self.codebook[dead] = flat[pick]
         self.ema_sum[dead] = flat[pick]
         self.ema_count[dead] = 1.0
@@ -267,8 +272,8 @@ def _load(directory: Path, config: dict, device: torch.device) -> VQVAETokenizer
     try:
         model = VQVAE(VQVAEConfig.from_json(config))
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UsageError(f"{directory}: weights do not match config.json ({err})") from err
+    except (TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UsageError(f"{directory}: weights do not match config.json, or cannot be read ({err})") from err
     return VQVAETokenizer(model, config.get("name", directory.name), fingerprint(directory), device)
 
 

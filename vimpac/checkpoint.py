@@ -72,7 +72,7 @@ from safetensors.torch import save_file
 
 from vimpac.atomic_write import atomic_path, fsync_path, write_text_atomic
 from vimpac.config import VimpacConfig
-from vimpac.errors import StorageError, UsageError
+from vimpac.errors import StorageError, UsageError, first_line
 from vimpac.interpolate import (
     check_resizable,
     model_differences,
@@ -305,12 +305,6 @@ def load_checkpoint(engine, output: str | Path, tag: str) -> dict[str, Any]:
 UNWRITABLE_FILE_MARKS = ("unexpected pos", "PytorchStreamWriter", "file write failed")
 # What torch.load says of a file cut short or garbled (its zip reader, or the pickle inside).
 UNREADABLE_FILE_MARKS = ("PytorchStreamReader", "zip archive", "unexpected EOF", "invalid load key")
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type when the message is empty."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def damaged_checkpoint(output: str | Path, tag: str, err: BaseException) -> str:

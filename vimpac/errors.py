@@ -29,6 +29,12 @@ class NonFiniteLossError(Exception):
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def storage_problem(err: BaseException) -> str | None:
     """One line for an error that comes from the storage (an OSError of STORAGE_ERRNOS, itself or in its chain
     of causes), saying what to do; None for any other error."""
