@@ -105,6 +105,12 @@ def test_the_clip_rate_of_fine_tuning_carries_to_data_at_another_fps(setup, tmp_
     # K: the largest of the final evaluation, which runs at --num-test-clips and each --last-test-clips
     (run / "run_config.json").write_text(json.dumps({"args": {**args, "num_test_clips": 5, "last_test_clips": "2"}}))
     assert derive_info(run / "export")["num_clips"] == 5
+    # An export moved away from its run directory keeps what it was trained and evaluated with, on any database.
+    (run / "run_config.json").unlink()
+    recorded = {**derive_info(run / "export", setup["db"]), "frame_rate": 2.0, "num_clips": 3, "single_clip": "start"}
+    (run / "export" / INFO_FILE).write_text(json.dumps(recorded))
+    info = inference_info(run / "export", data=setup["db"])
+    assert (info["frame_rate"], info["num_clips"], info["single_clip"]) == (2.0, 3, "start")
     pipeline = load_pipeline(setup["run"])
     assert VideoPipeline(pipeline.model, {**pipeline.info, "fps": 8.0, "frame_rate": 4.0}).stride == 2
     with pytest.raises(UsageError, match=r"the model takes clips at 4 fps .*, the frames come at 2 fps"):
@@ -260,6 +266,12 @@ def test_embed_files_equals_embed_database_and_resumes(setup, tmp_path, capsys):
     assert "other settings (feature)" in capsys.readouterr().err
     assert cli_main(["embed", "--db", str(setup["db"]), "--split", "train", "--out", str(from_db), *common]) == 2
     assert "other settings (split)" in capsys.readouterr().err
+    assert cli_main(["embed", str(setup["videos"]), "--out", str(files), *common, "--precision", "bf16"]) == 2
+    assert "other settings (precision)" in capsys.readouterr().err  # rows in two precisions would mix
+    recorded = json.loads((files / "settings.json").read_text())
+    assert recorded.pop("precision") == "float32"
+    (files / "settings.json").write_text(json.dumps(recorded))  # written before the precision was recorded
+    assert cli_main(["embed", str(setup["videos"]), "--out", str(files), *common]) == 0
     per_clip = tmp_path / "clips"
     assert cli_main(["embed", "--db", str(setup["db"]), "--out", str(per_clip), *common, "--per-clip"]) == 0
     assert np.load(per_clip / "embeddings.npy").shape == (4, 6, 64)  # 3 views × 2 clips

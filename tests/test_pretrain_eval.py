@@ -150,9 +150,16 @@ def test_most_frequent_code_breaks_ties_towards_the_smallest_code(tmp_path):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def clips(db, mask_blocks=2, seed=3, split="train"):
+def clips(db, mask_blocks=2, seed=3, split="train", relevance_range=None):
     return PretrainClips(
-        db, split, CONFIG.clip_len, pad_id=CONFIG.pad_id, mask_id=CONFIG.mask_id, mask_blocks=mask_blocks, seed=seed
+        db,
+        split,
+        CONFIG.clip_len,
+        pad_id=CONFIG.pad_id,
+        mask_id=CONFIG.mask_id,
+        mask_blocks=mask_blocks,
+        seed=seed,
+        relevance_range=relevance_range,
     )
 
 
@@ -263,10 +270,11 @@ def test_an_oracle_gets_every_masked_token(random_db):
 
 
 def test_cli_reports_and_writes_json(tmp_path, capsys):
-    db = write_code_database(tmp_path / "db", videos=9, frames=4)
+    db = write_code_database(tmp_path / "db", videos=9, frames=12)  # room for the relevance range to matter
     model = random_model(1)
     export = export_weights(model.state_dict(), CONFIG, tmp_path / "run")
-    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"args": {"mask_blocks": 3, "frame_rate": None}}))
+    recorded = {"mask_blocks": 3, "frame_rate": None, "nce_relevance_range": 1}
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"args": recorded}))
     out = tmp_path / "eval.json"
     argv = ["pretrain-eval", "--model", str(tmp_path / "run"), "--data", str(db), "--split", "train"]
     assert main([*argv, "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
@@ -275,10 +283,10 @@ def test_cli_reports_and_writes_json(tmp_path, capsys):
     assert "3 mask blocks (from" in printed
 
     written = json.loads(out.read_text())
-    dataset = clips(db, mask_blocks=3, seed=0)
+    dataset = clips(db, mask_blocks=3, seed=0, relevance_range=1)  # the run's own pairs
     expected = evaluate_pretraining(model, dataset, batch_size=4, frequent_code=most_frequent_code(db, "train"))
     assert {k: written[k] for k in expected} == expected
-    assert written["settings"]["mask_blocks"] == 3
+    assert written["settings"]["mask_blocks"] == 3 and written["settings"]["nce_relevance_range"] == 1
     assert isinstance(load_pretrained(export), VimpacForPretraining)
 
 
@@ -300,6 +308,8 @@ def test_cli_refuses_a_vocabulary_mismatch_and_missing_paths(tmp_path, capsys):
     assert f"tokenized by tokenizer {'0' * 16}, but the model" in capsys.readouterr().err
     assert main(["pretrain-eval", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "nodb")]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["pretrain-eval", "--model", str(tmp_path / "run"), "--data", str(db), "--batch-size", "1"]) == 2
+    assert "--batch-size 1: the contrastive accuracy" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):

@@ -244,6 +244,15 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "lists no classes" in capsys.readouterr().err
     assert main([*model, "--data", str(db), "--k", "0"]) == 2
     assert "--k must be >= 1" in capsys.readouterr().err
+    # Scores that would say nothing: kNN finding each video itself, no second video to retrieve, one class.
+    assert main([*model, "--data", str(db), "--eval-split", "train"]) == 2
+    assert "24 of the 24 evaluation videos (split 'train') are also training videos" in capsys.readouterr().err
+    lone = write_labeled(tmp_path / "lone", videos_per_class=2, val_per_class=1, classes=1, frames=5)
+    assert main([*model, "--data", str(lone)]) == 2
+    assert "has 1 video: retrieval needs two or more" in capsys.readouterr().err
+    single = write_labeled(tmp_path / "single", videos_per_class=3, val_per_class=2, classes=1, frames=5)
+    assert main([*model, "--data", str(single)]) == 2
+    assert "hold one class: every probe would score 1.0" in capsys.readouterr().err
 
     config = VimpacConfig.from_dict({**CONFIG.to_dict(), "vocab_size": 32})
     export_weights(VimpacForPretraining(config).state_dict(), config, tmp_path / "run32")

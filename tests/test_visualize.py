@@ -250,11 +250,13 @@ def test_command_options(run_dir, tmp_path, capsys):
         (["--view", "r64_center_f0"], "its views: r32_top_f0"),
         (["--frame-rate", "3"], "does not divide"),
         (["--model", "missing"], "--model missing"),
+        (["--fps", "0"], "--fps must be positive"),
     ],
 )
-def test_command_errors(run_dir, capsys, extra, message):
-    assert main(["visualize", "--run", str(run_dir), *extra]) == 2
+def test_command_errors(run_dir, tmp_path, capsys, extra, message):
+    assert main(["visualize", "--run", str(run_dir), "--out", str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_vocabulary_mismatch_names_the_sizes(run_dir, tmp_path, capsys):

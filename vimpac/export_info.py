@@ -43,6 +43,8 @@ from vimpac.tokenization.decode import DEFAULT_FRAME_SELECTION
 
 INFO_FILE = "inference.json"
 FORMAT = 1
+# The fields that belong to the model (how it was trained and evaluated), whatever database feeds it.
+MODEL_FIELDS = ("frame_rate", "num_clips", "single_clip", "clip_len")
 FIELDS = ("tokenizer", "fps", "frame_rate", "frame_size", "views", "num_clips", "single_clip", "clip_len", "classes")
 
 
@@ -146,6 +148,11 @@ def inference_info(
         if save and data is None:
             with contextlib.suppress(OSError):  # a read-only export is left as it is
                 write_json_atomic(file, info)
+        elif file.is_file() and not (export.parent / "run_config.json").is_file():
+            # Another database for an export whose run directory is gone: what the model was trained and
+            # evaluated with still comes from the settings recorded beside it, not from defaults.
+            recorded = json.loads(file.read_text())
+            info.update({k: recorded[k] for k in MODEL_FIELDS if k in recorded})
     for key, value in (overrides or {}).items():
         if value is not None:
             info[key] = value

@@ -263,7 +263,7 @@ def _labeled_ids(
     if bad:
         raise UsageError(
             f"{len(bad)} videos of split {split!r} in {db.path} have no label in [0, {num_classes}) "
-            f"(e.g. {bad[0][0]!r}, label {bad[0][1]}); fine-tuning needs a labeled split"
+            f"(e.g. {bad[0][0]!r}, label {bad[0][1]}); fine-tuning and probing need a labeled split"
         )
     return ids, labels
 

@@ -133,7 +133,12 @@ class VideoPipeline:
 
     def settings(self) -> dict[str, Any]:
         """The model's folder and the inference settings a video's outputs depend on (RESULT_SETTINGS)."""
-        return {"model": str(self.model.source), **{k: self.info.get(k) for k in RESULT_SETTINGS}}
+        precision = str(self.dtype).removeprefix("torch.")  # the model's compute dtype ("auto" resolved)
+        return {
+            "model": str(self.model.source),
+            **{k: self.info.get(k) for k in RESULT_SETTINGS},
+            "precision": precision,
+        }
 
     # --------------------------------------------------------------------------------------------- tokens
     def _view_frames(self, frames: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
     saved = out / "settings.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
-        if before != settings:
+        if changed_settings(before, settings):
             raise UsageError(
                 f"{out} holds embeddings made with other settings ({changed_settings(before, settings)}); use "
                 "another --out"

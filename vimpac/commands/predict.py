@@ -145,9 +145,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Settings recorded only since a later version: an output written before lacks them and counts as made with
+# today's value.
+LATER_SETTINGS = ("precision",)
+
+
 def changed_settings(before: dict, settings: dict) -> str:
-    """The keys of `settings` whose values `before` (an output's recorded settings) does not share, comma-joined."""
-    return ", ".join(sorted(k for k in settings if before.get(k) != settings[k]))
+    """The keys of `settings` whose values `before` (an output's recorded settings) does not share, comma-joined;
+    empty when an output made with `before` can be resumed with `settings`."""
+    return ", ".join(
+        sorted(k for k in settings if before.get(k) != settings[k] and not (k in LATER_SETTINGS and k not in before))
+    )
 
 
 def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
@@ -159,11 +167,12 @@ def _previous_json(path: Path, settings: dict) -> tuple[list[dict], list[dict]]:
         raise UsageError(
             f"{path} exists but is not a predictions JSON ({err}); delete it or use another --json"
         ) from None
-    if not isinstance(before, dict) or before.get("settings") != settings:
-        old = before.get("settings") or {} if isinstance(before, dict) else {}
+    if not isinstance(before, dict) or not isinstance(before.get("settings"), dict):
+        raise UsageError(f"{path} exists but is not a predictions JSON; delete it or use another --json")
+    changed = changed_settings(before["settings"], settings)
+    if changed:
         raise UsageError(
-            f"{path} holds predictions made with other settings ({changed_settings(old, settings)}); delete it or "
-            "use another --json"
+            f"{path} holds predictions made with other settings ({changed}); delete it or use another --json"
         )
     return list(before.get("predictions") or []), list(before.get("failures") or [])
 
@@ -213,7 +222,7 @@ def _previous_csv(path: Path, settings: dict, ranks: int) -> PreviousCsv:
     kept = csv_settings_path(path)
     if kept.is_file():  # a CSV written before the settings were kept has none to compare
         old = json.loads(kept.read_text())
-        if old != settings:
+        if changed_settings(old, settings):
             raise UsageError(
                 f"{path} holds predictions made with other settings ({changed_settings(old, settings)}, as {kept} "
                 "says); delete both or use another --csv"

@@ -16,7 +16,8 @@ and both baselines are scored on exactly the same masked tokens. The most freque
 split and views of DB that are evaluated, which favours that baseline: it sees the test data's statistics.
 
 --mask-blocks and --frame-rate default to the run's own (args in <run>/run_config.json, found when --model is a
-run directory or its export/ folder), else 5 blocks and the database's fps.
+run directory or its export/ folder), else 5 blocks and the database's fps; the two clips of a video are drawn
+within the run's --nce-relevance-range, if it had one.
 
 example:
   vimpac pretrain-eval --model runs/small_k400 --data data/codes/ucf101_fps2_s128 --split test --out eval.json
@@ -65,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         recorded_arguments,
     )
 
+    if args.batch_size < 2:
+        raise UsageError(
+            f"--batch-size {args.batch_size}: the contrastive accuracy picks each clip's partner among the other "
+            "clips of a batch, so it needs 2 videos or more"
+        )
     model_path, data_path = Path(args.model), Path(args.data)
     for flag, path in (("--model", model_path), ("--data", data_path)):
         if not path.exists():
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     recorded, source = recorded_arguments(export)
     mask_blocks = args.mask_blocks if args.mask_blocks is not None else recorded.get("mask_blocks", DEFAULT_MASK_BLOCKS)
     frame_rate = args.frame_rate if args.frame_rate is not None else recorded.get("frame_rate")
+    relevance_range = recorded.get("nce_relevance_range")  # the second clip's distance, as the run drew its pairs
     views = [v.strip() for v in args.views.split(",") if v.strip()] if args.views is not None else None
     dataset = PretrainClips(
         db,
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         mask_id=config.mask_id,
         mask_blocks=int(mask_blocks),
         frame_rate=frame_rate,
+        relevance_range=relevance_range,
         views=views,
         seed=args.seed,
     )
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "views": dataset.views,
         "frame_rate": frame_rate,
         "mask_blocks": int(mask_blocks),
+        "nce_relevance_range": relevance_range,
         "seed": args.seed,
         "run_config": str(source) if source is not None else None,
     }

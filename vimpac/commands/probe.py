@@ -115,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def recorded_frame_rate(export: Path) -> tuple[float | None, Path | None]:
-    """(--frame-rate of the pre-training run that wrote `export`, its run_config.json), (None, None) without one.
+    """(--frame-rate of the run that wrote `export`, the file that says so): its run_config.json, else the
+    export's inference.json (an export moved away from its run directory); (None, None) without either.
     (vimpac.pretrain_eval.recorded_arguments does the same, but importing it loads DeepSpeed.)"""
     for folder in (export, export.parent):
         path = folder / "run_config.json"
@@ -124,6 +125,14 @@ def recorded_frame_rate(export: Path) -> tuple[float | None, Path | None]:
                 return json.loads(path.read_text(encoding="utf-8"))["args"].get("frame_rate"), path
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
                 raise UsageError(f"{path} cannot be read ({err}); pass --frame-rate") from err
+    from vimpac.export_info import INFO_FILE
+
+    info = export / INFO_FILE
+    if info.is_file():
+        try:
+            return json.loads(info.read_text(encoding="utf-8")).get("frame_rate"), info
+        except (OSError, ValueError, AttributeError) as err:
+            raise UsageError(f"{info} cannot be read ({err}); pass --frame-rate") from err
     return None, None
 
 
@@ -207,7 +216,6 @@ def run(args: argparse.Namespace) -> int:
         evaluation_views,
         few_labels_warning,
         label_subset,
-        shared_videos_warning,
         split_names,
     )
     from vimpac.modeling import VimpacBackbone
@@ -264,10 +272,22 @@ def run(args: argparse.Namespace) -> int:
         position = {video: i for i, video in enumerate(train_set.ids)}
         train_items = [position[video] for video in chosen]
         subset = {"labels_per_class": args.labels_per_class, "seed": labels_seed, "ids": chosen}
-    shared = shared_videos_warning([train_set.ids[i] for i in train_items], eval_set.ids, train_split, eval_split)
-    if shared and os.environ.get("RANK", "0") == "0":
-        print(shared, file=sys.stderr, flush=True)
+    shared = sorted({train_set.ids[i] for i in train_items} & set(eval_set.ids))
+    if shared:
+        # kNN would find each such video itself in the bank (the kNN monitor refuses this too)
+        raise UsageError(
+            f"{len(shared)} of the {len(eval_set)} evaluation videos (split {eval_split!r}) are also training videos "
+            f"(split {train_split!r}), e.g. {shared[0]}: a probe scored on them measures memory, not features; give "
+            "an evaluation split disjoint from the training one"
+        )
+    if len(eval_set) < 2:
+        raise UsageError(f"split {eval_split!r} of {eval_path} has {len(eval_set)} video: retrieval needs two or more")
     train_y, eval_y = train_set.labels[train_items], eval_set.labels
+    if len(set(train_y.tolist())) < 2:
+        raise UsageError(
+            f"the training videos (split {train_split!r} of {data_path}) hold one class: every probe would score "
+            "1.0; probing needs two classes or more"
+        )
     models = {"pretrained": pretrained_backbone(export, config)}  # its errors come before any process group
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")

@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     from vimpac.tokenization.views import centre_view
     from vimpac.visualize import clip_rows, plot_curves, predict_masked, write_gif, write_grid_png
 
+    if not args.fps > 0:
+        raise UsageError(f"--fps must be positive (frames per second of the GIF), got {args.fps}")
     args.db = args.db or args.run / "codes" / "labeled_test"
     args.tokenizer = args.tokenizer or args.run / "tokenizer"
     args.model = args.model or args.run / "pretrain"
