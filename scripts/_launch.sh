@@ -3,13 +3,15 @@
 # ENTRY is a module (vimpac.pretrain, vimpac.finetune: run with deepspeed --module, from the installed package) or
 # a script path ending in .py (vimpac/pretrain.py).
 # GPU_LIST is the seed's comma list (0,1,2,3 → --include localhost:0,1,2,3), or cpu:N for N CPU ranks (add
-# --deepspeed_config ds_configs/cpu.json after it: later flags win).
+# --deepspeed_config ds_configs/cpu.json, or finetune_cpu.json for fine-tuning, after it: later flags win).
 set -euo pipefail
-# The scripts run from the repository root (ds_configs/ is relative to it): paths given relative to where the
-# user stands are made absolute first.
+# The scripts run from the repository root (ds_configs/ is relative to it). Every other relative path is relative
+# to where the user stands, the scripts' defaults included: the variables here and the path flags in `launch` are
+# made absolute against it first.
+USER_DIR=$PWD
 for name in DATA EVAL_DATA LOAD OUTPUT STAGE1; do
   if [ -n "${!name:-}" ] && [[ ${!name} != /* ]]; then
-    printf -v "$name" '%s' "$PWD/${!name}"
+    printf -v "$name" '%s' "$USER_DIR/${!name}"
   fi
 done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,8 +36,24 @@ launch() {
   local where=(--include "localhost:$gpus")
   if [[ $gpus == cpu:* ]]; then
     where=(--num_gpus "${gpus#cpu:}")  # the CPU accelerator shows one device, so no --include list
+    export DS_ACCELERATOR=cpu  # CPU ranks even where a GPU is visible
   fi
   local target=(--module "$entry")
   if [[ $entry == *.py ]]; then target=("$entry"); fi
-  deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" "${target[@]}" "$@"
+  # Path flags are relative to where the user stands; a --deepspeed_config found there wins over one here.
+  local args=() previous=""
+  for arg in "$@"; do
+    if [[ $arg != /* ]] && case $previous in
+      --output | --data | --eval-data | --load | --resume-from | --knn-monitor) true ;;
+      --deepspeed_config) [ -e "$USER_DIR/$arg" ] && [ ! -e "$arg" ] ;;
+      *) false ;;
+    esac; then
+      arg="$USER_DIR/$arg"
+    fi
+    args+=("$arg")
+    previous=$arg
+  done
+  # Another launch on this machine may hold 29500: without MASTER_PORT, take a free port.
+  local port=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+  deepspeed "${where[@]}" --master_port "$port" "${target[@]}" "${args[@]}"
 }

@@ -133,3 +133,11 @@ def test_seed_changes_the_corpus_and_a_run_keeps_its_seed(tmp_path, capsys):
     assert all(gap(zero[name], one[name]) > 5.0 for name in zero)
     with pytest.raises(UsageError, match=r"seed 0.*--fresh.*seed 1"):
         Stages(DemoPaths(tmp_path / "a"), "tiny", BUDGETS["tiny"], 1)
+
+
+def test_a_rank_count_that_does_not_split_the_batches_is_refused_before_any_work(tmp_path, capsys):
+    from vimpac.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--budget", "tiny", "--ranks", "3"]) == 2
+    assert "--ranks 3: the tiny budget's batches (4 and 4 videos) must split evenly" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -56,6 +56,15 @@ def test_command_line_wins_over_json_and_json_over_defaults():
     assert base["optimizer"]["params"]["lr"] == 5e-4, "the json dict itself is not modified"
 
 
+def test_a_json_that_states_its_batch_as_micro_times_accumulation():
+    merged = merge_ds_config({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}, 1)
+    assert (merged["train_batch_size"], merged["gradient_accumulation_steps"]) == (32, 4)
+    merged = merge_ds_config({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}, 3)
+    assert (merged["train_batch_size"], merged["gradient_accumulation_steps"]) == (96, 4)
+    merged = merge_ds_config({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}, 1, batch_size=16)
+    assert merged["gradient_accumulation_steps"] == 2  # --batch-size wins; the json's count was for its own batch
+
+
 def test_empty_json_gives_the_papers_pretraining_settings():
     merged = merge_ds_config({}, 1)
     params = merged["optimizer"]["params"]
@@ -110,7 +119,7 @@ def test_cpu_config():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
-    merged = merge_ds_config(load_json(path), 8 if path.name != "cpu.json" else 2)
+    merged = merge_ds_config(load_json(path), 2 if path.name.endswith("cpu.json") else 8)
     assert precision_of(merged) == ("bf16" if path.stem.endswith("_bf16") else precision_of(load_json(path)))
 
 

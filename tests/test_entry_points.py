@@ -13,7 +13,7 @@ import torch
 from tests.helpers import DEEPSPEED, REPO, environment, launcher
 from vimpac.dist_setup import free_port
 from vimpac.entry import run_reporting_errors
-from vimpac.errors import storage_problem
+from vimpac.errors import UsageError, storage_problem
 
 ENTRIES = [("vimpac.pretrain", "vimpac/pretrain.py"), ("vimpac.finetune", "vimpac/finetune.py")]
 
@@ -111,3 +111,15 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(capsys):
 
     with pytest.raises(OSError, match="a bug"):
         run_reporting_errors("vimpac/pretrain.py", bug)
+
+
+def test_ranks_started_by_mpirun_or_srun_without_torch_variables_are_refused():
+    from vimpac.dist_setup import foreign_launcher, prepare_environment
+
+    mpi_rank = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16"}
+    with pytest.raises(UsageError, match=r"started by OpenMPI \(mpirun\) without RANK"):
+        prepare_environment(dict(mpi_rank))
+    assert foreign_launcher({"SLURM_PROCID": "9", "SLURM_NTASKS": "16"}) == "SLURM (srun)"
+    assert foreign_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # an sbatch script's one task
+    launched = {**mpi_rank, "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
+    assert prepare_environment(launched) and launched["RANK"] == "5"  # deepspeed's own variables: fine

@@ -88,10 +88,15 @@ def test_single_process_learns_and_chunked_run_matches(database, tmp_path):
     assert record["deepspeed"]["gradient_accumulation_steps"] == 4 and record["total_steps"] == 32
     assert record["warmup_steps"] == 3 and record["deepspeed"]["optimizer"]["params"]["lr"] == 1e-2
 
-    # The same schedule in two launches of 3 and 5 epochs (--interval), resumed at an epoch boundary.
+    # The same schedule in launches of 3 (--stop-epoch 3, launched twice: the second trains nothing), 2
+    # (--interval) and 3 epochs, resumed at epoch boundaries.
     chunked = tmp_path / "chunked"
-    train(database, chunked, 1, *flags, "--interval", "3")
+    train(database, chunked, 1, *flags, "--stop-epoch", "3")
     assert max(read_metrics(chunked)) == 12 and latest_tag(chunked) == "step00000012"
+    train(database, chunked, 1, *flags, "--stop-epoch", "3", "--resume")
+    assert max(read_metrics(chunked)) == 12 and latest_tag(chunked) == "step00000012"
+    train(database, chunked, 1, *flags, "--interval", "2", "--resume")
+    assert latest_tag(chunked) == "step00000020"
     assert_same_curve(train(database, chunked, 1, *flags, "--resume"), full)
     for name, value in exported_state(chunked).items():
         torch.testing.assert_close(value, exported_state(tmp_path / "full")[name], rtol=0, atol=0, msg=name)

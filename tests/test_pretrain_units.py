@@ -150,6 +150,8 @@ def database(tmp_path_factory):
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--dataset-name", "ssv2"], "holds dataset 'synthetic'"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--precision", "fp16"], "fp16 is not supported"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--interval", "0"], "--interval must be >= 1 epoch per launch"),
+        (["--epochs", "4", "--stop-epoch", "5"], "--stop-epoch must lie in 1..--epochs (4)"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(database, tmp_path, capsys, single_process_env, flags, message):

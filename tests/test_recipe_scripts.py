@@ -37,8 +37,11 @@ TINY += ["--clip-len", "2", "--num-workers", "0", "--batch-size", "4", "--bs-per
 PRETRAIN = [*TINY, "--nce-proj-hid-dim", "32", "--mask-blocks", "1", "--max-steps-per-epoch", "1", "--epochs", "3"]
 
 
-def run_script(script: str, env: dict[str, str], *flags: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """bash scripts/<script> cpu:1 <flags>, run in `cwd`, with `env` added to the trainers' test environment."""
+def run_script(
+    script: str, env: dict[str, str], *flags: str, cwd: Path = REPO, expect: int = 0
+) -> subprocess.CompletedProcess:
+    """bash scripts/<script> cpu:1 <flags>, run in `cwd`, with `env` added to the trainers' test environment;
+    its exit status must be `expect`."""
     full = environment()
     full.update(env, MASTER_PORT=str(free_port()))
     full["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full['PATH']}"  # the venv's deepspeed launcher
@@ -50,7 +53,7 @@ def run_script(script: str, env: dict[str, str], *flags: str, cwd: Path = REPO) 
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -125,7 +128,7 @@ def test_two_stage_recipe_end_to_end(tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
 
     env = {"DATA": str(db32), "OUTPUT": str(stage1)}
-    run_script("pretrain/large.sh", env, *PRETRAIN, "--frame-size", "32", "--interval", "2")  # the recipe's 90 of 100
+    run_script("pretrain/large.sh", env, *PRETRAIN, "--frame-size", "32", "--stop-epoch", "2")  # the recipe's 90 of 100
     assert latest_tag(stage1) == "step00000002"
     before = tree_digest(stage1)
 
@@ -139,6 +142,10 @@ def test_two_stage_recipe_end_to_end(tmp_path):
     assert sorted(read_metrics(stage2)) == [3] and sorted(read_metrics(stage1)) == [1, 2]
     record = json.loads((stage2 / "run_config.json").read_text())
     assert record["resumed_from"] == str(stage1 / "checkpoints" / "step00000002")
+    # A "stage 1" that already holds the whole schedule leaves a stage 2 nothing: refused, not a silent no-op.
+    env = {"DATA": "codes_f64", "OUTPUT": "stage2b", "STAGE1": "stage2"}
+    result = run_script("pretrain/large_frame256cont.sh", env, *PRETRAIN, "--frame-size", "64", cwd=tmp_path, expect=2)
+    assert "its newest checkpoint is at epoch 3 of the 3-epoch schedule, so nothing is left" in result.stderr
 
     ucf = write_ucf101_like(tmp_path / "ucf101_f64", 64)
     env = {"DATA": str(ucf), "OUTPUT": str(tmp_path / "finetune"), "LOAD": str(stage2 / "export")}

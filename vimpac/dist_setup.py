@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from vimpac.errors import UsageError
+
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines `shutdown_distributed` takes apart
 
@@ -47,6 +49,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Rank variables of launchers that start several processes without torch's RANK/WORLD_SIZE: (rank, size) names.
+FOREIGN_LAUNCHERS = {
+    "OpenMPI (mpirun)": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    "MPICH / Intel MPI (PMI)": ("PMI_RANK", "PMI_SIZE"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+    "SLURM (srun)": ("SLURM_PROCID", "SLURM_NTASKS"),
+}
+
+
+def foreign_launcher(env: dict[str, str]) -> str | None:
+    """The launcher that started this process as one of several ranks without setting torch's RANK (an MPI or
+    SLURM launcher), or None. A single task (an sbatch script running deepspeed inside) is not one."""
+    for name, (rank, size) in FOREIGN_LAUNCHERS.items():
+        if rank in env and env.get(size, "1").isdigit() and int(env.get(size, "1")) > 1:
+            return name
+    return None
+
+
 def prepare_environment(env: dict[str, str] | None = None) -> bool:
     """Fill in a one-process world where no launcher did; choose the CPU accelerator without CUDA.
 
@@ -55,6 +75,13 @@ def prepare_environment(env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     launched = all(name in env for name in LAUNCHER_VARIABLES)
     if not launched:
+        started_by = foreign_launcher(env)
+        if started_by is not None:
+            raise UsageError(
+                f"this process is one of several started by {started_by} without RANK/LOCAL_RANK/WORLD_SIZE, so it "
+                "would train alone; launch with deepspeed (one node) or scripts/multinode/launch.sh (pdsh, or "
+                "NO_SSH=1 on every node)"
+            )
         env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))

@@ -127,13 +127,16 @@ def merge_ds_config(
             "the DeepSpeed config has a 'scheduler' section, but the learning-rate schedule is set on the command "
             "line (--lr-scheduler linear|cosine|constant, --warm-up); remove the section"
         )
-    for key in ("gradient_accumulation_steps",):
-        config.pop(key, None)  # always derived below
+    json_accumulation = config.pop("gradient_accumulation_steps", None)  # derived below from the global batch
 
     micro = bs_per_gpu if bs_per_gpu is not None else config.get("train_micro_batch_size_per_gpu")
-    global_batch = (
-        batch_size if batch_size is not None else config.get("train_batch_size", DEFAULTS["train_batch_size"])
-    )
+    if batch_size is not None:
+        global_batch = batch_size
+    elif "train_batch_size" not in config and json_accumulation is not None and micro is not None:
+        # a json that states its batch as micro-batch × accumulation: the global batch it means, on this world
+        global_batch = int(micro) * int(json_accumulation) * world_size
+    else:
+        global_batch = config.get("train_batch_size", DEFAULTS["train_batch_size"])
     micro, accumulation, global_batch = resolve_batch(micro, global_batch, world_size)
     config["train_micro_batch_size_per_gpu"] = micro
     config["gradient_accumulation_steps"] = accumulation

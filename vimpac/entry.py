@@ -25,6 +25,14 @@ def add_launch_arguments(run: argparse._ArgumentGroup, opt: argparse._ArgumentGr
         "time limits",
     )
     run.add_argument(
+        "--stop-epoch",
+        type=int,
+        default=None,
+        help="end every launch at the end of this epoch (counted from 1) of the --epochs schedule, however often it "
+        "is relaunched: a stage that takes the first N epochs and leaves the rest of the schedule to another "
+        "(scripts/pretrain/large.sh)",
+    )
+    run.add_argument(
         "--save-epochs", type=int, default=1, help="checkpoint and export every N-th epoch end (and the last)"
     )
     run.add_argument(
@@ -66,6 +74,10 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--epochs must be >= 1 (the length of the schedule), got {args.epochs}")
     if args.save_epochs < 1:
         raise UsageError(f"--save-epochs must be >= 1, got {args.save_epochs}")
+    if args.interval is not None and args.interval < 1:
+        raise UsageError(f"--interval must be >= 1 epoch per launch, got {args.interval}")
+    if args.stop_epoch is not None and not 1 <= args.stop_epoch <= args.epochs:
+        raise UsageError(f"--stop-epoch must lie in 1..--epochs ({args.epochs}), got {args.stop_epoch}")
     if args.max_nonfinite_steps < 0:
         raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
 

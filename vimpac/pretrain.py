@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     obj.add_argument("--mask-rand-replace", action="store_true", help="BERT-style 80/10/10 per block")
 
-    opt = parser.add_argument_group("optimisation (None: from the json, else the paper's pre-training values)")
+    opt = parser.add_argument_group(
+        "optimisation (None: from the json, else lr 1e-4, betas 0.9/0.98, weight decay 0.05, batch 64)"
+    )
     opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
     opt.add_argument("--beta1", type=float, default=None, help="AdamW β1 (default 0.9)")
     opt.add_argument("--beta2", type=float, default=None, help="AdamW β2 (default 0.98)")

@@ -284,6 +284,12 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         resumed = resume_resized(trainer, source, *resize, recorded_total_steps(source))
     else:
         resumed = trainer.resume(source) if source else False
+    if resumed and source != output and trainer.epoch >= args.epochs:
+        # Every rank sees the same checkpoint, so every rank stops here (no collective is left waiting).
+        raise UsageError(
+            f"--resume-from {source}: its newest checkpoint is at epoch {trainer.epoch} of the {args.epochs}-epoch "
+            "schedule, so nothing is left for this run; was that stage run past its end (--stop-epoch)?"
+        )
     if rank == 0:
         record_run(
             output,
@@ -302,6 +308,13 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         if taken is not None:
             print(taken, flush=True)
         print(steps_summary(trainer), flush=True)
+        if args.nce_weight > 0:
+            videos = world * trainer.micro
+            print(
+                f"contrastive loss: negatives from one micro-step of all ranks, {world} × {trainer.micro} = "
+                f"{videos} videos, {2 * (videos - 1)} negatives per clip (the paper: 128 or 256 videos)",
+                flush=True,
+            )
         if knn is not None:
             print(knn.describe(), flush=True)
     trainer.fit()

@@ -219,6 +219,7 @@ def train_settings(args: argparse.Namespace, schedule: Schedule) -> TrainSetting
         keep_checkpoints=args.keep_checkpoints,
         steps_per_epoch_limit=schedule.limit,
         max_epochs_this_run=args.interval,
+        stop_epoch=getattr(args, "stop_epoch", None),
         num_workers=args.num_workers,
         seed=args.seed,
         progress=args.tqdm,

@@ -75,6 +75,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     steps_per_epoch_limit: int | None = None
     max_epochs_this_run: int | None = None
+    stop_epoch: int | None = None  # no launch trains past the end of this epoch (1-based) of the schedule
     num_workers: int = 2
     seed: int = 9595
     progress: bool = False
@@ -462,13 +463,22 @@ class Trainer:
         return self.task.evaluate(self, epoch)
 
     def fit(self) -> None:
-        """Train until `epochs` (or `max_epochs_this_run` more epochs), saving and exporting at every
-        `save_epochs`-th epoch end and at the last one."""
+        """Train until `epochs` (or `max_epochs_this_run` more epochs, or the end of epoch `stop_epoch`), saving
+        and exporting at every `save_epochs`-th epoch end and at the last one."""
         from tqdm import tqdm
 
         last_epoch = self.settings.epochs
         if self.settings.max_epochs_this_run is not None:
             last_epoch = min(last_epoch, self.epoch + self.settings.max_epochs_this_run)
+        if self.settings.stop_epoch is not None:
+            last_epoch = min(last_epoch, self.settings.stop_epoch)
+        if self.epoch >= last_epoch and self.rank == 0:
+            stop = "" if self.settings.stop_epoch is None else f", --stop-epoch {self.settings.stop_epoch}"
+            print(
+                f"nothing to train: the run is at epoch {self.epoch} of its {self.settings.epochs}-epoch schedule"
+                f"{stop}",
+                flush=True,
+            )
         tag = None
         while self.epoch < last_epoch:
             self.dataset.set_epoch(self.epoch)

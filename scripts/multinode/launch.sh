@@ -7,7 +7,8 @@
 # of the first node of the run, as the other nodes reach it. Environment:
 #   NUM_NODES=N | INCLUDE=SPEC | EXCLUDE=SPEC   → deepspeed --num_nodes / --include / --exclude (SPEC: host[:slots]@…)
 #   MASTER_PORT (29500)     the rendezvous port on MASTER_ADDR
-#   LAUNCHER (pdsh)         pdsh, or openmpi, mpich, impi, mvapich, slurm; LAUNCHER_ARGS → --launcher_args
+#   LAUNCHER (pdsh)         pdsh only: DeepSpeed's MPI and SLURM runners start ranks without RANK/LOCAL_RANK
+#                           (they expect mpi4py's discovery), which vimpac refuses; LAUNCHER_ARGS → --launcher_args
 #   NO_SSH=1 NODE_RANK=k    no ssh at all: run this same command on every node, k = 0 … nodes-1 (--no_ssh)
 #   PYTHON (python3)        the interpreter holding deepspeed; remote nodes run the same absolute path
 #   PDSH_SSH_ARGS_APPEND    extra ssh options (e.g. "-F ~/cluster_ssh_config -p 2222"): used by pdsh and by the
@@ -51,6 +52,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=$(printf '%s' "${LAUNCHER:-pdsh}" | tr '[:upper:]' '[:lower:]')
 FAILURE_GRACE_S=${FAILURE_GRACE_S:-30}
 [[ $MASTER_PORT =~ ^[0-9]+$ ]] || die "MASTER_PORT=$MASTER_PORT is not a port number"
+[ "$LAUNCHER" = pdsh ] || die "LAUNCHER=$LAUNCHER: only pdsh is supported (or NO_SSH=1 on every node); the MPI and \
+SLURM runners start ranks without RANK/LOCAL_RANK"
 [[ $FAILURE_GRACE_S =~ ^[0-9]+$ ]] || die "FAILURE_GRACE_S=$FAILURE_GRACE_S is not a number of seconds"
 
 PYTHON=$(command -v "${PYTHON:-python3}") || die "no python interpreter ${PYTHON:-python3} on PATH"

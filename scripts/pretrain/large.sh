@@ -11,5 +11,5 @@ launch vimpac.pretrain "$GPUS" --deepspeed_config ds_configs/large.json \
   --frame-size 128 --clip-len 5 --mask-blocks 5 \
   --mlm-weight 1.0 --nce-weight 1.0 --nce-proj-layers 3 --nce-proj-hid-dim 4096 \
   --lr 3e-4 --beta1 0.9 --beta2 0.98 --lr-scheduler linear --warm-up 0.05 \
-  --bs-per-gpu 2 --batch-size 1024 --epochs 100 --interval 90 --num-workers 2 --tqdm --resume \
+  --bs-per-gpu 2 --batch-size 1024 --epochs 100 --stop-epoch 90 --num-workers 2 --tqdm --resume \
   "$@"

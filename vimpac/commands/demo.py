@@ -357,6 +357,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda: no CUDA device is visible; leave --device out to use the CPU")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ranks = args.ranks or (1 if device == "cuda" else 2)
+    batches = (budget.pretrain_batch, budget.finetune_batch)
+    if ranks < 1 or any(batch % ranks for batch in batches):
+        # checked now, not after the data stages: every rank takes the same share of each batch
+        raise UsageError(
+            f"--ranks {ranks}: the {args.budget} budget's batches ({' and '.join(map(str, batches))} videos) must "
+            f"split evenly over the ranks; choose one of {[r for r in range(1, 9) if all(b % r == 0 for b in batches)]}"
+        )
     workers = args.workers or os.cpu_count() or 1
     paths = DemoPaths(args.out)
     if args.fresh and paths.run.exists():
