@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vimpac.commands import COMMANDS
-from vimpac.errors import StorageError, UsageError, storage_problem
+from vimpac.errors import StorageError, UsageError, report_storage_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to resume where supported", file=sys.stderr)
         return 130
     except (OSError, StorageError) as err:
-        problem = storage_problem(err)
-        if problem is None:
-            raise
-        print(f"vimpac {args.command}: error: {problem}", file=sys.stderr)
-        return 1
+        return report_storage_problem(f"vimpac {args.command}", err)
 
 
 if __name__ == "__main__":

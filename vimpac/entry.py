@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from vimpac.code_db import CorruptRecordError, record_error_message
-from vimpac.errors import NonFiniteLossError, StorageError, UsageError, storage_problem
+from vimpac.errors import NonFiniteLossError, StorageError, UsageError, report_storage_problem
 from vimpac.optim import DECAY_GROUPS
 
 
@@ -84,7 +84,8 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
 
 def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
     """work()'s exit code; 2 for bad input or a bad database record (--on-bad-record stop), 3 when training
-    stopped on non-finite losses (raised on every rank at the same step; rank 0 prints)."""
+    stopped on non-finite losses (raised on every rank at the same step; rank 0 prints), 1 for a full or
+    read-only disk (errors.storage_problem)."""
     from vimpac.dist_setup import shutdown_distributed
     from vimpac.run_setup import release_run_locks
 
@@ -101,11 +102,7 @@ def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:
             print(f"{prog}: stopped: {err}", file=sys.stderr)
         return err.exit_code
     except (OSError, StorageError) as err:
-        problem = storage_problem(err)
-        if problem is None:
-            raise
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 1
+        return report_storage_problem(prog, err)
     finally:
         shutdown_distributed()
         release_run_locks()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
 
 
@@ -50,6 +51,15 @@ def storage_problem(err: BaseException) -> str | None:
             )
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def report_storage_problem(prog: str, err: BaseException) -> int:
+    """Print storage_problem's line for `err` as `prog`'s error and return exit code 1; re-raise any other error."""
+    problem = storage_problem(err)
+    if problem is None:
+        raise err
+    print(f"{prog}: error: {problem}", file=sys.stderr)
+    return 1
 
 
 def require_directory(path: str | Path, flag: str) -> None:
