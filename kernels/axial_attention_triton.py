@@ -361,6 +361,21 @@ def check_supported(q: torch.Tensor, axis: str) -> None:
         _check_fits(1 + q.shape[a], dim, q.dtype, False, None, q.requires_grad, q.device)
 
 
+def _tile_constants(q: torch.Tensor, seq: int, lpp: int, block_m: int, key_padding_mask, dropout_p: float) -> dict:
+    """The compile-time constants and warp count both kernels are launched with."""
+    return {
+        "N": seq,
+        "LPP": lpp,
+        "BLOCK_M": block_m,
+        "HEAD_DIM": q.shape[-1],
+        "HAS_PAD": key_padding_mask is not None,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "CDT": _compute_dtype(q.dtype, q.is_cuda),
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": _num_warps(block_m, q.shape[-1]),
+    }
+
+
 def _pad_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor, a: int, d1: int, d2: int):
     if key_padding_mask is None:
         return q, (0, 0, 0, 0)  # never read (HAS_PAD=False); any pointer will do
@@ -391,10 +406,7 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
             *pad_strides,
             *_line_strides(out, a, d1, d2),
             lines_per_b, progs_per_b, q.shape[d2], heads,
-            N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
-            HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-            CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=_num_warps(block_m, dim),
+            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p),
         )  # fmt: skip
     # cls_out = mean over lines of the per-line CLS outputs = (sum of the per-program partials) / lines.
     return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
@@ -429,10 +441,7 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
             *dcls.stride(),
             *_line_strides(grads[0], a, d1, d2),
             lines_per_b, progs_per_b, q.shape[d2], heads,
-            N=seq, LPP=lpp, BLOCK_M=block_m, HEAD_DIM=dim,
-            HAS_PAD=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-            CDT=_compute_dtype(q.dtype, q.is_cuda), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=_num_warps(block_m, dim),
+            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p),
         )  # fmt: skip
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
 

@@ -130,7 +130,8 @@ def latest_tag(output: str | Path) -> str | None:
     if not complete:
         return None
     said = f"names {tag!r}, which is not a complete checkpoint" if tag is not None else "is missing"
-    warnings.warn(f"{pointer} {said}; taking the newest complete checkpoint, {complete[-1]}", stacklevel=2)
+    # stacklevel 1: one location, so the warning shows once per message however many callers ask
+    warnings.warn(f"{pointer} {said}; taking the newest complete checkpoint, {complete[-1]}", stacklevel=1)
     return complete[-1]
 
 
@@ -393,18 +394,28 @@ def export_folder(
 ORIGINAL_CHECKPOINT_FILES = ("classifier.pt", "args.pickle")
 
 
+def find_original_checkpoint(path: str | Path) -> Path | None:
+    """The folder holding a checkpoint of the original release (classifier.pt + args.pickle): `path` itself or
+    `path`/last (an original output folder); None when neither holds one."""
+    path = Path(path)
+    for folder in (path, path / "last"):
+        if all((folder / name).is_file() for name in ORIGINAL_CHECKPOINT_FILES):
+            return folder
+    return None
+
+
 def original_checkpoint_advice(path: str | Path) -> str | None:
     """How to use a checkpoint of the original release found at `path` (its classifier.pt, the folder holding it,
     or an output folder holding last/): convert it first. None when `path` is no such checkpoint."""
     path = Path(path)
-    for folder in (path.parent if path.name == ORIGINAL_CHECKPOINT_FILES[0] else path, path / "last"):
-        if all((folder / name).is_file() for name in ORIGINAL_CHECKPOINT_FILES):
-            return (
-                f"{folder} is a checkpoint of the original release: convert it with `vimpac convert-original {folder} "
-                "--out EXPORT` and pass the export (a new run starts from its weights; the original's optimizer "
-                "state and step count do not carry over)"
-            )
-    return None
+    folder = find_original_checkpoint(path.parent if path.name == ORIGINAL_CHECKPOINT_FILES[0] else path)
+    if folder is None:
+        return None
+    return (
+        f"{folder} is a checkpoint of the original release: convert it with `vimpac convert-original {folder} "
+        "--out EXPORT` and pass the export (a new run starts from its weights; the original's optimizer state and "
+        "step count do not carry over)"
+    )
 
 
 TOKENIZER_KEY = "tokenizer_fingerprint"  # safetensors metadata of an export: the codes' tokenizer

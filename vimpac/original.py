@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 
 from vimpac.atomic_write import atomic_path, write_text_atomic
-from vimpac.checkpoint import ORIGINAL_CHECKPOINT_FILES
+from vimpac.checkpoint import ORIGINAL_CHECKPOINT_FILES, find_original_checkpoint
 from vimpac.config import LAYOUT_PREFIX, VimpacConfig, parse_layout
 from vimpac.errors import UsageError
 
@@ -143,9 +143,9 @@ def read_args(path: str | Path) -> dict[str, Any]:
 def checkpoint_folder(path: str | Path) -> Path:
     """The folder holding classifier.pt + args.pickle: `path` itself or `path`/last (an original output folder)."""
     path = Path(path)
-    for folder in (path, path / "last"):
-        if (folder / CHECKPOINT_FILE).is_file() and (folder / ARGS_FILE).is_file():
-            return folder
+    folder = find_original_checkpoint(path)
+    if folder is not None:
+        return folder
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory; give the folder holding {CHECKPOINT_FILE} and {ARGS_FILE}")
     missing = [name for name in (CHECKPOINT_FILE, ARGS_FILE) if not (path / name).is_file()]
