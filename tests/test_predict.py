@@ -431,6 +431,98 @@ def test_predict_resumes_json_and_csv_outputs(setup, tmp_path, capsys):
     assert "not a predictions CSV" in capsys.readouterr().err
 
 
+def test_outputs_know_the_model_by_its_weights_not_its_path(setup, tmp_path, capsys):
+    video = str(setup["videos"] / "a.mp4")
+    moved = tmp_path / "moved"
+    shutil.copytree(setup["run"], moved)
+    report = tmp_path / "p.json"
+    assert cli_main(["predict", video, "--model", str(moved), "--json", str(report), "--no-progress"]) == 0
+    relative = os.path.relpath(moved / "export")  # the same weights, spelt another way
+    assert cli_main(["predict", video, "--model", relative, "--json", str(report), "--no-progress"]) == 0
+    from safetensors.torch import load_file, save_file
+
+    weights = moved / "export" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["classifier.fc.weight"] = -tensors["classifier.fc.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli_main(["predict", video, "--model", str(moved), "--json", str(report), "--no-progress"]) == 2
+    assert "other settings (weights)" in capsys.readouterr().err
+    old = json.loads(report.read_text())
+    del old["settings"]["weights"]  # an output written before the weights were recorded: known by the path
+    report.write_text(json.dumps(old))
+    assert cli_main(["predict", video, "--model", relative, "--json", str(report), "--no-progress"]) == 0
+
+
+def test_predict_refuses_what_no_video_could_use_before_any_work(setup, tmp_path, capsys):
+    video = str(setup["videos"] / "a.mp4")
+    common = ["--model", str(setup["run"]), "--no-progress"]
+    for device in ("gpu", "mps", "cpu:1", "cuda:x"):
+        assert cli_main(["predict", video, *common, "--device", device]) == 2
+        assert f"--device must be cpu or cuda[:N]; got '{device}'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["predict", video, *common, "--device", "cuda:3"]) == 2
+        assert "no CUDA device is visible here" in capsys.readouterr().err
+    assert cli_main(["predict", video, *common, "--views", "r16_center_f0", "--csv", str(tmp_path / "v.csv")]) == 2
+    assert "resize the shorter side below the crop size 32" in capsys.readouterr().err
+    assert not (tmp_path / "v.csv").exists()
+    assert cli_main(["predict", video, *common, "--csv", str(tmp_path)]) == 2
+    assert f"--csv {tmp_path} is a folder" in capsys.readouterr().err
+    # a --data database of another class list, or made by another tokenizer than the model was trained on
+    other = tmp_path / "db4"
+    shutil.copytree(setup["db"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["classes"] = [*CLASSES, "swim"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["predict", video, *common, "--data", str(other)]) == 2
+    assert "name 4 classes but the model's classifier has 3" in capsys.readouterr().err
+    from vimpac.tokenization.tokenizer import fingerprint
+
+    trained = tmp_path / "trained"
+    config = VimpacConfig.load(setup["run"] / "export" / "config.json")
+    state = VimpacForClassification(config, len(CLASSES)).state_dict()
+    export_weights(state, config, trained, producer="vimpac.finetune", tokenizer=fingerprint(setup["tok"]))
+    shutil.copy(setup["run"] / "run_config.json", trained)
+    assert cli_main(["predict", video, "--model", str(trained), "--no-progress"]) == 0
+    made_by_other = tmp_path / "db_other"
+    shutil.copytree(setup["db"], made_by_other)
+    tok2 = tiny_vqvae_dir(tmp_path / "tok2", vocab_size=64, seed=1)
+    manifest = json.loads((made_by_other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"], manifest["args"]["tokenizer"] = fingerprint(tok2), str(tok2)
+    (made_by_other / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli_main(["predict", video, "--model", str(trained), "--data", str(made_by_other)]) == 2
+    assert "is not the one the model was trained on" in capsys.readouterr().err
+    embed = ["embed", video, "--model", str(trained), "--data", str(made_by_other), "--out", str(tmp_path / "e")]
+    assert cli_main(embed) == 2
+
+
+def test_a_video_named_twice_is_done_once(setup, tmp_path):
+    a = setup["videos"] / "a.mp4"
+    listing = tmp_path / "l.txt"
+    listing.write_text(f"{a}\n{a}\n")
+    assert video_files([setup["videos"], a, listing]) == sorted(setup["videos"].glob("*.mp4"))
+    table = tmp_path / "p.csv"
+    for _ in range(2):  # and so the output resumes
+        assert cli_main(["predict", str(a), str(listing), "--model", str(setup["run"]), "--csv", str(table)]) == 0
+    assert [r["rank"] for r in csv.DictReader(table.open())] == ["1", "2", "3"]
+
+
+def test_embed_resumes_after_a_torn_index_line(setup, tmp_path):
+    out = tmp_path / "e"
+    videos = [str(setup["videos"] / f"{vid}.mp4") for vid in sorted(VIDEOS)]
+    common = ["--model", str(setup["run"]), "--out", str(out), "--no-progress"]
+    assert cli_main(["embed", *videos, *common]) == 0
+    whole = np.load(out / "embeddings.npy")
+    index = (out / "index.csv").read_bytes()
+    (out / "index.csv").write_bytes(index[:-5])  # the last row cut short, its embedding already written
+    with (out / "failures.jsonl").open("w") as f:
+        f.write('{"id": "x", "sta')  # a failure record cut short: x is tried again
+    assert cli_main(["embed", *videos, *common]) == 0
+    assert (out / "index.csv").read_bytes() == index and (out / "failures.jsonl").read_text() == ""
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), whole, rtol=1e-6, atol=1e-7)
+
+
 def test_frame_selection_of_the_database_is_used_for_video_files(setup, tmp_path):
     """A model evaluated on a database made with `--frame-selection ffmpeg` (the original release's extraction)
     decodes video files the same way."""

@@ -679,7 +679,8 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
         return sum(1 for _ in targets)
 
 
-def _check_view_crops(views: Sequence[View], out: int) -> None:
+def check_view_crops(views: Sequence[View], out: int) -> None:
+    """ValueError when a view's resize leaves the shorter side below the `out` px square it crops."""
     too_small = [view.name for view in views if view.shorter < out]
     if too_small:
         raise ValueError(f"views {too_small} resize the shorter side below the crop size {out}")
@@ -703,7 +704,7 @@ def planned_view_frames(
     n comes from the packets (`count_targets`) before decoding; should the decode find another count, the video
     is decoded again for the plan of the true count, so the result is always exact. Raises DecodeError like
     iter_frames."""
-    _check_view_crops(views, out)
+    check_view_crops(views, out)
     estimate = count_targets(path, fps, selection)
     if estimate is None:  # no stamps to count: a decode without conversion counts
         estimate = sum(1 for _ in _decoded_targets(path, fps, [], threads, selection, keep=()))
@@ -739,7 +740,7 @@ def iter_view_frames(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    _check_view_crops(views, out)
+    check_view_crops(views, out)
     buffer = np.empty((len(views), chunk, out, out, 3), dtype=np.uint8)
     n = 0
     for resized in iter_frames(path, fps, shorter_sides(views), threads=threads, selection=selection):

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -142,14 +142,19 @@ def known_kinds() -> list[str]:
     return sorted(set(_LOADERS) | set(BUILTIN_KINDS))
 
 
-def fingerprint(directory: str | Path) -> str:
-    """First 16 hex digits of sha256 over the bytes of config.json followed by model.safetensors."""
+def files_fingerprint(paths: Iterable[str | Path]) -> str:
+    """First 16 hex digits of sha256 over the bytes of `paths`, one after the other."""
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(Path(directory) / name, "rb") as f:
+    for path in paths:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def fingerprint(directory: str | Path) -> str:
+    """files_fingerprint of config.json followed by model.safetensors: what names a tokenizer wherever it lies."""
+    return files_fingerprint(Path(directory) / name for name in (CONFIG_FILE, WEIGHTS_FILE))
 
 
 def read_config(directory: str | Path) -> dict:

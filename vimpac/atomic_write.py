@@ -75,3 +75,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2, **options: Any) -> None:
     """`obj` as JSON (UTF-8, non-ASCII kept, a final newline); `options` go to json.dumps (sort_keys, default)."""
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, **options) + "\n")
+
+
+def drop_torn_line(path: str | Path) -> bool:
+    """Cut an append-only text file after its last newline: an interrupted append (a kill, a full disk) leaves a
+    line without one, and the next append would glue a new line onto it. True when something was cut."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        whole = data.rfind(b"\n") + 1
+        if whole == len(data):
+            return False
+        f.truncate(whole)
+        os.fsync(f.fileno())
+    return True

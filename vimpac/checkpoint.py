@@ -441,6 +441,21 @@ def export_tokenizer(folder: str | Path | None) -> str | None:
     return export_metadata(folder).get(TOKENIZER_KEY)
 
 
+def weights_fingerprint(folder: str | Path | None) -> str | None:
+    """What identifies the weights a model was loaded from, wherever they lie or however the path is spelt: the
+    files_fingerprint of an export's config.json + model.safetensors or an original checkpoint's files (None when
+    `folder` holds neither)."""
+    from vimpac.tokenization.tokenizer import files_fingerprint
+
+    if folder is None:
+        return None
+    for names in (EXPORT_FILES, ORIGINAL_CHECKPOINT_FILES):
+        paths = [Path(folder) / name for name in names]
+        if all(p.is_file() for p in paths):
+            return files_fingerprint(paths)
+    return None
+
+
 def check_same_tokenizer(model: str | Path | None, manifest: dict[str, Any], database: str | Path) -> None:
     """Refuse a code database made by another tokenizer than the one the export `model` was trained on: the same
     code number is another visual word there, and vocabulary and grid can match all the same."""

@@ -37,6 +37,7 @@ from vimpac.tokenization.code_stream import full_codes
 from vimpac.tokenization.decode import (
     DEFAULT_FRAME_SELECTION,
     DecodeError,
+    check_view_crops,
     iter_view_frames,
     planned_view_frames,
     resize_frame,
@@ -60,7 +61,10 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the model; the tokenizer kee
 DEFAULT_ENCODE_BATCH = 64  # `vimpac tokenize --encode-batch`'s default
 
 
-def _load_tokenizer(spec: Any, info: dict[str, Any], model_vocab: int, device: Any):
+def _load_tokenizer(spec: Any, info: dict[str, Any], model_vocab: int, device: Any, trained_on: str | None = None):
+    """The tokenizer `spec` (a Tokenizer, a folder, or None: the one the inference settings name), checked against
+    the model's vocabulary, the database's fingerprint and `trained_on` (the export's: a `--data` database or a
+    `--tokenizer` made by another tokenizer would feed the model codes that mean other things)."""
     from vimpac.tokenization.tokenizer import Tokenizer, load_tokenizer
 
     wanted = info.get("tokenizer") or {}
@@ -87,6 +91,12 @@ def _load_tokenizer(spec: Any, info: dict[str, Any], model_vocab: int, device: A
             f"tokenizer {spec} (fingerprint {tokenizer.fingerprint}) is not the one the model's code database was "
             f"made with (fingerprint {expected}); pass --tokenizer with that tokenizer"
         )
+    if trained_on and tokenizer.fingerprint != trained_on:
+        source = f"tokenizer {spec}" if not isinstance(spec, Tokenizer) else "the given tokenizer"
+        raise UsageError(
+            f"{source} (fingerprint {tokenizer.fingerprint}) is not the one the model was trained on (fingerprint "
+            f"{trained_on}): its codes mean other things to the model; pass --data/--tokenizer made with that one"
+        )
     tokenizer.batch_size = DEFAULT_ENCODE_BATCH
     return tokenizer
 
@@ -105,6 +115,12 @@ class VideoPipeline:
         self._tokenizer_spec, self._tokenizer = tokenizer, None
         self.views = [View.parse(v) for v in info["views"]]
         self.frame_size = int(info["frame_size"])
+        try:
+            check_view_crops(self.views, self.frame_size)
+        except ValueError as err:
+            raise UsageError(
+                f"{err} of the model's frames; --views takes r<N>_… views with N >= {self.frame_size}"
+            ) from None
         self.fps = float(info["fps"])
         # how the database picked and resized frames (settings written before it was recorded: the default)
         self.frame_selection = self.info["frame_selection"] = info.get("frame_selection") or DEFAULT_FRAME_SELECTION
@@ -127,15 +143,22 @@ class VideoPipeline:
     def tokenizer(self):
         """The tokenizer (loaded when first needed: embedding from a code database never needs it)."""
         if self._tokenizer is None:
+            from vimpac.checkpoint import export_tokenizer
+
             spec, vocab = self._tokenizer_spec, self.model.config.vocab_size
-            self._tokenizer = _load_tokenizer(spec, self.info, vocab, self.model.device)
+            trained_on = export_tokenizer(self.model.source)
+            self._tokenizer = _load_tokenizer(spec, self.info, vocab, self.model.device, trained_on)
         return self._tokenizer
 
     def settings(self) -> dict[str, Any]:
-        """The model's folder and the inference settings a video's outputs depend on (RESULT_SETTINGS)."""
+        """The model's folder, the fingerprint of its weights and the inference settings a video's outputs depend
+        on (RESULT_SETTINGS)."""
+        from vimpac.checkpoint import weights_fingerprint
+
         precision = str(self.dtype).removeprefix("torch.")  # the model's compute dtype ("auto" resolved)
         return {
             "model": str(self.model.source),
+            "weights": weights_fingerprint(self.model.source),
             **{k: self.info.get(k) for k in RESULT_SETTINGS},
             "precision": precision,
         }
@@ -227,9 +250,23 @@ class VideoPipeline:
     def probabilities(self, video: str | Path | np.ndarray) -> torch.Tensor:
         return self.probabilities_of(self.tokens(video))
 
+    def class_names(self) -> list[str]:
+        """The classifier's class names in label order (their numbers when the settings name none); UsageError when
+        the settings list another number of classes than the classifier has (a --data of another dataset)."""
+        count = self.model.num_classes
+        if not self.classes:
+            return [str(i) for i in range(count)]
+        if len(self.classes) != count:
+            raise UsageError(
+                f"the inference settings ({self.info.get('database') or 'inference.json'}) name {len(self.classes)} "
+                f"classes but the model's classifier has {count}: pass --data with the code database the model was "
+                "fine-tuned on"
+            )
+        return self.classes
+
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
         values, indices = probs.topk(min(k, probs.numel()))
-        names = self.classes if len(self.classes) == probs.numel() else [str(i) for i in range(probs.numel())]
+        names = self.class_names()
         return [(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
 
     @torch.no_grad()
@@ -260,6 +297,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def inference_device(device: str | torch.device | None) -> torch.device:
+    """The device to predict on: "cpu" or "cuda[:N]" (None: CUDA when available); UsageError for another name
+    or a GPU that is not there."""
+    text = str(device or default_device())
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise UsageError(f"--device must be cpu or cuda[:N]; got {text!r}")
+    if kind == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise UsageError(
+                f"--device {text}: no CUDA device is visible here; leave --device out or pass --device cpu"
+            )
+        if index and int(index) >= visible:
+            raise UsageError(
+                f"--device {text}: only {visible} CUDA device(s) are visible (cuda:0 … cuda:{visible - 1})"
+            )
+    return torch.device(text)
+
+
 def model_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The model's compute dtype for `precision` on `device` ("auto": fp16 on CUDA, as the shipped fine-tuning
     configs evaluate, fp32 elsewhere); UsageError for a precision the device cannot run."""
@@ -287,9 +344,7 @@ def load_pipeline(
     from vimpac.api import MissingHeadError, load_model
     from vimpac.export_info import inference_info
 
-    device = torch.device(device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is visible here; leave --device out or pass --device cpu")
+    device = inference_device(device)
     model = load_model(model_path, device=device)
     if need_classifier and not model.has_classifier:
         raise MissingHeadError(
@@ -304,8 +359,8 @@ def load_pipeline(
 def video_files(inputs: Sequence[str | Path]) -> list[Path]:
     """Video paths from files, directories (their video files, recursively, sorted) and list files (.txt/.lst: one
     path per line, relative to the list's folder, ending in a video extension; # comments). A missing path is
-    kept: it fails as a video.
-    UsageError when the inputs name no video at all."""
+    kept: it fails as a video. A file named twice (a folder and a file in it, a repeated line) is kept once, where
+    it first comes. UsageError when the inputs name no video at all."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -319,7 +374,10 @@ def video_files(inputs: Sequence[str | Path]) -> list[Path]:
             f"no video files in {' '.join(map(str, inputs))} (folders are searched for {' '.join(VIDEO_EXTENSIONS)}; "
             "a .txt or .lst list names one video per line)"
         )
-    return found
+    first: dict[Path, Path] = {}
+    for path in found:
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
 
 
 def _listed_path(line: str) -> Path:

@@ -62,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
-    """(ids already embedded or failed, rows kept); refuses other settings; trims a partial row."""
+    """(ids already embedded or failed, rows kept); refuses other settings; cuts a torn last line of index.csv and
+    failures.jsonl (the caller trims embeddings.partial to the rows index.csv lists)."""
+    from vimpac.atomic_write import drop_torn_line
     from vimpac.commands.predict import changed_settings
     from vimpac.errors import UsageError
 
@@ -80,6 +82,8 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
     done: set[str] = set()
     rows = 0
     index = out / "index.csv"
+    if index.is_file() and drop_torn_line(index) and index.stat().st_size == 0:
+        index.unlink()  # even the header was cut short
     if index.is_file():
         with index.open() as f:
             for row in csv.DictReader(f):
@@ -89,6 +93,7 @@ def _resume(out: Path, settings: dict) -> tuple[set[str], int]:
         index.write_text("row,id,video\n")
     failures = out / "failures.jsonl"
     if failures.is_file():
+        drop_torn_line(failures)
         done |= {json.loads(line)["id"] for line in failures.read_text().splitlines() if line.strip()}
     return done, rows
 

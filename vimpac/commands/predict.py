@@ -31,7 +31,7 @@ default (--precision) with the Triton kernels. Results keep the order of the inp
 
 Resuming: with --json or --csv, videos already in that file (predicted or failed) are skipped and the new ones
 added, so an interrupted run over a long list picks up where it stopped (the JSON is rewritten every few seconds
-and on exit, the CSV gets a row per video as it is done). Output made with other settings (model, views, K,
+and on exit, the CSV gets a row per video as it is done). Output made with other settings (model weights, views, K,
 top-k) is refused; delete the file to start over. The JSON holds its settings; a CSV's are kept beside it in
 <name>.settings.json.
 
@@ -147,14 +147,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # Settings recorded only since a later version: an output written before lacks them and counts as made with
 # today's value.
-LATER_SETTINGS = ("precision",)
+LATER_SETTINGS = ("precision", "weights")
 
 
 def changed_settings(before: dict, settings: dict) -> str:
     """The keys of `settings` whose values `before` (an output's recorded settings) does not share, comma-joined;
-    empty when an output made with `before` can be resumed with `settings`."""
+    empty when an output made with `before` can be resumed with `settings`. Where both record the model's
+    `weights` (their fingerprint), those identify the model and its path ("model") is only where it lay."""
+    by_weights = bool(before.get("weights")) and bool(settings.get("weights"))
     return ", ".join(
-        sorted(k for k in settings if before.get(k) != settings[k] and not (k in LATER_SETTINGS and k not in before))
+        sorted(
+            k
+            for k in settings
+            if before.get(k) != settings[k]
+            and not (k in LATER_SETTINGS and k not in before)
+            and not (k == "model" and by_weights)
+        )
     )
 
 
@@ -268,11 +276,14 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
     videos = video_files(args.videos)
-    for output in (args.json, args.csv):
+    for flag, output in (("--json", args.json), ("--csv", args.csv)):
+        if output is not None and output.is_dir():
+            raise UsageError(f"{flag} {output} is a folder; name the file to write, e.g. {output / 'predictions'}")
         if output is not None:  # now, not when the first results are written
             output.parent.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline_from_args(args, args.data, need_classifier=True)
-    pipeline.tokenizer  # noqa: B018 - load and check it before the first video
+    pipeline.class_names()  # checked, as the tokenizer, before the first video
+    pipeline.tokenizer  # noqa: B018
     predictions, failures, predicted_before = [], [], 0
     settings = {**pipeline.settings(), "top_k": args.top_k}
     done: set[str] = set()
