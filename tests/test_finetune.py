@@ -435,3 +435,19 @@ def test_finetuning_refuses_databases_whose_clips_run_at_other_rates(tmp_path, c
     assert "the training database holds 8 fps and the evaluation database 2 fps" in err
     assert "pass --frame-rate 2 (it divides both)" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--last-dropout", "1.5"], "--last-dropout must be in [0, 1)"),
+        (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+    ],
+)
+def test_values_that_cannot_train_are_refused_before_anything_starts(tmp_path, capsys, flags, message):
+    from vimpac.finetune import main
+
+    assert main(["--data", str(tmp_path / "db"), "--output", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ from vimpac.modeling import VimpacForPretraining
 from vimpac.pretrain import main
 from vimpac.pretrain_setup import micro_batch_tokens
 from vimpac.run_setup import lock_run, release_run_locks
-from vimpac.trainer import check_database_matches, epoch_steps
+from vimpac.trainer import check_database_matches, epoch_steps, resume_position
 
 TINY = ["--layers", "2", "--hid-dim", "64", "--heads", "2", "--clip-len", "4", "--nce-proj-hid-dim", "64"]
 
@@ -152,6 +152,11 @@ def database(tmp_path_factory):
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--interval", "0"], "--interval must be >= 1 epoch per launch"),
         (["--epochs", "4", "--stop-epoch", "5"], "--stop-epoch must lie in 1..--epochs (4)"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--mlm-weight", "0", "--nce-weight", "0"], "must be >= 0 and not both 0"),
+        (["--nce-weight", "-1"], "must be >= 0 and not both 0"),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--nce-dim", "0"], "nce_dim must be at least 1"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(database, tmp_path, capsys, single_process_env, flags, message):
@@ -316,3 +321,24 @@ def test_save_steps_that_end_an_epoch_are_saved_whatever_save_epochs(tmp_path, m
     config = VimpacConfig(hidden_size=64, heads=2, layers=1)
     trainer_module.Trainer(Engine(), config, Videos(), settings, tmp_path, engine_config, Task()).fit()
     assert saved == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def _client_state(epoch: int, step: int, consumed: int, **recorded) -> dict:
+    return {"epoch": epoch, "step_in_epoch": step, "sampler": {"consumed": consumed}, **recorded}
+
+
+def test_resume_position_goes_on_where_the_checkpoint_stopped_whatever_the_batch():
+    # 32 videos; the checkpoint trained 3 steps of 4 (12 videos) of epoch 0
+    saved = _client_state(0, 3, 12, global_batch=4, epoch_complete=False)
+    assert resume_position(saved, 4, 8, 32) == (0, 3, None)
+    epoch, step, note = resume_position(saved, 8, 4, 32)  # a larger batch: 8 trained again, none skipped
+    assert (epoch, step) == (0, 1) and "12 videos into epoch 0" in note and "the last 4 of those videos again" in note
+    epoch, step, note = resume_position(saved, 2, 16, 32)  # a smaller one: exactly where it stopped
+    assert (epoch, step) == (0, 6) and "again" not in note
+    assert resume_position(_client_state(0, 8, 32, global_batch=4, epoch_complete=True), 8, 4, 32) == (1, 0, None)
+    assert resume_position(_client_state(0, 2, 24, global_batch=12, epoch_complete=True), 8, 4, 32) == (1, 0, None)
+    # written before the batch and the epoch's end were recorded: inferred from the sampler's count
+    assert resume_position(_client_state(0, 3, 12), 8, 4, 32)[:2] == (0, 1)
+    assert resume_position(_client_state(0, 2, 24), 8, 4, 32) == (1, 0, None)  # no whole batch of 12 was left
+    assert resume_position(_client_state(0, 8, 32), 4, 8, 32) == (1, 0, None)
+    assert resume_position(_client_state(0, 3, 12), 4, 2, 32) == (1, 0, None)  # a lower --max-steps-per-epoch

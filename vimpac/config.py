@@ -177,7 +177,15 @@ class VimpacConfig:
         if self.pos_emb not in POS_EMB_KINDS:
             hint = " (the original's 'default' is 'full')" if self.pos_emb == "default" else ""
             raise UsageError(f"pos_emb must be one of {', '.join(POS_EMB_KINDS)}{hint}; got {self.pos_emb!r}")
-        for name in ("vocab_size", "hidden_size", "layers", "clip_len", "nce_proj_layers", "nce_proj_hid_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "layers",
+            "clip_len",
+            "nce_proj_layers",
+            "nce_proj_hid_dim",
+            "nce_dim",
+        ):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1; got {getattr(self, name)}")
         if len(self.grid) != 2 or min(self.grid) < 1:

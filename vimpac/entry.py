@@ -80,6 +80,8 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--stop-epoch must lie in 1..--epochs ({args.epochs}), got {args.stop_epoch}")
     if args.max_nonfinite_steps < 0:
         raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
 def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:

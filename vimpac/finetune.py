@@ -167,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     check_launch_arguments(args)
     if min(args.eval_per_epochs, args.num_test_clips, args.epochs) < 1:
         raise UsageError("--epochs, --eval-per-epochs and --num-test-clips must be >= 1")
+    if not 0 <= args.last_dropout < 1:
+        raise UsageError(f"--last-dropout must be in [0, 1); got {args.last_dropout}")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
     if args.labels_per_class is not None and args.labels_per_class < 1:

@@ -133,6 +133,16 @@ class PretrainTask(Task):
         return values
 
 
+def check_objective(mlm_weight: float, nce_weight: float, temperature: float) -> None:
+    """UsageError for loss weights and a temperature that cannot train."""
+    if min(mlm_weight, nce_weight) < 0 or mlm_weight + nce_weight <= 0:
+        raise UsageError(
+            f"--mlm-weight and --nce-weight must be >= 0 and not both 0; got {mlm_weight:g} and {nce_weight:g}"
+        )
+    if not temperature > 0:
+        raise UsageError(f"--temperature must be positive (InfoNCE divides by it); got {temperature:g}")
+
+
 def check_contrastive_batch(nce_weight: float, world: int, micro_batch: int) -> None:
     """UsageError when the contrastive loss is on but a micro-step holds one video over all ranks: its negatives
     are the other videos, so the loss would be exactly 0 with no gradient (and its accuracy 1)."""
@@ -230,6 +240,7 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     refuse_existing_run(output, args.resume)
     lock_run(output)
     check_launch_arguments(args)
+    check_objective(args.mlm_weight, args.nce_weight, args.temperature)
     db = CodeDatabase(args.data)
     taken = fill_from_database(args, db.manifest, args.data)  # --vocab-size / --frame-size not given
     model_config = config_from_args(args)

@@ -139,6 +139,36 @@ def epoch_steps(videos: int, world: int, micro: int, accumulation: int, limit: i
     return steps if limit is None else min(steps, limit)
 
 
+def resume_position(
+    state: dict[str, Any], global_batch: int, steps_per_epoch: int, num_samples: int
+) -> tuple[int, int, str | None]:
+    """(epoch, step in it) where training goes on from a checkpoint's client state, and a note when that is not
+    exactly where the checkpoint stopped. The checkpoint's sampler counts the videos of its epoch already trained
+    on; when the global batch changed (another --batch-size, or ranks × micro-batch without a fixed
+    train_batch_size), the run goes on from the step of the new batch at or before that count, so less than one
+    batch of videos is trained twice and none is skipped."""
+    epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+    consumed = int(state["sampler"]["consumed"])
+    saved_batch = int(state.get("global_batch") or (consumed // step if step else global_batch))
+    complete = state.get("epoch_complete")
+    if complete is None:  # written before it was recorded: an epoch ends when no whole batch is left
+        complete = step >= steps_per_epoch if saved_batch == global_batch else consumed + saved_batch > num_samples
+    if complete:
+        return epoch + 1, 0, None
+    note = None
+    if saved_batch != global_batch and step:
+        step = consumed // global_batch
+        again = consumed - step * global_batch
+        note = (
+            f"the checkpoint stopped {consumed} videos into epoch {epoch} at a global batch of {saved_batch}; at "
+            f"this run's {global_batch} it goes on from step {step}"
+            + (f", training the last {again} of those videos again" if again else "")
+        )
+    if step >= steps_per_epoch:
+        return epoch + 1, 0, note
+    return epoch, step, note
+
+
 def current_loss_scale(engine) -> float | None:
     """The dynamic loss scale of an fp16 run (None otherwise)."""
     if not engine.fp16_enabled():
@@ -249,12 +279,14 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if source == self.output:  # the engine holds this run's checkpoint `tag` (another run's is not ours to export)
             self.state_tag = tag
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch, self.step_in_epoch, note = resume_position(
+            state, self.global_batch, self.steps_per_epoch, self.sampler.num_samples
+        )
         if self.rank == 0:
             where = tag if source == self.output else checkpoint_root(source) / tag
             print(f"resumed from {where}: epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}")
+            if note:
+                print(f"note: {note}", flush=True)
             if saved_world != self.world:
                 print(
                     f"note: {tag} was written by {saved_world} ranks and this run has {self.world}: state "
@@ -269,6 +301,8 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "epoch_complete": self.step_in_epoch >= self.steps_per_epoch,
+            "global_batch": self.global_batch,
             "sampler": self.sampler.state_dict(consumed),
             "world_size": self.world,
             "global_step": int(self.engine.global_steps),

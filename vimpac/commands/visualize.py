@@ -32,8 +32,8 @@ examples:
   vimpac visualize --run runs/demo --db runs/demo/codes/labeled_train --video VIDEO_ID --start 0 --mask-blocks 8
 
   # any run: every path given explicitly
-  vimpac visualize --tokenizer tok --db codes/ucf101 --model out/pretrain/export --video v_ApplyEyeMakeup_g01_c01 \\
-      --out pictures --no-curves
+  vimpac visualize --tokenizer tok --db codes/ucf101 --model out/pretrain/export \\
+      --video ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01 --out pictures --no-curves
 
 Writes <out>/<video>.png (grid: one row per picture, one column per frame), <out>/<video>.gif (the three pictures
 side by side, one GIF frame per clip frame) and <out>/curves.png, and prints the masked-token accuracy of the
