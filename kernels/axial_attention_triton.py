@@ -289,6 +289,8 @@ def _tile(seq: int, has_dropout: bool, block_rows: int | None) -> tuple[int, int
     return block_rows, block_rows // seq
 
 
+# Whether these kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+_INTERPRET = type(_row_layout).__name__ == "InterpretedFunction"
 # Opt-in shared memory per block when the device cannot be asked (CPU, the interpreter): the A100's 163 KB, the
 # smallest of the GPUs the kernels target (H100/H200: 227 KB).
 STATIC_SHARED_LIMIT = 163 * 1024

@@ -5,14 +5,15 @@ A kernel that compiles and passes on the GPUs the project was tested on can stil
 unset, the dispatcher (`vimpac.kernels`) therefore checks the first Triton call of each *key* in a process
 against the reference and keeps using Triton for that key only if it agrees:
 
-  axial_attention  key (device, dtype, axis, 1 + axis length, head dim, PAD mask?, dropout?): exactly what picks
-                   the compiled kernels (the constexprs N, HEAD_DIM, HAS_PAD, HAS_DROPOUT, the compute dtype and
-                   with them the tile). The check runs forward and backward on synthetic inputs of a small slice
-                   of the call's shape (≤ 2 samples, ≤ 2 heads, the full axis, enough lines for two programs per
-                   sample, since programs never span samples),
-                   so it costs two tiny launches of each kernel (plus the keep-mask kernel with dropout) and a
-                   reference run on a few hundred tokens: well under a millisecond on a GPU once compiled, and the
-                   compile is the one the real call needs anyway.
+  axial_attention  key (device, dtype, axis, 1 + axis length, head dim, PAD mask?, dropout?, backward?): what
+                   picks the compiled kernels (the constexprs N, HEAD_DIM, HAS_PAD, HAS_DROPOUT, the compute dtype
+                   and with them the tile) and whether the backward kernel will run (q needs a gradient: an
+                   evaluation call never launches it, so its tile's limits must not fail that call). The check
+                   runs forward (and backward, when needed) on synthetic inputs of a slice of the call's shape
+                   (check_shape: ≤ 2 whole samples, few heads), chosen so that every argument Triton specialises
+                   on matches the real call's: the check runs the very binary the real call needs, and its
+                   cost is two small launches of each kernel (plus the keep-mask kernel with dropout) and a
+                   reference run on two clips: about a millisecond on a GPU once compiled.
   nearest_code,    key (device, dtype, K, D, bias?, ⌈log2 N⌉): the autotuner's key. The real call runs on Triton
   argmax_scores    and its first and last few rows are checked against the reference on those rows (the kernel
                    is exact up to near-ties within its rounding bound, which are accepted).
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vimpac.kernels.axial_attention_reference import AXIS_DIMS, axial_attention_reference
-from vimpac.kernels.vq_reference import argmax_scores_reference, nearest_code_reference
+from vimpac.kernels.vq_reference import argmax_scores_reference, check_inputs, nearest_code_reference
 
 # Allowed max abs error relative to max(1, max |reference|), per input dtype. Far above the kernels' real
 # errors (fp32 ~1e-6, fp16 ~1e-3, bf16 ~1e-2 on unit-scale inputs), far below what a broken kernel gives (~1).
@@ -185,16 +186,26 @@ def _max_abs(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, 
 
 
 def axial_key(q: torch.Tensor, axis: str, key_padding_mask: torch.Tensor | None, dropout_p: float) -> tuple:
-    """What selects the compiled kernels for this call (module docstring)."""
+    """What selects the compiled kernels for this call, and whether it runs the backward (module docstring)."""
     seq = 1 + q.shape[AXIS_DIMS[axis]]
     return ("axial_attention", str(q.device), q.dtype, axis, seq, q.shape[-1], key_padding_mask is not None,
-            dropout_p > 0.0)  # fmt: skip
+            dropout_p > 0.0, q.requires_grad)  # fmt: skip
 
 
-def check_shape(shape: tuple[int, ...], axis: str, dropout_p: float) -> tuple[int, ...]:
-    """A small slice of [B, T, H, W, heads, d]: ≤ 2 samples (a second sample's programs index their lines from
-    another base), ≤ 2 heads, the full axis, and just over one program's worth of lines per sample (so a second,
-    partly filled program covers the tile's tail masking)."""
+def check_shape(shape: tuple[int, ...], axis: str) -> tuple[int, ...]:
+    """The first-call check's slice of [B, T, H, W, heads, d]: whole samples, so that the integer arguments Triton
+    specialises on (== 1, divisible by 16: lines per sample, the lines' second extent, every stride but the
+    batch count's) are the real call's and the check compiles and runs the same kernel binary; ≤ 2 samples (a
+    second sample's programs index their lines from another base) and as few heads as keep the head count's
+    specialisation (1, 16, or 2)."""
+    heads = shape[4]
+    return (min(shape[0], 2), *shape[1:4], 1 if heads == 1 else 16 if heads % 16 == 0 else 2, shape[5])
+
+
+def small_shape(shape: tuple[int, ...], axis: str, dropout_p: float) -> tuple[int, ...]:
+    """A smaller slice, for the interpreter (`vimpac selfcheck` on CPU): ≤ 2 samples, ≤ 2 heads, the full axis, and
+    just over one program's worth of lines per sample (so a second, partly filled program covers the tile's tail
+    masking)."""
     from vimpac.kernels.axial_attention_triton import _tile
 
     a = AXIS_DIMS[axis]
@@ -241,8 +252,10 @@ def compare_axial(
     dropout_p: float = 0.0,
     scale: float | None = None,
     repeats: int = 0,
+    backward: bool = True,
 ) -> Comparison:
-    """Triton vs reference, forward and backward, on synthetic inputs of `shape` [B, T, H, W, heads, d].
+    """Triton vs reference, forward and (with `backward`) backward, on synthetic inputs of `shape` [B, T, H, W,
+    heads, d].
 
     q, k, v are strided views of one fused [B, T, H, W, 3, heads, d] tensor, as the model passes them. The
     reference runs in fp32 on the same (rounded) values. With repeats > 0 both paths are also timed (forward +
@@ -263,6 +276,8 @@ def compare_axial(
 
     def run(fn, leaves):
         out, cls_out = fn(*leaves[0].unbind(4), *leaves[1].unbind(1))
+        if not backward:
+            return [out, cls_out], []
         loss = (out.float() * g_out).sum() + (cls_out.float() * g_cls).sum()
         return [out, cls_out], list(torch.autograd.grad(loss, leaves))
 
@@ -286,9 +301,9 @@ def compare_axial(
             return axial_attention_reference(q, k, v, cq, ck, cv, axis, pad, 0.0, scale)
         return _masked_reference(q, k, v, cq, ck, cv, axis, pad, keep, dropout_p, scale)
 
-    reference_leaves = [fused.float().requires_grad_(), cls.float().requires_grad_()]
+    reference_leaves = [fused.float().requires_grad_(backward), cls.float().requires_grad_(backward)]
     want_fwd, want_bwd = run(reference_fn, reference_leaves)
-    triton_leaves = [fused.clone().requires_grad_(), cls.clone().requires_grad_()]
+    triton_leaves = [fused.clone().requires_grad_(backward), cls.clone().requires_grad_(backward)]
     try:
         got_fwd, got_bwd = run(triton_fn, triton_leaves)
         if device.type == "cuda":
@@ -298,12 +313,14 @@ def compare_axial(
         return result
     tol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
     result.fwd_err, fwd_scale = _max_abs(got_fwd, want_fwd)
-    result.bwd_err, bwd_scale = _max_abs(got_bwd, want_bwd)
-    result.fwd_tol, result.bwd_tol = tol * fwd_scale, tol * bwd_scale
+    result.fwd_tol = tol * fwd_scale
+    if backward:
+        result.bwd_err, bwd_scale = _max_abs(got_bwd, want_bwd)
+        result.bwd_tol = tol * bwd_scale
     if repeats > 0:
         result.triton_s = median_seconds(lambda: run(triton_fn, triton_leaves), device, repeats)
         # The reference as the fallback runs it: in the input dtype, with its own (SDPA) dropout.
-        ref_leaves = [fused.clone().requires_grad_(), cls.clone().requires_grad_()]
+        ref_leaves = [fused.clone().requires_grad_(backward), cls.clone().requires_grad_(backward)]
         result.reference_s = median_seconds(
             lambda: run(lambda *t: axial_attention_reference(*t, axis, pad, dropout_p, scale), ref_leaves),
             device,
@@ -331,12 +348,14 @@ def axial_attention_passes(
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
         ):
             try:
-                shape = check_shape(tuple(q.shape), axis, dropout_p)
+                shape = check_shape(tuple(q.shape), axis)
             except Exception as err:
                 result = Comparison("axial_attention", tuple(q.shape), q.dtype, _device_name(q.device))
                 result.error = f"{type(err).__name__}: {err}"
                 return result
-            result = compare_axial(shape, axis, q.dtype, q.device, key_padding_mask is not None, dropout_p, scale)
+            result = compare_axial(
+                shape, axis, q.dtype, q.device, key_padding_mask is not None, dropout_p, scale, backward=q.requires_grad
+            )
         result.shape = tuple(q.shape)  # name the caller's shape in the warning; the slice is an implementation detail
         return result
 
@@ -344,11 +363,20 @@ def axial_attention_passes(
 
 
 def record_axial_check(
-    shape: tuple[int, ...], axis: str, dtype: torch.dtype, device: torch.device, has_pad: bool, dropout_p: float
+    shape: tuple[int, ...],
+    axis: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    has_pad: bool,
+    dropout_p: float,
+    backward: bool = True,
 ) -> Comparison:
-    """Run (or reuse) the first-call check for the key of a call with these properties, without a tensor of the
-    full shape; records the verdict as a real first call would (warning included). For the start-up check."""
-    q = torch.empty((1,) * len(shape), device=device, dtype=dtype).expand(shape)  # the shape, one element of memory
+    """Run (or reuse) the first-call check for the key of a call with these properties (`backward`: a training
+    call), without a tensor of the full shape; records the verdict as a real first call would (warning
+    included). For the start-up check."""
+    one = torch.empty((1,) * len(shape), device=device, dtype=dtype, requires_grad=backward)
+    with torch.enable_grad():
+        q = one.expand(shape)  # the shape, one element of memory
     pad = torch.empty(0, dtype=torch.bool) if has_pad else None  # only its presence matters for the key
     axial_attention_passes(q, axis, pad, dropout_p, None)
     key = axial_key(q, axis, pad, dropout_p)
@@ -435,7 +463,8 @@ def vq_checked(
     reference_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """triton_fn() once its key passed its first-call check (this call's result, checked on its end rows),
-    else reference_fn()."""
+    else reference_fn(). Inputs no lookup takes raise ValueError first: a caller's mistake, not the kernel's."""
+    check_inputs(x, weight, bias)
     key = vq_key(kind, x, weight, bias)
     verdict = _verdicts.get(key)
     if verdict is True or (verdict is None and torch.compiler.is_compiling()):

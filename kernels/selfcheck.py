@@ -38,7 +38,7 @@ def triton_unusable(device: torch.device) -> str | None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton needs CUDA, or TRITON_INTERPRET=1 set before the kernels are imported (its CPU interpreter)"
     loaded = [m for m in ("vimpac.kernels.axial_attention_triton", "vimpac.kernels.vq_triton") if m in sys.modules]
-    if loaded and not getattr(sys.modules[loaded[0]], "_INTERPRET", True):
+    if any(not sys.modules[name]._INTERPRET for name in loaded):
         return "the Triton kernels were imported before TRITON_INTERPRET=1 was set"
     return None
 
@@ -98,7 +98,7 @@ def run_selfcheck(
         detail = f"axis {axis}, {'PAD' if has_pad else 'no PAD'}, dropout {dropout_p:g}"
         skip = unusable or _unsupported(shape, axis, dtype, device)
         if skip is None:
-            run_shape = first_call.check_shape(shape, axis, dropout_p) if small else shape
+            run_shape = first_call.small_shape(shape, axis, dropout_p) if small else shape
             result = first_call.compare_axial(run_shape, axis, dtype, device, has_pad, dropout_p, repeats=repeats)
         else:
             result = Comparison("axial_attention", shape, dtype, str(device), detail, skipped=skip)
@@ -195,7 +195,7 @@ def startup_line(config: Any, device: torch.device | None, dtype: torch.dtype, c
             parts.append(f"{label} reference (unsupported)")
             continue
         if backend == "triton":  # forced: report, never fall back
-            run_shape = first_call.check_shape(shape, axis, dropout_p)
+            run_shape = first_call.check_shape(shape, axis)
             result = first_call.compare_axial(run_shape, axis, dtype, device, has_pad, dropout_p)
         else:
             result = first_call.record_axial_check(shape, axis, dtype, device, has_pad, dropout_p)

@@ -16,7 +16,8 @@ import torch
 DEFAULT_CHUNK_ELEMS = 2**24
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueError for inputs no VQ lookup takes: shapes that do not fit, no codes, tensors on different devices."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"expected x [N, D] and weight [K, D], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
@@ -25,6 +26,9 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("weight has no rows (K=0): there is nothing to choose from")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be [K]={weight.shape[0]}, got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
 
 
 def _block_sizes(n: int, k: int, chunk_elems: int) -> tuple[int, int]:
@@ -49,7 +53,7 @@ def argmax_scores_reference(
     block, so scores accumulate in fp32 (fp64 inputs stay fp64 for the search).
     Returns (idx int64 [N], score fp32 [N]) on x's device. Ties resolve to the lowest index.
     """
-    _check_inputs(x, weight, bias)
+    check_inputs(x, weight, bias)
     n, k = x.shape[0], weight.shape[0]
     compute = torch.promote_types(x.dtype, torch.float32)
     idx = torch.zeros(n, dtype=torch.int64, device=x.device)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from vimpac.kernels.launch import on_device
-from vimpac.kernels.vq_reference import _check_inputs, argmax_scores_reference
+from vimpac.kernels.vq_reference import argmax_scores_reference, check_inputs
 
 ROUNDING_SAFETY = 8.0
 _UNIT_ROUNDOFF = 2.0**-24
@@ -255,10 +255,7 @@ def rounding_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return ROUNDING_SAFETY * (d + 2) * _UNIT_ROUNDOFF * (x_norm * w_norm + b_max)
 
 
-def _check_devices(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
+def _check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"the Triton kernel needs CUDA tensors (got {x.device}); on CPU it runs only with TRITON_INTERPRET=1 "
@@ -276,8 +273,8 @@ def argmax_scores_triton(
     kernel with fp32 accumulation; fp64 goes to the reference; other dtypes are computed as fp32.
     Returns (idx int64 [N], score fp32 [N]) on x's device, without gradient.
     """
-    _check_inputs(x, weight, bias)
-    _check_devices(x, weight, bias)
+    check_inputs(x, weight, bias)
+    _check_device(x)
     dtype = torch.promote_types(x.dtype, weight.dtype)
     if dtype == torch.float64:
         return argmax_scores_reference(x, weight, bias)
@@ -307,8 +304,8 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
     x·e − ½‖e‖² with ½‖e‖² in fp32; the distance is recomputed directly from the chosen code (in blocks of
     rows), not as ‖x‖² − 2·score, which cancels badly far from the origin.
     """
-    _check_inputs(x, codebook, None)
-    _check_devices(x, codebook, None)
+    check_inputs(x, codebook, None)
+    _check_device(x)
     compute = torch.promote_types(x.dtype, torch.float32)
     half_sq_norm = -0.5 * codebook.to(compute).pow(2).sum(dim=1)
     idx, _ = argmax_scores_triton(x, codebook, half_sq_norm)

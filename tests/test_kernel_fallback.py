@@ -147,7 +147,7 @@ def test_dropout_and_padding_are_checked_with_the_kernels_own_mask(monkeypatch):
         kernels.axial_attention(*leaves[0].unbind(4), *leaves[1].unbind(1), "T", pad, dropout_p=0.3)
     assert calls[0] == 2
     ((key, result),) = first_call.results().items()
-    assert key[-2:] == (True, True) and result.ok, result.problem()
+    assert key[-3:] == (True, True, True) and result.ok, result.problem()  # PAD, dropout, backward
 
 
 @pytest.mark.parametrize("mode", ["error", "wrong_forward"])
@@ -184,6 +184,24 @@ def test_check_runs_inside_no_grad_and_keeps_the_callers_mode(monkeypatch):
         out, _ = kernels.axial_attention(*leaves[0].unbind(4), *leaves[1].unbind(1), "W")
     assert not out.requires_grad and first_call.results()
     assert next(iter(first_call.results().values())).ok
+
+
+def test_an_evaluation_call_does_not_need_the_backward_tile(monkeypatch):
+    # fp32, head dim 128, lines of 41 tokens: the forward tile fits the 163 KB assumed off CUDA, the backward's not
+    gen = torch.Generator().manual_seed(0)
+    fused, cls = torch.randn(1, 1, 1, 40, 3, 1, 128, generator=gen), torch.randn(1, 3, 1, 128, generator=gen)
+    calls = patched(monkeypatch, "correct")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        with torch.no_grad():
+            got = kernels.axial_attention(*fused.unbind(4), *cls.unbind(1), "W")
+        assert calls[0] == 2, "checked (forward only), then run on Triton"
+        ((key, result),) = first_call.results().items()
+        assert key[-1] is False and result.ok and result.bwd_err is None
+        assert_close(list(got), list(reference(*fused.unbind(4), *cls.unbind(1), "W")), atol=1e-4)
+        fused.requires_grad_()  # a training call: its backward tile does not fit, so the reference, no warning
+        kernels.axial_attention(*fused.unbind(4), *cls.unbind(1), "W")
+    assert calls[0] == 2 and len(first_call.results()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,3 +273,62 @@ def test_first_call_inside_activation_checkpointing(monkeypatch):
     got = run(lambda *args: checkpoint(attend, *args[:-1], use_reentrant=False))
     assert next(iter(first_call.results().values())).ok
     assert_close(got, run(reference))
+
+
+def test_a_callers_mistake_raises_and_leaves_the_kernel_in_use():
+    x, codebook = vq_inputs()
+    bias = -0.5 * codebook.pow(2).sum(1)
+    with pytest.raises(ValueError, match="bias must be"):
+        kernels.argmax_scores(x, codebook, bias[:-1])
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        kernels.nearest_code(x[:, :8], codebook)
+    assert first_call.results() == {}, "no verdict from a bad call"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        kernels.argmax_scores(x, codebook, bias)
+    assert all(r.ok for r in first_call.results().values())
+
+
+def launch_int_arguments(monkeypatch, shape: tuple[int, ...], axis: str, backward: bool) -> list[int]:
+    """The integer arguments of the forward (or backward) kernel launch for q [B, T, H, W, heads, d] with a PAD
+    mask, the model's layout (q, k, v strided views of one fused tensor), recorded on meta tensors."""
+    launches: list[tuple] = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+
+    name = "_axial_bwd_kernel" if backward else "_axial_fwd_kernel"
+    monkeypatch.setattr(attention_module, name, Recorder())
+    fused = torch.empty(*shape[:4], 3, *shape[4:], device="meta")
+    cls = torch.empty(shape[0], 3, *shape[4:], device="meta")
+    pad = torch.empty(shape[:4], device="meta", dtype=torch.bool)
+    seed = torch.empty((), device="meta", dtype=torch.int64)
+    common = (*fused.unbind(4), *cls.unbind(1), axis, pad, 0.1, shape[5] ** -0.5, seed, None)
+    if backward:
+        attention_module._backward(
+            *common, torch.empty(shape, device="meta"), torch.empty(cls[:, 0].shape, device="meta")
+        )
+    else:
+        attention_module._forward(*common)
+    monkeypatch.undo()
+    return [a for a in launches[0] if isinstance(a, int) and not isinstance(a, bool)]
+
+
+@pytest.mark.parametrize("axis", ["T", "H", "W"])
+@pytest.mark.parametrize(
+    "shape", [(8, 5, 16, 16, 12, 64), (4, 8, 32, 32, 16, 64), (3, 4, 7, 5, 1, 32), (1, 2, 1, 3, 3, 16)]
+)
+def test_the_check_launches_the_binary_of_the_real_call(monkeypatch, shape, axis):
+    """Triton compiles a variant per integer argument that is 1 or divisible by 16: the check's slice must give
+    every integer argument of the launch (lines per sample, extents, strides, heads) the real call's properties."""
+
+    def spec(values):
+        return [(v == 1, v % 16 == 0) for v in values]
+
+    sliced = first_call.check_shape(shape, axis)
+    assert sliced[0] <= 2 and sliced[4] <= 16 and sliced[1:4] == shape[1:4]
+    for backward in (False, True):
+        real = launch_int_arguments(monkeypatch, shape, axis, backward)
+        check = launch_int_arguments(monkeypatch, sliced, axis, backward)
+        assert len(real) == len(check) and spec(check) == spec(real), (backward, real, check)

@@ -64,6 +64,17 @@ def test_cli_reports_a_wrong_kernel_and_fails(monkeypatch, capsys):
     assert "forward max abs error" in captured.out and "VIMPAC_KERNELS=reference" in captured.err
 
 
+@pytest.mark.parametrize("module", ["axial_attention_triton", "vq_triton"])
+def test_kernels_imported_before_the_interpreter_was_asked_for_are_named(monkeypatch, module):
+    import importlib
+
+    from vimpac.kernels.selfcheck import triton_unusable
+
+    assert triton_unusable(torch.device("cpu")) is None
+    monkeypatch.setattr(importlib.import_module(f"vimpac.kernels.{module}"), "_INTERPRET", False)
+    assert "imported before TRITON_INTERPRET=1" in triton_unusable(torch.device("cpu"))
+
+
 def test_without_a_usable_triton_cases_are_skipped_with_the_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     rows = run_selfcheck(CONFIG, torch.device("cpu"), torch.float32, vq=(4, 8, 16))
@@ -82,7 +93,7 @@ def test_startup_line_records_the_training_key(monkeypatch, compiled):
     assert line.startswith("kernel self-check on cpu, float32: axial_attention T/3 ok") and "Triton in use" in line
     ((key, result),) = first_call.results().items()
     # The model's first training call (dropout 0.1; a PAD mask when compiled) finds this verdict.
-    q = torch.empty(1, 2, 2, 2, 2, 16)
+    q = torch.empty(1, 2, 2, 2, 2, 16, requires_grad=True)
     pad = torch.zeros(1, 2, 2, 2, dtype=torch.bool) if compiled else None
     assert key == first_call.axial_key(q, "T", pad, 0.1) and result.ok
 
