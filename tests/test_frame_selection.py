@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -232,6 +233,25 @@ def test_late_starting_files_give_the_frames_of_the_ffmpeg_command_line(tmp_path
         assert ours.shape == expected.shape, path.name
         np.testing.assert_array_equal(ours, expected, err_msg=path.name)
         assert count_targets(path, fps, selection="ffmpeg") == len(expected)
+
+
+@pytest.mark.parametrize("fps", [2, 5, 8, 12, 24])
+def test_avi_with_b_frames_is_timed_as_the_command_line_times_it(tmp_path, fps):
+    """AVI stores no presentation stamps; with B-frames, stamps made up from decode order come out of the decoder
+    shuffled. Both rules must time frames by FFmpeg's best effort, the decode-order dts, as the command line does."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="the ffmpeg binary comes with the dev extras")
+    path = write_noise_video(tmp_path / "b_frames.avi", 24, num=24)
+    expected = command_line_frames(imageio_ffmpeg.get_ffmpeg_exe(), path, fps)
+    ours = np.stack([frames[HEIGHT] for frames in iter_frames(path, fps, [HEIGHT], selection="ffmpeg")])
+    assert ours.shape == expected.shape
+    np.testing.assert_array_equal(ours, expected)
+    # the default rule: target k shows the last frame at or before k / fps (frame i is at i / 24 s from the first)
+    with av.open(str(path)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24").astype(np.int16) for f in container.decode(video=0)])
+    shown = [
+        int(np.abs(decoded - frame[HEIGHT]).mean(axis=(1, 2, 3)).argmin()) for frame in iter_frames(path, fps, [HEIGHT])
+    ]
+    assert shown == [math.floor(k * 24 / fps) for k in range(len(shown))] and len(shown) == math.ceil(24 * fps / 24)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -244,13 +244,20 @@ def _open(path: str | Path) -> av.container.InputContainer:
     return container
 
 
+# PyAV opens containers with FFmpeg's "genpts" flag, which makes up presentation stamps for packets that have none;
+# the ffmpeg command line does not, and for AVI with B-frames the made-up ones come out of the decoder in the
+# wrong order (each frame would carry another frame's time). Without it, such frames take FFmpeg's best-effort
+# stamp, the decode-order dts, exactly as the command line (and so the original release's extraction) times them.
+_OPEN_OPTIONS = {"fflags": "-genpts"}
+
+
 def _av_open(path: str) -> av.container.InputContainer:
     """Undecodable metadata strings must not fail a video: PyAV < 19 needs `metadata_errors="ignore"` for that,
     PyAV 19 dropped the option (and ignores such errors itself)."""
     try:
-        return av.open(path, metadata_errors="ignore")
+        return av.open(path, metadata_errors="ignore", options=_OPEN_OPTIONS)
     except TypeError:
-        return av.open(path)
+        return av.open(path, options=_OPEN_OPTIONS)
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -354,7 +361,11 @@ def _timed_frames(
             raise DecodeError(
                 "decode", f"decoding failed after {done:.1f} s of {total}: {_ffmpeg_message(error)}"
             ) from error
-        stamp = frame.pts if frame.pts is not None else frame.dts
+        # FFmpeg's best guess (its decoder's pts when they run forward, else the dts), as the ffmpeg command line
+        # takes it: containers without presentation stamps (AVI with B-frames) get made-up pts out of order.
+        stamp = frame.best_effort_timestamp
+        if stamp is None:
+            stamp = frame.pts if frame.pts is not None else frame.dts
         time_base = frame.time_base or stream.time_base
         duration = float(frame.duration * time_base) if frame.duration and time_base else 0.0
         time = frame_seconds(
@@ -505,6 +516,18 @@ def _cli_origin(container: av.container.InputContainer, stream: av.video.stream.
     return command_line_origin(container.start_time, Fraction(stream.time_base) if stream.time_base else None)
 
 
+def _pads_lead_in(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, selection: str
+) -> bool:
+    """Whether the first frame also fills the target ticks from the file's start to its own (`_shown_targets`): for
+    "ffmpeg", only when the video stream starts after the file (e.g. after its audio), as the command line's
+    constant-rate output repeats it there; a frame late only by its decoder's delay (AVI, whose B-frames take
+    their decode-order stamps) is not. The "vimpac" rule counts from the first frame anyway."""
+    if selection != "ffmpeg":
+        return True
+    return Fraction(_stream_start(stream)) > _cli_origin(container, stream)
+
+
 def _rule(fps: float, selection: str, origin: Fraction = Fraction(0)) -> tuple[Callable, Callable, Callable]:
     """The tick functions of a frame selection for `_shown_targets`: (first, next, end). `origin`: for "ffmpeg",
     the stream time the command line shifts to 0 (`command_line_origin`), so ticks fall where the original's
@@ -585,7 +608,8 @@ def _decoded_targets(
         declared_end = _declared_end(container, stream)
         timed = _timed_frames(container, stream, declared_end)
         rule = _rule(fps, selection, _cli_origin(container, stream))
-        yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, resize, keep)
+        lead_in = _pads_lead_in(container, stream, selection)
+        yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, resize, keep, lead_in)
 
 
 def _shown_targets(
@@ -596,12 +620,13 @@ def _shown_targets(
     rule: tuple[Callable, Callable, Callable],
     resize: Callable,
     keep: Collection[int] | None,
+    lead_in: bool = True,
 ) -> Iterator[tuple[int, dict | None]]:
     """The streaming loop under iter_frames for either selection rule: each frame is held and shown at every target
     tick before the tick the next frame takes over. `rule` gives the first frame's tick (`first(timed)`), the tick
     a later frame takes over at (`next(timed, start, current tick)`) and the end (`end(last frame, start, end
     time)`: one past the last tick). Yields (k, resize(frame)) per target k counted from 0, or (k, None) for a k
-    outside `keep` (None keeps all)."""
+    outside `keep` (None keeps all). `lead_in`: the first frame also fills the ticks from 0 to its own."""
     first_tick, next_tick, end_tick = rule
     held: _Timed | None = None
     first = tick = zero = 0
@@ -625,7 +650,7 @@ def _shown_targets(
         if held is None:
             start = timed.time
             first = tick = first_tick(timed)
-            zero = min(first, 0)
+            zero = min(first, 0) if lead_in else first
         else:
             took_over = next_tick(timed, start, tick)
             if took_over > tick:
@@ -675,7 +700,8 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
             for pts, d in stamps
         )
         rule = _rule(fps, selection, _cli_origin(container, stream))
-        targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, None, ())
+        lead_in = _pads_lead_in(container, stream, selection)
+        targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, None, (), lead_in)
         return sum(1 for _ in targets)
 
 
