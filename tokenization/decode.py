@@ -516,9 +516,7 @@ def _cli_origin(container: av.container.InputContainer, stream: av.video.stream.
     return command_line_origin(container.start_time, Fraction(stream.time_base) if stream.time_base else None)
 
 
-def _pads_lead_in(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, selection: str
-) -> bool:
+def _pads_lead_in(container: av.container.InputContainer, stream: av.video.stream.VideoStream, selection: str) -> bool:
     """Whether the first frame also fills the target ticks from the file's start to its own (`_shown_targets`): for
     "ffmpeg", only when the video stream starts after the file (e.g. after its audio), as the command line's
     constant-rate output repeats it there; a frame late only by its decoder's delay (AVI, whose B-frames take
@@ -675,8 +673,9 @@ def _shown_targets(
 def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_SELECTION) -> int | None:
     """How many frames iter_frames(path, fps) yields, from the packets' timestamps alone (no decoding, so a small
     fraction of a decode's time). Decoding normally gives each frame its packet's stamp and duration, so the count
-    is the decode's; None when a packet carries no presentation stamp. A file whose decoder drops or re-stamps
-    frames can still differ: `planned_view_frames` checks the count against its decode.
+    is the decode's; None when a packet carries no stamp at all. A file whose decoder drops or re-stamps frames
+    (or, without presentation stamps, delays them) can still differ: `planned_view_frames` checks the count
+    against its decode.
 
     Raises DecodeError like iter_frames for what the packets alone show (open, probe, truncated, too short)."""
     _check_selection(selection)
@@ -689,9 +688,11 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
             # size 0: the demuxer's end-of-stream marker; discard: outside an edit list, decoded but never output
             if packet.size == 0 or packet.is_discard:
                 continue
-            if packet.pts is None or not time_base:
+            # No presentation stamp (AVI): the decoder's best effort is the dts, late only by its reordering delay
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None or not time_base:
                 return None
-            stamps.append((packet.pts, packet.duration or 0))
+            stamps.append((stamp, packet.duration or 0))
         stamps.sort()
         timed = (
             _Timed(
