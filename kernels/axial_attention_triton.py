@@ -335,10 +335,13 @@ def _compute_dtype(dtype: torch.dtype, on_cuda: bool):
     return tl.float32
 
 
-def _num_warps(block_m: int, dim: int) -> int:
+def _num_warps(block_m: int, dim: int, dtype: torch.dtype, backward: bool) -> int:
     # Backward holds ~5 [BLOCK_M, d] and ~4 [BLOCK_M, BLOCK_M] tiles live; spread big ones over more threads
-    # (4 warps spilled at 64 rows, 8 do not: scripts/bench/kernels_static.py).
-    return 4 if block_m * max(block_m, dim) <= 32 * 64 else 8
+    # (4 warps spilled at 64 rows, 8 do not: scripts/bench/kernels_static.py). fp32 inputs take the non-tensor-
+    # core dot path and twice the registers per loaded element: its backward spilled at 32 × 64 with 4 warps,
+    # not with 8 (its forward is clean with 4 and spills with 8).
+    limit = 16 * 64 if backward and dtype == torch.float32 else 32 * 64
+    return 4 if block_m * max(block_m, dim) <= limit else 8
 
 
 def _line_strides(x: torch.Tensor, a: int, d1: int, d2: int) -> tuple[int, ...]:
@@ -363,8 +366,10 @@ def check_supported(q: torch.Tensor, axis: str) -> None:
         _check_fits(1 + q.shape[a], dim, q.dtype, False, None, q.requires_grad, q.device)
 
 
-def _tile_constants(q: torch.Tensor, seq: int, lpp: int, block_m: int, key_padding_mask, dropout_p: float) -> dict:
-    """The compile-time constants and warp count both kernels are launched with."""
+def _tile_constants(
+    q: torch.Tensor, seq: int, lpp: int, block_m: int, key_padding_mask, dropout_p: float, backward: bool
+) -> dict:
+    """The compile-time constants and warp count the forward (or backward) kernel is launched with."""
     return {
         "N": seq,
         "LPP": lpp,
@@ -374,7 +379,7 @@ def _tile_constants(q: torch.Tensor, seq: int, lpp: int, block_m: int, key_paddi
         "HAS_DROPOUT": dropout_p > 0.0,
         "CDT": _compute_dtype(q.dtype, q.is_cuda),
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": _num_warps(block_m, q.shape[-1]),
+        "num_warps": _num_warps(block_m, q.shape[-1], q.dtype, backward),
     }
 
 
@@ -408,7 +413,7 @@ def _forward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, sc
             *pad_strides,
             *_line_strides(out, a, d1, d2),
             lines_per_b, progs_per_b, q.shape[d2], heads,
-            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p),
+            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p, False),
         )  # fmt: skip
     # cls_out = mean over lines of the per-line CLS outputs = (sum of the per-program partials) / lines.
     return out, (cls_part.sum(1) / lines_per_b).to(q.dtype)
@@ -443,7 +448,7 @@ def _backward(q, k, v, cls_q, cls_k, cls_v, axis, key_padding_mask, dropout_p, s
             *dcls.stride(),
             *_line_strides(grads[0], a, d1, d2),
             lines_per_b, progs_per_b, q.shape[d2], heads,
-            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p),
+            **_tile_constants(q, seq, lpp, block_m, key_padding_mask, dropout_p, True),
         )  # fmt: skip
     return (*grads, *(part.sum(1).to(q.dtype) for part in cls_part))
 

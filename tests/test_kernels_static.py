@@ -63,6 +63,8 @@ def test_quick_matrix_covers_the_shipped_lines():
         for dropout in (False, True):
             got = {(c["seq"], c["dim"]) for c in attention if c["kernel"] == kernel and c["dropout"] == dropout}
             assert set(ks.shipped_lines()) <= got
+    fp32_backward = {(c["seq"], c["dim"]) for c in attention if c["kernel"] == "axial_bwd" and c["dtype"] == "fp32"}
+    assert set(ks.shipped_lines()) <= fp32_backward
     # (line, head dim) of the shipped models: small d=64, large d=32; T = 5, 8, 16; 16x16 and 32x32 grids.
     assert set(ks.shipped_lines()) == {(6, 64), (9, 64), (17, 64), (6, 32), (9, 32), (17, 32), (33, 32)}
     vq = [c for c in cases if c["kernel"] == "vq_argmax"]

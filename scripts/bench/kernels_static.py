@@ -16,8 +16,9 @@ of the shipped models (small = hidden 512, 8 heads of 64; large = hidden 1024 wi
 frames 128 → 16×16 codes, 256 → 32×32; clips T = 5, 8, 16: lines 1 + T and 1 + 16 | 1 + 32), the default tile
 the dispatcher picks for each; plus head dims 16–128 at lines of 17 and long lines (65, 129, 256) at fp16, which
 the dispatcher may refuse ("refused": it would not fit the target). VQ: every autotune config of
-`_argmax_scores_kernel` for fp16/bf16/fp32. --quick keeps what CI checks: sm_90 fp16 for the shipped lines and
-the VQ configs (fp16, fp32), sm_80 for the largest tiles' shared memory.
+`_argmax_scores_kernel` for fp16/bf16/fp32. --quick keeps what CI checks: sm_90 fp16 for the shipped lines, the
+fp32 backward there too (fp32 takes another dot path and more registers: its own warp count), the VQ configs
+(fp16, fp32), sm_80 for the largest tiles' shared memory. bf16 shares fp16's tiles and register use.
 
 Bytes. Every row also carries the bytes one call moves at the shape it stands for (`attention_shape`; VQ at
 VQ_SHAPE), from the kernels' own `bytes_moved`: "bytes" as the kernels run now, "bytes_per_line" for attention
@@ -118,6 +119,8 @@ def attention_cases(
             if quick:
                 for (seq, dim), shipped in lines.items():
                     cases.append(_attention_case(kernel, 90, "fp16", seq, dim, dropout, False, shipped))
+                    if kernel == "axial_bwd":
+                        cases.append(_attention_case(kernel, 90, "fp32", seq, dim, dropout, False, shipped))
                 # The biggest tiles the dispatcher accepts, for sm_80's smaller shared memory.
                 cases.append(_attention_case(kernel, 80, "fp16", max(s for s, _ in lines), 64, dropout, False, []))
                 continue
@@ -451,7 +454,9 @@ def compare_table(before: list[dict[str, Any]], after: list[dict[str, Any]], eve
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the CI subset (sm_90 fp16 shipped lines, VQ, sm_80 max)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the CI subset (sm_90 fp16 shipped lines and fp32 backward, VQ, sm_80 max)"
+    )
     parser.add_argument("--targets", default="80,90", help="compute capabilities (full matrix)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="attention dtypes (full matrix)")
     parser.add_argument("--no-long", action="store_true", help="skip the long lines (65, 129, 256)")
