@@ -380,11 +380,42 @@ def test_truncated_mp4_fails_mid_stream(tmp_path):
             container.mux(packet)
     truncate(path, 0.6)
     got = []
-    with pytest.raises(DecodeError, match="decoding failed after") as info:
+    with pytest.raises(DecodeError, match=r"truncated: decoding stopped after \d") as info:
         for item in iter_frames(path, 8, [32]):
             got.append(frame_index(item[32]))
     assert info.value.stage == "decode"
     assert len(got) > 3 and got == list(range(len(got)))  # it really decoded part of the file first
+
+
+def garble_packets(path, which) -> int:
+    """Overwrite the video packets whose index is in `which` with random bytes (the container stays readable);
+    the number of packets the decoder then rejects."""
+    with av.open(str(path)) as container:
+        spots = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in which:
+        pos, size = spots[i]
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    rejected = 0
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            try:
+                packet.decode()
+            except av.FFmpegError:
+                rejected += 1
+    return rejected
+
+
+def test_a_damaged_packet_is_skipped_as_the_ffmpeg_command_line_skips_it(video_factory):
+    path = video_factory("a.mp4", num_frames=48, fps=8)
+    clean = len(list(iter_frames(path, 8, [32])))
+    assert garble_packets(path, [20]) == 1
+    assert len(list(iter_frames(path, 8, [32]))) == clean  # the frame before it is held in its place
+    assert garble_packets(path, range(1, 48)) > 32  # a file that is mostly damage fails, as ffmpeg's -max_error_rate
+    err = expect_error(path, "decode", "packets failed to decode")
+    assert "of 48 packets" in err.reason
 
 
 def test_truncated_mkv_ends_early(video_factory):

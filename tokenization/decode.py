@@ -342,45 +342,65 @@ class _Timed:
     exact_duration: Fraction
 
 
+# The ffmpeg command line's default -max_error_rate: a file whose packets fail to decode more often than this fails.
+MAX_ERROR_RATE = 2 / 3
+
+
 def _timed_frames(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, declared_end: float | None
 ) -> Iterator[_Timed]:
-    """Decoded frames in presentation order with times; a decoder or demuxer failure becomes DecodeError."""
+    """Decoded frames in presentation order with times. A packet the decoder rejects is skipped, as the ffmpeg
+    command line skips it (crawled datasets hold files with a few damaged packets; the decoder conceals the loss
+    in the frames after it); a demuxer failure, or more failed packets than MAX_ERROR_RATE of all, is
+    DecodeError."""
     rate = _nominal_rate(stream)
-    decoder = container.decode(stream)
+    packets = container.demux(stream)
     previous: _Timed | None = None
     first_time: float | None = None
+    decoded = failed = 0
+    last_error: Exception | None = None
+
+    def failure(error: Exception, what: str) -> DecodeError:
+        done = 0.0 if previous is None or first_time is None else previous.time - first_time
+        total = "unknown length" if declared_end is None else f"{declared_end - (first_time or 0.0):.1f} s"
+        return DecodeError("decode", f"{what} after {done:.1f} s of {total}: {_ffmpeg_message(error)}")
+
     while True:
         try:
-            frame = next(decoder)
+            packet = next(packets)
         except StopIteration:
-            return
+            break
         except (av.FFmpegError, OSError) as error:
-            done = 0.0 if previous is None or first_time is None else previous.time - first_time
-            total = "unknown length" if declared_end is None else f"{declared_end - (first_time or 0.0):.1f} s"
-            raise DecodeError(
-                "decode", f"decoding failed after {done:.1f} s of {total}: {_ffmpeg_message(error)}"
-            ) from error
-        # FFmpeg's best guess (its decoder's pts when they run forward, else the dts), as the ffmpeg command line
-        # takes it: containers without presentation stamps (AVI with B-frames) get made-up pts out of order.
-        stamp = frame.best_effort_timestamp
-        if stamp is None:
-            stamp = frame.pts if frame.pts is not None else frame.dts
-        time_base = frame.time_base or stream.time_base
-        duration = float(frame.duration * time_base) if frame.duration and time_base else 0.0
-        time = frame_seconds(
-            stamp,
-            time_base,
-            None if previous is None else previous.time,
-            0.0 if previous is None else previous.duration,
-            rate,
-        )
-        if first_time is None:
-            first_time = time
-        exact = Fraction(stamp) * Fraction(time_base) if stamp is not None and time_base else Fraction(time)
-        exact_duration = Fraction(frame.duration) * Fraction(time_base) if duration else Fraction(0)
-        previous = _Timed(frame, time, duration, exact, exact_duration)
-        yield previous
+            raise failure(error, "decoding failed") from error
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as error:
+            failed, last_error = failed + 1, error
+            continue
+        decoded += bool(packet.size)
+        for frame in frames:
+            # FFmpeg's best guess (its decoder's pts when they run forward, else the dts), as the ffmpeg command
+            # line takes it: containers without presentation stamps (AVI with B-frames) get made-up pts out of order.
+            stamp = frame.best_effort_timestamp
+            if stamp is None:
+                stamp = frame.pts if frame.pts is not None else frame.dts
+            time_base = frame.time_base or stream.time_base
+            duration = float(frame.duration * time_base) if frame.duration and time_base else 0.0
+            time = frame_seconds(
+                stamp,
+                time_base,
+                None if previous is None else previous.time,
+                0.0 if previous is None else previous.duration,
+                rate,
+            )
+            if first_time is None:
+                first_time = time
+            exact = Fraction(stamp) * Fraction(time_base) if stamp is not None and time_base else Fraction(time)
+            exact_duration = Fraction(frame.duration) * Fraction(time_base) if duration else Fraction(0)
+            previous = _Timed(frame, time, duration, exact, exact_duration)
+            yield previous
+    if last_error is not None and failed > MAX_ERROR_RATE * (decoded + failed):
+        raise failure(last_error, f"{failed} of {decoded + failed} packets failed to decode")
 
 
 # ---------------------------------------------------------------------------------------------------------------
