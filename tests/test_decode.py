@@ -499,3 +499,32 @@ def test_resized_size_rule_used(video_factory):
     path = video_factory("a.mp4", num_frames=2, size=(72, 130))
     item = next(iter_frames(path, 8, [50]))
     assert item[50].shape[:2] == resized_size(72, 130, 50) == (50, 90)
+
+
+def test_audio_that_outlasts_the_video_is_not_a_truncated_video(tmp_path):
+    # FLV declares no video length of its own; the file's length (6 s) is the audio's, the video's 2 s are whole.
+    path = tmp_path / "long_audio.flv"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for i, rgb in enumerate(gradient_frames(16, 64, 64)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        for start in range(0, 6 * 16000, 1024):
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            samples.sample_rate, samples.pts = 16000, start
+            for packet in audio.encode(samples):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    assert decode.probe(path).duration > 5.9  # the file's length, as the header says
+    # 2 s at 2 fps, the last frame not stretched over the audio (ffmpeg -vf fps=2 gives frames 1, 5, 9 and 13)
+    for selection, expected in (("vimpac", [0, 4, 8, 12]), ("ffmpeg", [1, 5, 9, 13])):
+        shown = [frame_index(frames[32]) for frames in iter_frames(path, 2, [32], selection=selection)]
+        assert shown == expected, selection

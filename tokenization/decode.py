@@ -287,12 +287,16 @@ def _stream_start(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
-def _declared_end(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+def _declared_end(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, whole_file: bool = False
+) -> float | None:
     """Time (s, on the stream's clock) at which the file says the video ends; None when it does not say.
 
     Sources, best first: the stream header's duration (counted from the stream start); Matroska's per-stream
     DURATION tag (WebM/MKV store no stream duration, docs/design.md §11.3), which like Matroska's segment duration is
-    counted from time 0; the container's duration, which also covers audio.
+    counted from time 0; the container's duration, which also covers audio: only for a file of this one stream
+    (audio that outlasts the video, common in FLV and in MKV without track durations, would otherwise make a whole
+    file look truncated and stretch its last frame), or with `whole_file` (the file's length, for `probe`).
     """
     if stream.duration and stream.time_base:
         return _stream_start(stream) + float(stream.duration * stream.time_base)
@@ -300,7 +304,7 @@ def _declared_end(container: av.container.InputContainer, stream: av.video.strea
     seconds = parse_clock(tag) if tag else None
     if seconds:
         return seconds
-    if container.duration:
+    if container.duration and (whole_file or len(container.streams) == 1):
         length = container.duration / av.time_base
         if "matroska" in container.format.name or container.start_time is None:
             return length
@@ -315,7 +319,7 @@ def probe(path: str | Path) -> VideoInfo:
         return VideoInfo(
             width=stream.codec_context.width,
             height=stream.codec_context.height,
-            duration=max(0.0, (_declared_end(container, stream) or 0.0) - _stream_start(stream)),
+            duration=max(0.0, (_declared_end(container, stream, whole_file=True) or 0.0) - _stream_start(stream)),
             fps=_nominal_rate(stream) or 0.0,
             codec=stream.codec_context.name,
             num_frames=stream.frames or None,
