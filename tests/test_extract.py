@@ -288,6 +288,22 @@ def test_rerun_with_other_annotations_adds_splits_retries_found_videos_and_refus
         extract(config(tmp_path, [labels, train], tok, out))
 
 
+def test_a_fixed_annotation_problem_is_tried_again(tmp_path, tok):
+    labels, train, _ = ssv2_dataset(tmp_path, {"1": 0, "2": 1}, {})
+    good = train.read_text()
+    rows = json.loads(good)
+    rows[1]["template"] = "Dancing"  # not a class of the label file
+    train.write_text(json.dumps(rows))
+    out = tmp_path / "db"
+    assert extract(config(tmp_path, [labels, train], tok, out)).failures_by_reason
+    train.write_text(good)  # fixed
+    summary = extract(config(tmp_path, [labels, train], tok, out))
+    assert (summary.tokenized, summary.failed, summary.total_failures) == (1, 0, 0)
+    db = CodeDatabase(out)
+    assert db.ids() == ["1", "2"] and db.failures() == []
+    db.close()
+
+
 def test_shards_tokenized_with_one_class_list_merge(tmp_path, tok, capsys):
     """Two `list` shards name different classes; with the same --classes file their databases merge."""
     ssv2_dataset(tmp_path, {"1": 0, "2": 1}, {"3": 2})  # only for its videos

@@ -171,9 +171,17 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         manifest_base = _manifest_base(cfg, annotations, tokenizer, views)
         with CodeDatabaseWriter(cfg.out, manifest_base, commit_every=cfg.commit_every) as writer:
             _check_stored_labels(writer.labels(), annotations, cfg.out)
-            # A video missing from disk in an earlier run and found now is tried again.
+            # A video missing from disk in an earlier run and found now is tried again, and so is one whose
+            # annotations were wrong and that these annotations list (problems still there are recorded afresh
+            # below, with their reason of today).
             found = {vid for vid, entry in entries.items() if entry.path is not None}
-            writer.forget_failures(f["id"] for f in writer.failures() if f["stage"] == "locate" and f["id"] in found)
+            annotated = set(entries) | {problem.id for problem in annotations.problems}
+            writer.forget_failures(
+                f["id"]
+                for f in writer.failures()
+                if (f["stage"] == "locate" and f["id"] in found)
+                or (f["stage"] == "annotation" and f["id"] in annotated)
+            )
             done = writer.done_ids()
             skipped = sum(1 for e in annotations.entries if e.id in done)  # by earlier runs, before this one's problems
             for problem in annotations.problems:
