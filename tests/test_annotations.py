@@ -337,6 +337,15 @@ def test_every_format_has_fixtures():
 # Per-video problems
 
 
+def test_an_id_too_long_for_a_record_key_is_a_problem_not_a_crash(tmp_path):
+    deep = "/".join(["d" * 200, "e" * 200, "f" * 150])  # 552 bytes: over LMDB's 511-byte keys
+    touch(tmp_path, f"{deep}.mp4", "short.mp4")
+    result = load_annotations("list", [write(tmp_path / "train.txt", f"{deep}.mp4 cat\nshort.mp4 dog\n")], tmp_path)
+    assert [e.id for e in result.entries] == ["short"]
+    (problem,) = result.problems
+    assert problem.id == deep and problem.stage == "annotation" and "511 bytes" in problem.reason
+
+
 def test_duplicate_id_with_conflicting_labels(tmp_path):
     touch(tmp_path, "a.mp4", "b.mp4")
     train = write(tmp_path / "train.txt", "a.mp4 cat\nb.mp4 cat\n")

@@ -617,6 +617,8 @@ def _check_inputs(fmt: str, files: Sequence[Path], video_root: Path) -> None:
 
 def _merge(dataset: str, classes: list[str], rows: list[_Row], index: _VideoIndex) -> AnnotationSet:
     """Group mentions by the video id they resolve to; one entry or one problem per id."""
+    from vimpac.code_db import MAX_ID_BYTES
+
     located: dict[tuple, tuple[str, Path | None, str | None]] = {}
     groups: dict[str, tuple[Path | None, str | None, list[_Row]]] = {}  # id -> (file, why missing, mentions)
     for row in rows:
@@ -634,6 +636,12 @@ def _merge(dataset: str, classes: list[str], rows: list[_Row], index: _VideoInde
         labeled = {row.label: row.where for row in mentions if row.label >= 0}
         if errors:
             problems.append(Problem(video_id, shown, "annotation", errors[0]))
+        elif len(video_id.encode("utf-8")) > MAX_ID_BYTES:
+            problems.append(
+                Problem(
+                    video_id, shown, "annotation", f"video id longer than the {MAX_ID_BYTES} bytes a record key holds"
+                )
+            )
         elif len(labeled) > 1:
             claims = ", ".join(f"{classes[label]!r} ({where})" for label, where in sorted(labeled.items()))
             problems.append(

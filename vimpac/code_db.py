@@ -79,7 +79,7 @@ MANIFEST = "manifest.json"
 ORIGINAL_DATASET_NAMES = {"sthv2": "ssv2", "kinetics400": "kinetics"}
 FAILURES = "failures.jsonl"
 VIEWS_DIR = "views"
-_LMDB_MAX_KEY = 511
+MAX_ID_BYTES = 511  # LMDB's key limit: a video id is its records' key
 
 _HEADER = struct.Struct("<4sHBxIHHidd")
 HEADER_SIZE = _HEADER.size
@@ -614,8 +614,8 @@ class CodeDatabaseWriter:
     def _check_id(self, video_id: str) -> None:
         if not isinstance(video_id, str) or not video_id:
             raise ValueError(f"video id must be a non-empty string, got {video_id!r}")
-        if len(video_id.encode("utf-8")) > _LMDB_MAX_KEY:
-            raise ValueError(f"video id longer than LMDB's {_LMDB_MAX_KEY}-byte key limit: {video_id[:80]}...")
+        if len(video_id.encode("utf-8")) > MAX_ID_BYTES:
+            raise ValueError(f"video id longer than LMDB's {MAX_ID_BYTES}-byte key limit: {video_id[:80]}...")
 
     def _buffer(self, video_id: str, records: dict[str, bytes]) -> None:
         self._pending[video_id] = records
