@@ -661,3 +661,33 @@ def test_dataset_names_are_checked_in_either_spelling():
     check_dataset_name("sthv2", {"dataset": "ssv2"}, "db")
     with pytest.raises(UsageError, match="--dataset-name ucf101 but db holds dataset 'kinetics'"):
         check_dataset_name("ucf101", kinetics, "db")
+
+
+def hold_writer(path: Path, manifest: dict, opened, release) -> None:
+    """In another process (LMDB opens an environment once per process): a writer on `path` until `release`."""
+    with CodeDatabaseWriter(path, manifest, resume=True):
+        opened.set()
+        release.wait(60)
+
+
+def test_a_reader_beside_a_running_writer_takes_lmdb_locks(tmp_path):
+    # Without LMDB's reader table a reader can see pages a running writer is reusing: readers opened while a writer
+    # holds the database use it, whatever they asked for.
+    import multiprocessing
+
+    manifest = make_manifest()
+    write_db(tmp_path / "db", {"a": random_video(np.random.default_rng(0), manifest)}, manifest)
+    assert CodeDatabase(tmp_path / "db").lock is False
+    context = multiprocessing.get_context("spawn")
+    opened, release = context.Event(), context.Event()
+    writer = context.Process(target=hold_writer, args=(tmp_path / "db", manifest, opened, release))
+    writer.start()
+    try:
+        assert opened.wait(60)
+        db = CodeDatabase(tmp_path / "db")
+        assert db.lock is True and db.ids() == ["a"]
+        db.close()
+    finally:
+        release.set()
+        writer.join(60)
+    assert CodeDatabase(tmp_path / "db").lock is False

@@ -717,13 +717,27 @@ class CodeDatabaseWriter:
 # -------------------------------------------------------------------------------------------------- reader
 
 
+def writer_active(path: str | Path) -> bool:
+    """Whether a CodeDatabaseWriter (`vimpac tokenize`, `db merge`, `db import-original`) holds the database now."""
+    lock_path = Path(path) / "writer.lock"
+    try:
+        with open(lock_path) as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (never written, or copied without it), or one this user cannot read
+        return False
+    return False
+
+
 class CodeDatabase:
     """Read-only access to a database; safe to pickle into DataLoader workers (each process opens its own
     LMDB environments lazily on first use: environments cannot be pickled or shared across fork).
 
     `read` returns read-only codes (zero-copy views into the bytes LMDB returned); copy before modifying.
     Reading an incomplete database (complete=false: extraction still running or killed) is allowed; `ids()`
-    lists only videos present in every view. Do not open with lock=False while a writer is active.
+    lists only videos present in every view. `lock` False (LMDB without its reader table, for read-only media and
+    many processes) is only safe while no writer is active: a database a writer holds opens with lock=True anyway.
     """
 
     def __init__(self, path: str | Path, lock: bool = False):
@@ -734,7 +748,7 @@ class CodeDatabase:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.views: list[str] = list(self.manifest["views"])
-        self.lock = lock
+        self.lock = lock or writer_active(self.path)
         missing = [v for v in self.views if not (self.path / VIEWS_DIR / v / "data.mdb").is_file()]
         if missing:
             raise UsageError(f"{self.path} is damaged: view directories {missing} are missing; rebuild the database")
