@@ -127,21 +127,22 @@ _INTERPRET = type(_argmax_scores_kernel).__name__ == "InterpretedFunction"
 # Each interpreted program costs 10–35 ms whatever its size, so tests keep launches small; these blocks still
 # make N, K and D span several blocks at test sizes. tl.dot needs every dim ≥ 16 on a GPU.
 _INTERPRETER_BLOCKS = (32, 32, 16)
-# Per operand width, every config compiles without spilling registers on sm_80 and sm_90, also when the strides are
-# not known 16-divisible (scripts/bench/kernels_static.py). The earlier shared set spilled up to 2 KB for fp32
-# operands and 128x128x64 blocks spilled for fp16 (unaligned loads keep more addresses live).
+# Per operand width, every config compiles without spilling registers on sm_80 and sm_90 for fp16, bf16 and fp32,
+# also when the strides are not known 16-divisible (scripts/bench/kernels_static.py). The earlier shared set spilled
+# up to 2 KB for fp32 operands and 128x128x64 blocks spilled for fp16 (unaligned loads keep more addresses live);
+# on sm_80, 128x64x64 spilled for bf16 and 64x128x32, 128x64x16 (3 stages) and 64x64x16 for fp32.
 _HALF_CONFIGS = [  # fp16 / bf16 operands
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
 ]
 _FP32_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
     # Small enough for GPUs with little shared memory.
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
 ]
 _CUDA_CONFIGS = _HALF_CONFIGS + _FP32_CONFIGS
 
