@@ -588,6 +588,27 @@ def test_cli_refuses_a_folder_that_is_not_a_synth_output(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
 
 
+def test_an_interrupted_synth_output_is_cleared_and_written_again(tmp_path, monkeypatch, corpus):
+    real, calls = S._encode_job, [0]
+
+    def interrupted(job):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    cfg = replace(corpus[0], out=tmp_path / "corpus")
+    monkeypatch.setattr(S, "_encode_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S.generate(cfg, progress=False)
+    assert (cfg.out / S.IN_PROGRESS_FILE).is_file() and not (cfg.out / S.MANIFEST_FILE).exists()
+    monkeypatch.setattr(S, "_encode_job", real)
+    manifest = S.generate(cfg, progress=False)  # a rerun, as `vimpac demo` reruns an unfinished stage
+    assert manifest["videos"] == corpus[1]["videos"] and not (cfg.out / S.IN_PROGRESS_FILE).exists()
+    written = sorted(p.relative_to(cfg.out) for p in cfg.out.rglob("*.mp4"))
+    assert written == sorted(p.relative_to(corpus[0].out) for p in corpus[0].out.rglob("*.mp4"))
+
+
 def test_cli_help_teaches_the_layout_and_flags(capsys):
     from vimpac.cli import main
 

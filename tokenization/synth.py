@@ -1,4 +1,4 @@
-"""Synthetic video corpus: real video files whose classes cannot be told apart from any single frame.
+"""Synthetic video corpus: real video files whose classes no single frame tells apart from their group.
 
 `vimpac synth` writes, for a seed, two parts that the rest of the pipeline reads exactly like the real datasets:
 
@@ -926,6 +926,8 @@ SPLIT_FILES = {"train": "something-something-v2-train.json", "validation": "some
 HOWTO_FILE = "HowTo100M_v1.csv"
 HOWTO_HEADER = ("video_id", "category_1", "category_2", "rank", "task_id")
 MANIFEST_FILE = "synth.json"
+# Present from the first file written until synth.json is: a folder holding it is an interrupted synth output.
+IN_PROGRESS_FILE = ".synth-in-progress"
 README_FILE = "README.txt"
 _SPLIT_CODES = {"train": 0, "validation": 1}
 _PART_LABELED, _PART_UNLABELED, _PART_LOOKS = 0, 1, 2
@@ -1079,15 +1081,17 @@ def plan_unlabeled(cfg: SynthConfig) -> list[PlannedVideo]:
 
 
 def _prepare_out(out: Path) -> None:
-    """Create `out`, or clear a previous synth output in it; refuse a non-empty folder that is not one."""
+    """Create `out`, or clear a previous synth output in it, finished or interrupted; refuse a non-empty folder that
+    is neither. Marks `out` as in progress until `generate` writes synth.json."""
     if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST_FILE).is_file():
+        if not any((out / name).is_file() for name in (MANIFEST_FILE, IN_PROGRESS_FILE)):
             raise UsageError(f"--out {out} is not empty and holds no {MANIFEST_FILE}; choose a new or empty folder")
         for name in ("videos", "unlabeled"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (LABELS_FILE, *SPLIT_FILES.values(), MANIFEST_FILE, README_FILE):
             (out / name).unlink(missing_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / IN_PROGRESS_FILE).touch()
 
 
 def suggested_frame_size(size: tuple[int, int], largest: int = 128) -> int:
@@ -1236,4 +1240,5 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     }
     (cfg.out / README_FILE).write_text(_readme(manifest))
     write_json_atomic(cfg.out / MANIFEST_FILE, manifest, indent=1)
+    (cfg.out / IN_PROGRESS_FILE).unlink()
     return manifest

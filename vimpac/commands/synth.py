@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="write a synthetic video corpus (SSV2 format + long HowTo100M-format videos), no download needed",
-        description="Render synthetic videos whose classes cannot be told apart from any single frame (direction "
-        "of motion, rotation sense, growing/shrinking, appearing/disappearing, bouncing/passing through, order of "
+        description="Render synthetic videos in groups of classes that no single frame tells apart (direction of "
+        "motion, rotation sense, growing/shrinking, appearing/disappearing, bouncing/passing through, order of "
         "two events, starting/stopping) and long unlabeled videos that keep one scene, and write them as real "
         "video files with official-format annotations, ready for `vimpac tokenize`.",
         epilog=EPILOG,
