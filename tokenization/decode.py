@@ -536,18 +536,28 @@ def command_line_origin(container_start_us: int | None, time_base: Fraction | No
     return rounded * time_base
 
 
+# AVFMT_TS_DISCONT: formats whose streams may start apart (MPEG-TS, MPEG-PS).
+_TS_DISCONT = 0x200
+
+
 def _cli_origin(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Fraction:
-    return command_line_origin(container.start_time, Fraction(stream.time_base) if stream.time_base else None)
+    """command_line_origin of the file; for MPEG-TS/PS the command line first moves the file's start to that of the
+    streams it uses (here the video alone) when that is later ("Correcting start time"), e.g. past audio that
+    starts first."""
+    start_us = container.start_time
+    if start_us is not None and container.format.flags & _TS_DISCONT and stream.start_time is not None:
+        ticks = Fraction(stream.start_time) * Fraction(stream.time_base) * 1_000_000
+        video_us = math.floor(ticks + Fraction(1, 2)) if ticks >= 0 else -math.floor(-ticks + Fraction(1, 2))
+        start_us = max(start_us, video_us)
+    return command_line_origin(start_us, Fraction(stream.time_base) if stream.time_base else None)
 
 
-def _pads_lead_in(container: av.container.InputContainer, stream: av.video.stream.VideoStream, selection: str) -> bool:
-    """Whether the first frame also fills the target ticks from the file's start to its own (`_shown_targets`): for
-    "ffmpeg", only when the video stream starts after the file (e.g. after its audio), as the command line's
-    constant-rate output repeats it there; a frame late only by its decoder's delay (AVI, whose B-frames take
-    their decode-order stamps) is not. The "vimpac" rule counts from the first frame anyway."""
-    if selection != "ffmpeg":
-        return True
-    return Fraction(_stream_start(stream)) > _cli_origin(container, stream)
+def _pads_lead_in(container: av.container.InputContainer, selection: str) -> bool:
+    """Whether the first frame also fills the target ticks from the file's zero to its own (`_shown_targets`). For
+    "ffmpeg": the command line's raw output is constant-rate ("cfr": the first frame repeated back to 0), except
+    for an input file of exactly one stream ("vscfr": from the first frame on). The "vimpac" rule counts from
+    the first frame anyway."""
+    return selection != "ffmpeg" or len(container.streams) > 1
 
 
 def _rule(fps: float, selection: str, origin: Fraction = Fraction(0)) -> tuple[Callable, Callable, Callable]:
@@ -630,7 +640,7 @@ def _decoded_targets(
         declared_end = _declared_end(container, stream)
         timed = _timed_frames(container, stream, declared_end)
         rule = _rule(fps, selection, _cli_origin(container, stream))
-        lead_in = _pads_lead_in(container, stream, selection)
+        lead_in = _pads_lead_in(container, selection)
         yield from _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, resize, keep, lead_in)
 
 
@@ -725,7 +735,7 @@ def count_targets(path: str | Path, fps: float, selection: str = DEFAULT_FRAME_S
             for pts, d in stamps
         )
         rule = _rule(fps, selection, _cli_origin(container, stream))
-        lead_in = _pads_lead_in(container, stream, selection)
+        lead_in = _pads_lead_in(container, selection)
         targets = _shown_targets(timed, declared_end, _stream_start(stream), fps, rule, None, (), lead_in)
         return sum(1 for _ in targets)
 
