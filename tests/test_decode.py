@@ -3,6 +3,7 @@
 import io
 import math
 import pickle
+import re
 from fractions import Fraction
 
 import av
@@ -528,3 +529,6 @@ def test_audio_that_outlasts_the_video_is_not_a_truncated_video(tmp_path):
     for selection, expected in (("vimpac", [0, 4, 8, 12]), ("ffmpeg", [1, 5, 9, 13])):
         shown = [frame_index(frames[32]) for frames in iter_frames(path, 2, [32], selection=selection)]
         assert shown == expected, selection
+    # cut short, every stream stops early: still truncated, though the video declares no length of its own
+    err = expect_error(truncate(path, 0.5), "decode", "truncated: every stream stops after")
+    assert re.search(r"of 6\.\d s", err.reason)  # the file's length, audio included

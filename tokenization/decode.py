@@ -356,9 +356,13 @@ def _timed_frames(
     """Decoded frames in presentation order with times. A packet the decoder rejects is skipped, as the ffmpeg
     command line skips it (crawled datasets hold files with a few damaged packets; the decoder conceals the loss
     in the frames after it); a demuxer failure, or more failed packets than MAX_ERROR_RATE of all, is
-    DecodeError."""
+    DecodeError. A file of several streams whose video declares no end of its own (FLV, MKV without track
+    durations) is read whole, its other streams' packets skipped, to tell a file cut short (every stream stops well
+    before the container's length) from audio that outlasts the video."""
     rate = _nominal_rate(stream)
-    packets = container.demux(stream)
+    file_end = None if declared_end is not None or len(container.streams) == 1 else _container_end(container)
+    packets = container.demux() if file_end is not None else container.demux(stream)
+    streams_end = float("-inf")  # where the packets of any stream end (s), with file_end
     previous: _Timed | None = None
     first_time: float | None = None
     decoded = failed = 0
@@ -376,6 +380,10 @@ def _timed_frames(
             break
         except (av.FFmpegError, OSError) as error:
             raise failure(error, "decoding failed") from error
+        if file_end is not None:
+            streams_end = max(streams_end, _packet_end(packet))
+            if packet.stream.index != stream.index:
+                continue
         try:
             frames = packet.decode()
         except av.FFmpegError as error:
@@ -405,6 +413,28 @@ def _timed_frames(
             yield previous
     if last_error is not None and failed > MAX_ERROR_RATE * (decoded + failed):
         raise failure(last_error, f"{failed} of {decoded + failed} packets failed to decode")
+    if file_end is not None:
+        start = (container.start_time or 0) / av.time_base
+        gap = previous.duration if previous is not None else 0.0
+        if is_truncated(streams_end - start, file_end - start, gap):
+            raise DecodeError(
+                "decode", f"truncated: every stream stops after {streams_end - start:.1f} s of {file_end - start:.1f} s"
+            )
+
+
+def _container_end(container: av.container.InputContainer) -> float | None:
+    """The file's end (s) by its header: start + duration (over all streams); None when it does not say."""
+    if not container.duration:
+        return None
+    return ((container.start_time or 0) + container.duration) / av.time_base
+
+
+def _packet_end(packet: av.Packet) -> float:
+    """Where a packet's data ends (s, its stream's clock); -inf for one without a time."""
+    stamp = packet.pts if packet.pts is not None else packet.dts
+    if stamp is None or not packet.time_base:
+        return float("-inf")
+    return float((stamp + (packet.duration or 0)) * packet.time_base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
