@@ -342,3 +342,7 @@ def test_resume_position_goes_on_where_the_checkpoint_stopped_whatever_the_batch
     assert resume_position(_client_state(0, 2, 24), 8, 4, 32) == (1, 0, None)  # no whole batch of 12 was left
     assert resume_position(_client_state(0, 8, 32), 4, 8, 32) == (1, 0, None)
     assert resume_position(_client_state(0, 3, 12), 4, 2, 32) == (1, 0, None)  # a lower --max-steps-per-epoch
+    # 96 of 100 videos at a batch of 3 (one step left); at 16 the epoch's last step runs again, and with it the
+    # epoch's end (evaluation, save, export)
+    epoch, step, note = resume_position(_client_state(2, 32, 96, global_batch=3, epoch_complete=False), 16, 6, 100)
+    assert (epoch, step) == (2, 5) and "from epoch 2, step 5, training the last 16 of those videos again" in note

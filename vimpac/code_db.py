@@ -540,12 +540,19 @@ class CodeDatabaseWriter:
 
     def _acquire_lock(self):
         lock_file = open(self.path / "writer.lock", "a")  # noqa: SIM115 (held open for the writer's lifetime)
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            raise UsageError(f"another process is writing {self.path}; wait for it or choose another output") from None
-        return lock_file
+        # A reader checking for a writer (writer_active) holds a shared lock for an instant: retry for a second.
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock_file
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock_file.close()
+                    raise UsageError(
+                        f"another process is writing {self.path}; wait for it or choose another output"
+                    ) from None
+                time.sleep(0.02)
 
     def _start_manifest(self, base: dict, resume: bool) -> dict:
         manifest_path = self.path / MANIFEST

@@ -145,8 +145,9 @@ def resume_position(
     """(epoch, step in it) where training goes on from a checkpoint's client state, and a note when that is not
     exactly where the checkpoint stopped. The checkpoint's sampler counts the videos of its epoch already trained
     on; when the global batch changed (another --batch-size, or ranks × micro-batch without a fixed
-    train_batch_size), the run goes on from the step of the new batch at or before that count, so less than one
-    batch of videos is trained twice and none is skipped."""
+    train_batch_size), the run goes on from the step of the new batch at or before that count (at the latest the
+    epoch's last step, so that its end — evaluation, save, export — still runs), so no video is skipped and at most
+    one batch is trained twice."""
     epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
     consumed = int(state["sampler"]["consumed"])
     saved_batch = int(state.get("global_batch") or (consumed // step if step else global_batch))
@@ -157,11 +158,11 @@ def resume_position(
         return epoch + 1, 0, None
     note = None
     if saved_batch != global_batch and step:
-        step = consumed // global_batch
+        step = min(consumed // global_batch, max(steps_per_epoch - 1, 0))
         again = consumed - step * global_batch
         note = (
             f"the checkpoint stopped {consumed} videos into epoch {epoch} at a global batch of {saved_batch}; at "
-            f"this run's {global_batch} it goes on from step {step}"
+            f"this run's {global_batch} it goes on from epoch {epoch}, step {step}"
             + (f", training the last {again} of those videos again" if again else "")
         )
     if step >= steps_per_epoch:
