@@ -156,6 +156,9 @@ def database(tmp_path_factory):
         (["--temperature", "0"], "--temperature must be positive"),
         (["--mlm-weight", "0", "--nce-weight", "0"], "must be >= 0 and not both 0"),
         (["--nce-weight", "-1"], "must be >= 0 and not both 0"),
+        (["--mlm-weight", "nan"], "must be >= 0 and not both 0"),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--lr", "nan"], "--lr must be positive and finite"),
+        (["--frame-size", "32", "--vocab-size", str(VOCAB), "--epsilon", "0"], "--epsilon must be positive"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--nce-dim", "0"], "nce_dim must be at least 1"),
     ],
 )

@@ -13,6 +13,7 @@ with another label than the annotations now give is refused.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vimpac.code_db import CodeDatabaseWriter
+from vimpac.devices import resolve_device
 from vimpac.errors import UsageError, require_directory
 from vimpac.tokenization.annotations import FORMATS, AnnotationSet, VideoEntry, load_annotations, read_class_list
 from vimpac.tokenization.code_stream import Assembler, Failed, stream_codes
@@ -83,6 +85,7 @@ class ExtractSummary:
 def validate(cfg: ExtractConfig) -> None:
     """Reject bad command-line input before any work starts (UsageError says what and how to fix)."""
     require_directory(cfg.out, "--out")
+    resolve_device(cfg.device)
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format {cfg.format!r}; choose one of: {', '.join(FORMATS)}")
     if cfg.frame_size <= 0 or cfg.frame_size % 8:
@@ -90,8 +93,8 @@ def validate(cfg: ExtractConfig) -> None:
             f"--frame-size {cfg.frame_size} is not a positive multiple of 8: the tokenizers downsample by 8 "
             "(use 128 or 256 as the paper)"
         )
-    if not cfg.fps > 0:
-        raise UsageError(f"--fps must be positive, got {cfg.fps}")
+    if not 0 < cfg.fps < math.inf:
+        raise UsageError(f"--fps must be positive and finite, got {cfg.fps}")
     if cfg.frame_selection not in FRAME_SELECTIONS:
         raise UsageError(
             f"unknown --frame-selection {cfg.frame_selection!r}; choose one of: {', '.join(FRAME_SELECTIONS)}"

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from vimpac.atomic_write import atomic_path, write_json_atomic
+from vimpac.devices import resolve_device
 from vimpac.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -192,7 +193,7 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu", fp16: b
             f"{directory / CONFIG_FILE}: unknown tokenizer kind {kind!r} (known: {', '.join(known_kinds())}); "
             f"{HOW_TO_MAKE}"
         )
-    tokenizer = _LOADERS[kind](directory, config, torch.device(device))
+    tokenizer = _LOADERS[kind](directory, config, resolve_device(device))
     tokenizer.fp16 = fp16
     return tokenizer
 

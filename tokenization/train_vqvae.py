@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from vimpac.atomic_write import atomic_path
+from vimpac.devices import resolve_device
 from vimpac.errors import UsageError
 from vimpac.tokenization.annotations import VIDEO_EXTENSIONS
 from vimpac.tokenization.decode import DecodeError, iter_frames
@@ -63,14 +64,16 @@ class TrainSettings:
                 )
         if self.crop_size > self.frame_size:
             raise UsageError(f"--crop-size {self.crop_size} is larger than --frame-size {self.frame_size}")
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or not self.fps > 0:
-            raise UsageError("--steps must be >= 0, --batch-size >= 1, --lr > 0 and --fps > 0")
+        if self.steps < 0 or self.batch_size < 1 or not 0 < self.lr < math.inf or not 0 < self.fps < math.inf:
+            raise UsageError("--steps must be >= 0, --batch-size >= 1, and --lr and --fps finite and > 0")
         if self.pool_size < 2 or not 1 <= self.holdout < self.pool_size:
-            raise UsageError("need --pool-size >= 2 and 1 <= holdout < pool size")
+            raise UsageError(
+                f"--pool-size {self.pool_size} is too small: it must exceed the {self.holdout} frames held out to "
+                "measure the tokenizer"
+            )
         if self.max_videos is not None and self.max_videos < 1:
             raise UsageError(f"--max-videos {self.max_videos} must be at least 1")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        resolve_device(self.device)
 
     def resume_key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}

@@ -118,3 +118,15 @@ def apply_view(frame_resized: np.ndarray, view: View, out: int) -> np.ndarray:
 def shorter_sides(views: Sequence[View]) -> list[int]:
     """Distinct resize targets of `views`, in first-seen order (each is resized once per source frame)."""
     return list(dict.fromkeys(view.shorter for view in views))
+
+
+def view_list(text: str | None, flag: str) -> list[str] | None:
+    """The view names of a comma list flag (None: the flag was not given); UsageError when it names none."""
+    from vimpac.errors import UsageError
+
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"{flag} {text!r} names no view; give a comma list such as r128_center_f0,r128_top_f0")
+    return names

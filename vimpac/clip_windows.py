@@ -23,8 +23,8 @@ def frame_stride(db_fps: float, frame_rate: float | None) -> int:
     frame_rate None means the database's own rate (stride 1)."""
     if frame_rate is None:
         return 1
-    if frame_rate <= 0:
-        raise UsageError(f"--frame-rate must be positive, got {frame_rate}")
+    if not 0 < frame_rate < math.inf:
+        raise UsageError(f"--frame-rate must be positive and finite, got {frame_rate}")
     ratio = db_fps / frame_rate
     stride = round(ratio)
     if stride < 1 or not math.isclose(ratio, stride, rel_tol=0, abs_tol=1e-6):

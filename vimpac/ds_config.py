@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,13 @@ def merge_ds_config(
     params["betas"] = betas
     for key, value in (("lr", lr), ("eps", epsilon), ("weight_decay", weight_decay)):
         params[key] = value if value is not None else params.get(key, DEFAULTS[key])
-    if params["lr"] <= 0:
-        raise UsageError(f"--lr must be positive; got {params['lr']}")
+    if not 0 < params["lr"] < math.inf:
+        raise UsageError(f"--lr must be positive and finite; got {params['lr']}")
+    if not 0 < params["eps"] < math.inf or not 0 <= params["weight_decay"] < math.inf:
+        raise UsageError(
+            f"--epsilon must be positive and --weight-decay >= 0, both finite; got {params['eps']} and "
+            f"{params['weight_decay']}"
+        )
     if not all(0 <= b < 1 for b in betas):
         raise UsageError(f"--beta1/--beta2 must lie in [0, 1); got {betas}")
     if optimizer_kind == "adam":

@@ -62,6 +62,19 @@ def report_storage_problem(prog: str, err: BaseException) -> int:
     return 1
 
 
+def require_file_path(path: str | Path | None, flag: str) -> None:
+    """UsageError when the output file `path` (given as `flag`) cannot be written as a file: it is a directory, or a
+    folder above it is a file. Checked before the work, not after it."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; name the file to write, e.g. {path / 'results.json'}")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{flag} {path}: {above} is a file, not a folder")
+
+
 def require_directory(path: str | Path, flag: str) -> None:
     """UsageError when the output directory `path` (given as `flag`) exists as something else, e.g. a file."""
     if Path(path).exists() and not Path(path).is_dir():

@@ -73,6 +73,7 @@ from vimpac.run_setup import (
     train_settings,
 )
 from vimpac.sharded_eval import evaluate_sharded
+from vimpac.tokenization.views import view_list
 from vimpac.trainer import Metric, Task, Trainer, check_database_matches, steps_summary
 
 # docs/reference.md §6.5: AdamW β (0.9, 0.999), eps 1e-8, decay 0.01, lr 1e-4 (small/base), batch 128.
@@ -325,10 +326,6 @@ def parse_clip_counts(text: str | None, default: int) -> list[int]:
     return sorted(set(counts), key=counts.index)
 
 
-def _views_flag(text: str | None) -> list[str] | None:
-    return None if text is None else [v for v in text.split(",") if v]
-
-
 def label_subset_record(train_set: FinetuneTrainClips) -> dict[str, Any] | None:
     """run_config.json's "label_subset": N, the seed, the chosen count K of the split's M videos, the passes per
     epoch and the chosen ids (sorted; N is small in this regime); None without --labels-per-class."""
@@ -396,8 +393,8 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     default_train, default_eval = split_names(dataset_name, args.split_id)
     train_split, eval_split = args.train_split or default_train, args.eval_split or default_eval
     frame_size = eval_db.manifest.get("frame_size")
-    views_train = _views_flag(args.train_views) or training_views(train_db.views, dataset_name)
-    views_test = _views_flag(args.test_views) or evaluation_views(eval_db.views, dataset_name, frame_size)
+    views_train = view_list(args.train_views, "--train-views") or training_views(train_db.views, dataset_name)
+    views_test = view_list(args.test_views, "--test-views") or evaluation_views(eval_db.views, dataset_name, frame_size)
     # The last epoch is evaluated at --num-test-clips as every other, then at each extra K of --last-test-clips.
     last_clips = list(
         dict.fromkeys([args.num_test_clips, *parse_clip_counts(args.last_test_clips, args.num_test_clips)])

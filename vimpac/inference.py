@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from vimpac.clip_windows import EvaluationFrames, evaluation_clip_starts, frame_stride, take_clip
+from vimpac.devices import resolve_device
 from vimpac.errors import UsageError
 from vimpac.finetune_data import average_view_probabilities
 from vimpac.tokenization.annotations import VIDEO_EXTENSIONS
@@ -293,30 +294,6 @@ class VideoPipeline:
         return self.features_many([tokens], feature, per_clip)[0]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def inference_device(device: str | torch.device | None) -> torch.device:
-    """The device to predict on: "cpu" or "cuda[:N]" (None: CUDA when available); UsageError for another name
-    or a GPU that is not there."""
-    text = str(device or default_device())
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise UsageError(f"--device must be cpu or cuda[:N]; got {text!r}")
-    if kind == "cuda":
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not visible:
-            raise UsageError(
-                f"--device {text}: no CUDA device is visible here; leave --device out or pass --device cpu"
-            )
-        if index and int(index) >= visible:
-            raise UsageError(
-                f"--device {text}: only {visible} CUDA device(s) are visible (cuda:0 … cuda:{visible - 1})"
-            )
-    return torch.device(text)
-
-
 def model_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The model's compute dtype for `precision` on `device` ("auto": fp16 on CUDA, as the shipped fine-tuning
     configs evaluate, fp32 elsewhere); UsageError for a precision the device cannot run."""
@@ -344,7 +321,7 @@ def load_pipeline(
     from vimpac.api import MissingHeadError, load_model
     from vimpac.export_info import inference_info
 
-    device = inference_device(device)
+    device = resolve_device(device)
     model = load_model(model_path, device=device)
     if need_classifier and not model.has_classifier:
         raise MissingHeadError(

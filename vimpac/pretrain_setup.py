@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,11 +136,11 @@ class PretrainTask(Task):
 
 def check_objective(mlm_weight: float, nce_weight: float, temperature: float) -> None:
     """UsageError for loss weights and a temperature that cannot train."""
-    if min(mlm_weight, nce_weight) < 0 or mlm_weight + nce_weight <= 0:
+    if not (0 <= mlm_weight < math.inf and 0 <= nce_weight < math.inf) or mlm_weight + nce_weight <= 0:
         raise UsageError(
             f"--mlm-weight and --nce-weight must be >= 0 and not both 0; got {mlm_weight:g} and {nce_weight:g}"
         )
-    if not temperature > 0:
+    if not 0 < temperature < math.inf:
         raise UsageError(f"--temperature must be positive (InfoNCE divides by it); got {temperature:g}")
 
 

@@ -83,13 +83,13 @@ def overrides(args: argparse.Namespace) -> dict:
     """The run's inference settings the flags replace (num_clips, views, frame_rate; None: the run's); UsageError for
     values no video could use, before any work."""
     from vimpac.errors import UsageError
-    from vimpac.tokenization.views import View
+    from vimpac.tokenization.views import View, view_list
 
     if args.num_clips is not None and args.num_clips < 1:
         raise UsageError(f"--num-clips must be >= 1 (clips per view); got {args.num_clips}")
     if args.frame_rate is not None and not args.frame_rate > 0:
         raise UsageError(f"--frame-rate must be positive; got {args.frame_rate}")
-    views = None if args.views is None else [v for v in args.views.split(",") if v]
+    views = view_list(args.views, "--views")
     for view in views or ():
         try:
             View.parse(view)
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vimpac.atomic_write import write_json_atomic
-    from vimpac.errors import UsageError
+    from vimpac.errors import UsageError, require_file_path
     from vimpac.inference import video_files
     from vimpac.inference_stream import file_codes, run_videos
 
@@ -277,8 +277,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
     videos = video_files(args.videos)
     for flag, output in (("--json", args.json), ("--csv", args.csv)):
-        if output is not None and output.is_dir():
-            raise UsageError(f"{flag} {output} is a folder; name the file to write, e.g. {output / 'predictions'}")
+        require_file_path(output, flag)
         if output is not None:  # now, not when the first results are written
             output.parent.mkdir(parents=True, exist_ok=True)
     pipeline = pipeline_from_args(args, args.data, need_classifier=True)

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vimpac.errors import require_file_path
+
+    require_file_path(args.out, "--out")
     import torch
 
     from vimpac.checkpoint import check_same_tokenizer, export_folder

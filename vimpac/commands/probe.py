@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -159,8 +160,8 @@ def parse_weight_decays(text: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--weight-decays must be a comma list of numbers, e.g. 1e-4,1e-3; got {text!r}") from None
-    if not values or min(values) < 0:
-        raise UsageError(f"--weight-decays must list values >= 0; got {text!r}")
+    if not values or not all(0 <= v < math.inf for v in values):
+        raise UsageError(f"--weight-decays must list finite values >= 0; got {text!r}")
     return values
 
 
@@ -173,8 +174,8 @@ def check_flags(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.temperature <= 0 or args.num_workers < 0:
-        raise UsageError("--temperature must be > 0 and --num-workers >= 0")
+    if not 0 < args.temperature < math.inf or args.num_workers < 0:
+        raise UsageError("--temperature must be finite and > 0, and --num-workers >= 0")
 
 
 def pretrained_backbone(export: Path, config: VimpacConfig) -> VimpacBackbone:
@@ -198,6 +199,9 @@ def pretrained_backbone(export: Path, config: VimpacConfig) -> VimpacBackbone:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vimpac.errors import require_file_path
+
+    require_file_path(args.out, "--out")
     # A launcher with several ranks (torchrun, deepspeed) sets WORLD_SIZE; one process needs no process group.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vimpac.config import config_from_args
+    from vimpac.errors import require_file_path
+
+    require_file_path(args.json, "--json")
     from vimpac.ds_config import load_json, precision_of
 
     config = config_from_args(args)
@@ -71,11 +74,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     precision = args.precision or (precision_of(load_json(args.deepspeed_config)) if args.deepspeed_config else "fp32")
 
-    import torch
+    from vimpac.devices import resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    device = resolve_device(args.device)
     interpreted = device.type != "cuda"
     if interpreted and "TRITON_INTERPRET" not in os.environ:
         # Read when the kernel modules are imported, which happens only below: setting it now is in time.

@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vimpac.clip_windows import clip_slack, evaluation_starts, frame_stride, take_clip
     from vimpac.code_db import CodeDatabase
+    from vimpac.devices import resolve_device
     from vimpac.errors import UsageError
     from vimpac.masking import IGNORE_INDEX, check_mask_config, mask_blocks
     from vimpac.pretrain_eval import recorded_arguments
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"view {view!r} is not in {args.db}; its views: {', '.join(db.views)}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    resolve_device(args.device)
 
     tokenizer = load_tokenizer(args.tokenizer, args.device)
     model, config, export = load_masked_token_model(args.model, args.device)
