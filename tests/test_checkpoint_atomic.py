@@ -25,6 +25,7 @@ from vimpac.checkpoint import (
     CHECKPOINT_KEY,
     LATEST,
     PARTIAL_PREFIX,
+    check_checkpoint_precision,
     checkpoint_root,
     checkpoint_world_size,
     complete_tags,
@@ -211,6 +212,12 @@ class FileEngine:
 
     def load_checkpoint(self, load_dir, tag):
         raise AssertionError("must not be reached")
+
+    def fp16_enabled(self):
+        return False
+
+    def bfloat16_enabled(self):
+        return False
 
 
 def test_save_publishes_by_rename_and_clears_what_killed_runs_left(tmp_path):
@@ -412,3 +419,22 @@ def test_a_resume_that_spells_the_head_count_out_is_the_same_model(tmp_path):
     assert resize_source(tmp_path, VimpacConfig(hidden_size=512, clip_len=10))[0] == "step00000005"
     with pytest.raises(UsageError, match="differs in heads"):
         resize_source(tmp_path, VimpacConfig(hidden_size=512, heads=4, clip_len=10))
+
+
+def test_a_checkpoint_of_another_precision_is_refused_with_the_flag_that_resumes_it(tmp_path):
+    root = checkpoint_root(tmp_path)
+    recorded, bf16, legacy, bare = (root / f"step0000000{i}" for i in range(1, 5))
+    for folder in (recorded, bf16, legacy, bare):
+        folder.mkdir(parents=True)
+    (recorded / "world.json").write_text('{"world_size": 2, "precision": "fp32"}')
+    (bf16 / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()  # written before the precision was recorded
+    (legacy / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    check_checkpoint_precision(tmp_path, recorded.name, "fp32")
+    with pytest.raises(UsageError, match=r"written by a fp32 run and this launch trains in bf16.*--precision fp32"):
+        check_checkpoint_precision(tmp_path, recorded.name, "bf16")
+    with pytest.raises(UsageError, match=r"written by a bf16 run .* in fp16"):
+        check_checkpoint_precision(tmp_path, bf16.name, "fp16")
+    check_checkpoint_precision(tmp_path, legacy.name, "fp16")  # fp16 and fp32 are not told apart
+    with pytest.raises(UsageError, match="written by a fp16 or fp32 run"):
+        check_checkpoint_precision(tmp_path, legacy.name, "bf16")
+    check_checkpoint_precision(tmp_path, bare.name, "bf16")  # nothing to tell by: DeepSpeed's own load decides

@@ -298,6 +298,9 @@ def test_save_steps_that_end_an_epoch_are_saved_whatever_save_epochs(tmp_path, m
         def fp16_enabled(self):
             return False
 
+        def bfloat16_enabled(self):
+            return False
+
     class Videos(torch.utils.data.Dataset):
         def __len__(self):
             return 8

@@ -82,7 +82,7 @@ from vimpac.interpolate import (
 )
 
 CHECKPOINTS = "checkpoints"
-WORLD_FILE = "world.json"  # {"world_size": N} of the ranks that wrote a checkpoint
+WORLD_FILE = "world.json"  # {"world_size": N, "precision": "fp16"|"bf16"|"fp32"} of the ranks that wrote a checkpoint
 LATEST = "latest"
 EXPORT = "export"
 TAG_PREFIX = "step"
@@ -245,7 +245,8 @@ def save_checkpoint(
         if rank == 0:
             # Readable before any engine exists: a resume on another number of ranks must build its engine for
             # universal loading, so it has to know the saved world size first.
-            (staging / WORLD_FILE).write_text(json.dumps({"world_size": _rank_world()[1]}) + "\n")
+            written_by = {"world_size": _rank_world()[1], "precision": engine_precision(engine)}
+            (staging / WORLD_FILE).write_text(json.dumps(written_by) + "\n")
             if model_config is not None:
                 model_config.save(staging / "vimpac_config.json")
     except (OSError, RuntimeError) as err:
@@ -321,6 +322,40 @@ def damaged_checkpoint(output: str | Path, tag: str, err: BaseException) -> str:
     else:
         advice = f"no earlier checkpoint exists: delete {root} to start over"
     return f"checkpoint {root / tag} cannot be read ({first_line(err)}); it is damaged or incomplete: {advice}"
+
+
+def engine_precision(engine) -> str:
+    """ "fp16", "bf16" or "fp32": the precision a DeepSpeed engine trains in (and its optimizer state is kept for)."""
+    if engine.fp16_enabled():
+        return "fp16"
+    return "bf16" if engine.bfloat16_enabled() else "fp32"
+
+
+def check_checkpoint_precision(output: str | Path, tag: str, precision: str) -> None:
+    """UsageError when checkpoint `tag` was written by a run of another precision: DeepSpeed keeps the optimizer
+    state of fp16, bf16 and fp32 runs in different files and layouts, and one does not load into another (it would
+    fail as a missing file or a missing key). Checkpoints from before the precision was recorded: bf16 ones are
+    told by their file names, fp16 and fp32 ones are not told apart."""
+    folder = checkpoint_root(output) / tag
+    try:
+        recorded = json.loads((folder / WORLD_FILE).read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded:
+        possible = {recorded}
+    elif any(folder.glob("bf16_*optim_states.pt")):
+        possible = {"bf16"}
+    elif any(folder.glob("*optim_states.pt")):
+        possible = {"fp16", "fp32"}
+    else:
+        return
+    if precision not in possible:
+        saved = " or ".join(sorted(possible))
+        raise UsageError(
+            f"checkpoint {folder} was written by a {saved} run and this launch trains in {precision}: the optimizer "
+            f"state of one precision does not load into another; resume with --precision {sorted(possible)[0]} "
+            "(or a --deepspeed_config of that precision), or start a new --output from its export with --load"
+        )
 
 
 def checkpoint_world_size(output: str | Path, tag: str) -> int | None:

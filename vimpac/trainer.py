@@ -43,9 +43,11 @@ from torch.utils.data import DataLoader
 from vimpac.checkpoint import (
     CHECKPOINT_KEY,
     EXPORT,
+    check_checkpoint_precision,
     checkpoint_model_config,
     checkpoint_root,
     checkpoint_world_size,
+    engine_precision,
     export_metadata,
     export_weights,
     fp32_state_dict,
@@ -268,6 +270,7 @@ class Trainer:
                 "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
                 "positional tables are interpolated)"
             )
+        check_checkpoint_precision(source, tag, engine_precision(self.engine))
         saved_world = checkpoint_world_size(source, tag) or self.world
         if needs_universal_loading(source, self.world, self.zero_stage):
             # ZeRO shards of another world size: converted to a universal checkpoint and re-partitioned.
