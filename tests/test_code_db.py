@@ -691,3 +691,13 @@ def test_a_reader_beside_a_running_writer_takes_lmdb_locks(tmp_path):
         release.set()
         writer.join(60)
     assert CodeDatabase(tmp_path / "db").lock is False
+
+
+def test_databases_of_two_tokenizers_are_not_read_together():
+    from vimpac.code_db import check_same_tokenizer_databases
+
+    a, b = ({"tokenizer": {"fingerprint": f}} for f in ("a" * 16, "b" * 16))
+    check_same_tokenizer_databases(a, a, "--data x", "--eval-data y")
+    check_same_tokenizer_databases(a, {}, "--data x", "--eval-data y")  # older manifests without one: not known
+    with pytest.raises(UsageError, match=r"--eval-data y was tokenized by tokenizer b+ and --data x by tokenizer a+"):
+        check_same_tokenizer_databases(a, b, "--data x", "--eval-data y")

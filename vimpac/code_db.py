@@ -254,6 +254,17 @@ def check_dataset_name(name: str | None, manifest: Mapping[str, Any], path: str 
         )
 
 
+def check_same_tokenizer_databases(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str, b_name: str) -> None:
+    """UsageError when two databases one run reads together were made by different tokenizers (their manifests'
+    fingerprints differ): the same code number is another visual word in each."""
+    fa, fb = ((m.get("tokenizer") or {}).get("fingerprint") for m in (a, b))
+    if fa and fb and fa != fb:
+        raise UsageError(
+            f"{b_name} was tokenized by tokenizer {fb} and {a_name} by tokenizer {fa}: a code means another thing "
+            "in each; tokenize both with the same tokenizer"
+        )
+
+
 def extraction_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """One "key: a vs b" line per way two databases made their frames differently (frame selection, resize)."""
     ma, mb = extraction_method(a), extraction_method(b)

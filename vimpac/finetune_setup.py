@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from vimpac.checkpoint import check_same_tokenizer, export_folder, read_export
 from vimpac.clip_windows import check_same_clip_rate
-from vimpac.code_db import CodeDatabase, check_dataset_name, extraction_differences
+from vimpac.code_db import CodeDatabase, check_dataset_name, check_same_tokenizer_databases, extraction_differences
 from vimpac.config import (
     ARCHITECTURE_FLAGS,
     VimpacConfig,
@@ -371,6 +371,9 @@ def build_and_finetune(args: argparse.Namespace, debug_steps: int) -> int:
     loaded = export_folder(args.load, "--load", LOAD_HINT) if args.load else None
     for db, path in ((train_db, args.data), (eval_db, args.eval_data or args.data)):
         check_same_tokenizer(loaded, db.manifest, path)
+    check_same_tokenizer_databases(
+        train_db.manifest, eval_db.manifest, f"--data {args.data}", f"--eval-data {args.eval_data}"
+    )
     dataset_name = train_db.manifest.get("dataset")
     for db in (train_db, eval_db):
         check_dataset_name(args.dataset_name, db.manifest, db.path)

@@ -44,7 +44,7 @@ from vimpac.checkpoint import (
     resize_source,
     with_universal_loading,
 )
-from vimpac.code_db import CodeDatabase, check_dataset_name
+from vimpac.code_db import CodeDatabase, check_dataset_name, check_same_tokenizer_databases, read_manifest
 from vimpac.config import VimpacConfig, config_from_args, fill_from_database
 from vimpac.data import PretrainClips
 from vimpac.dist_setup import cpu_accelerator
@@ -270,6 +270,11 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
         on_bad_record=args.on_bad_record,
     )
     knn = knn_monitor_from_args(args, model_config)  # checks its database before any process group exists
+    if knn is not None:
+        monitored = read_manifest(args.knn_monitor)
+        check_same_tokenizer_databases(
+            db.manifest, monitored, f"--data {args.data}", f"--knn-monitor {args.knn_monitor}"
+        )
     schedule = plan_schedule(args, ds_config, len(dataset), world, debug_steps)
 
     load = getattr(args, "load", None)

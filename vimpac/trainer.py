@@ -265,10 +265,16 @@ class Trainer:
         saved = checkpoint_model_config(source, tag)
         changed = model_differences(saved, self.config) if saved is not None else []
         if changed:
+            # Pre-training resumes at another --frame-size/--clip-len (stage 2) before it gets here; fine-tuning
+            # changes shape only from an export (--load --different-shape).
+            how = (
+                "only --frame-size and --clip-len may change: their positional tables are interpolated"
+                if self.task.producer == "vimpac.pretrain"
+                else f"for another shape, fine-tune anew from {source}/export with --load ... --different-shape"
+            )
             raise UsageError(
-                f"checkpoint {tag} in {source} was trained with a different model ({', '.join(changed)} "
-                "differ); resume with the same model flags (only --frame-size and --clip-len may change: their "
-                "positional tables are interpolated)"
+                f"checkpoint {tag} in {source} was trained with a different model ({', '.join(changed)} differ); "
+                f"resume with the same model flags ({how})"
             )
         check_checkpoint_precision(source, tag, engine_precision(self.engine))
         saved_world = checkpoint_world_size(source, tag) or self.world

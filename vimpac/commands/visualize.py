@@ -132,6 +132,7 @@ def check_vocabularies(db, tokenizer, config, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from vimpac.checkpoint import check_same_tokenizer
     from vimpac.clip_windows import clip_slack, evaluation_starts, frame_stride, take_clip
     from vimpac.code_db import CodeDatabase
     from vimpac.devices import resolve_device
@@ -174,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer, args.device)
     model, config, export = load_masked_token_model(args.model, args.device)
     check_vocabularies(db, tokenizer, config, args)
+    check_same_tokenizer(export, db.manifest, args.db)
     recorded, _ = recorded_arguments(export)
     frame_rate = args.frame_rate if args.frame_rate is not None else recorded.get("frame_rate")
     num_blocks = args.mask_blocks if args.mask_blocks is not None else recorded.get("mask_blocks", DEFAULT_MASK_BLOCKS)
