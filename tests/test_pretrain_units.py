@@ -352,3 +352,28 @@ def test_resume_position_goes_on_where_the_checkpoint_stopped_whatever_the_batch
     # epoch's end (evaluation, save, export)
     epoch, step, note = resume_position(_client_state(2, 32, 96, global_batch=3, epoch_complete=False), 16, 6, 100)
     assert (epoch, step) == (2, 5) and "from epoch 2, step 5, training the last 16 of those videos again" in note
+
+
+def test_a_checkpoint_of_other_heads_or_groups_is_refused_before_the_engine(tmp_path):
+    import argparse
+    import json
+
+    from vimpac.pretrain_setup import check_resumable_objective
+
+    def launch(**flags):
+        return argparse.Namespace(**{"mlm_weight": 1.0, "nce_weight": 1.0, "decay_groups": "structural", **flags})
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_resumable_objective(run, launch())  # no run_config.json: nothing to compare
+    (run / "run_config.json").write_text(json.dumps({"args": {"mlm_weight": 1.0, "nce_weight": 0.0}}))
+    check_resumable_objective(run, launch(nce_weight=0.0, mlm_weight=2.0))
+    with pytest.raises(UsageError, match=r"trained without the contrastive head .*resume with --nce-weight 0"):
+        check_resumable_objective(run, launch())
+    with pytest.raises(UsageError, match=r"with the masked-token head .*--mlm-weight > 0"):
+        check_resumable_objective(run, launch(mlm_weight=0.0, nce_weight=0.0))
+    with pytest.raises(UsageError, match="--decay-groups structural"):
+        check_resumable_objective(run, launch(nce_weight=0.0, decay_groups="original"))
+    (run / "run_config.json").write_text(json.dumps({"args": {}, "test_views": ["r32_center_f0"]}))
+    with pytest.raises(UsageError, match=rf"is a fine-tuning run.*--load {run}/export"):
+        check_resumable_objective(run, launch())

@@ -187,6 +187,37 @@ def checkpoint_source(args: argparse.Namespace, output: Path) -> Path | None:
     return source
 
 
+def check_resumable_objective(source: Path, args: argparse.Namespace) -> None:
+    """UsageError when the run directory `source` (whose checkpoint this launch continues) was trained with heads or
+    optimizer groups this launch would not build: the checkpoint's state would not load (a traceback from the
+    engine). Read from its run_config.json; a directory without one is not checked."""
+    path = source / "run_config.json"
+    if not path.is_file():
+        return
+    run = json.loads(path.read_text())
+    saved = run.get("args") or {}
+    if "test_views" in run:
+        raise UsageError(
+            f"{source} is a fine-tuning run: --resume/--resume-from continue pre-training runs; start from its "
+            f"weights instead with --load {source}/export"
+        )
+    for flag, name in (("--mlm-weight", "mlm_weight"), ("--nce-weight", "nce_weight")):
+        before, now = float(saved.get(name, 1.0)), float(getattr(args, name))
+        if (before > 0) != (now > 0):
+            head = "masked-token" if name == "mlm_weight" else "contrastive"
+            raise UsageError(
+                f"the checkpoint of {source} was trained {'with' if before > 0 else 'without'} the {head} head "
+                f"({flag} {before:g}); resume with {flag} {'> 0' if before > 0 else '0'}, or start a new --output "
+                f"with --load {source}/export"
+            )
+    before = saved.get("decay_groups", "structural")
+    if before != args.decay_groups:
+        raise UsageError(
+            f"the checkpoint of {source} was trained with --decay-groups {before}: its optimizer state holds those "
+            f"groups; resume with --decay-groups {before}"
+        )
+
+
 def resume_resized(trainer: Trainer, source: Path, tag: str, saved: VimpacConfig, previous_total: int | None) -> bool:
     """Resume checkpoint `tag` of run directory `source`, a model `saved` that differs from the trainer's in
     clip_len / grid only: load it interpolated, then continue at the epoch boundary after the checkpoint (see the
@@ -246,6 +277,8 @@ def build_and_train(args: argparse.Namespace, debug_steps: int) -> int:
     taken = fill_from_database(args, db.manifest, args.data)  # --vocab-size / --frame-size not given
     model_config = config_from_args(args)
     source = checkpoint_source(args, output)  # the run directory whose checkpoint this launch continues
+    if source is not None:
+        check_resumable_objective(source, args)
     resize = resize_source(source, model_config) if source else None  # (tag, saved config): shape changed
     check_database(db, args, model_config)
     world = launch_world()
