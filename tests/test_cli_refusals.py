@@ -20,6 +20,10 @@ TOKENIZE = ["tokenize", "--videos", "v", "--annotations", "a.txt", "--format", "
         (["pretrain-eval", "--model", "m", "--data", "d", "--out", "{tmp}"], "--out {tmp} is a folder"),
         (["probe", "--model", "m", "--data", "d", "--weight-decays", "nan"], "--weight-decays must list finite"),
         (["predict", "x.mp4", "--model", "m", "--views", ","], "--views ',' names no view"),
+        (["db", "import-original", "{tmp}", "--out", "{tmp}/o", "--fps", "0"], "--fps must be positive and finite"),
+        (["db", "import-original", "{tmp}", "--out", "{tmp}/o", "--frame-size", "0"], "--frame-size must be a"),
+        (["db", "import-original", "{tmp}", "--out", "{tmp}/o", "--class-names", "{tmp}/none.txt"], "is not a file"),
+        (["synth", "--out", "{tmp}/s", "--seed", "-1"], "--seed -1: must be ≥ 0"),
     ],
 )
 def test_bad_values_are_refused_before_any_work(tmp_path, capsys, argv, message):

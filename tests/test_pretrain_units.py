@@ -157,6 +157,7 @@ def database(tmp_path_factory):
         (["--mlm-weight", "0", "--nce-weight", "0"], "must be >= 0 and not both 0"),
         (["--nce-weight", "-1"], "must be >= 0 and not both 0"),
         (["--mlm-weight", "nan"], "must be >= 0 and not both 0"),
+        (["--num-workers", "-1"], "--num-workers must be >= 0"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--lr", "nan"], "--lr must be positive and finite"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--epsilon", "0"], "--epsilon must be positive"),
         (["--frame-size", "32", "--vocab-size", str(VOCAB), "--nce-dim", "0"], "nce_dim must be at least 1"),
@@ -377,3 +378,23 @@ def test_a_checkpoint_of_other_heads_or_groups_is_refused_before_the_engine(tmp_
     (run / "run_config.json").write_text(json.dumps({"args": {}, "test_views": ["r32_center_f0"]}))
     with pytest.raises(UsageError, match=rf"is a fine-tuning run.*--load {run}/export"):
         check_resumable_objective(run, launch())
+
+
+def test_a_resumed_run_warns_that_a_new_lr_does_not_take_effect(tmp_path, capsys):
+    import argparse
+
+    from vimpac.run_setup import record_run
+
+    record_run(tmp_path, argparse.Namespace(lr=1e-3, resume=False))
+    record_run(tmp_path, argparse.Namespace(lr=1e-3, resume=True))
+    assert "warning" not in capsys.readouterr().err
+    record_run(tmp_path, argparse.Namespace(lr=5e-3, resume=True))
+    assert "--lr 0.005 differs from the 0.001 this run was trained with" in capsys.readouterr().err
+    engine = {"optimizer": {"params": {"lr": 2e-3}}}  # --lr not given: the engine config's
+    record_run(tmp_path / "b", argparse.Namespace(lr=None, resume=False), deepspeed=engine)
+    record_run(tmp_path / "b", argparse.Namespace(lr=None, resume=True), deepspeed=engine)
+    assert "warning" not in capsys.readouterr().err
+    record_run(
+        tmp_path / "b", argparse.Namespace(lr=1e-4, resume=True), deepspeed={"optimizer": {"params": {"lr": 1e-4}}}
+    )
+    assert "--lr 0.0001 differs from the 0.002" in capsys.readouterr().err

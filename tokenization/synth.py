@@ -29,6 +29,7 @@ class subset gives the same videos for its classes as the full set.
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing
 import shutil
 import tempfile
@@ -985,12 +986,14 @@ def validate_config(cfg: SynthConfig) -> None:
         raise UsageError(f"--size {height}x{width}: height and width must be even and ≥ 16 (e.g. 160x192)")
     if cfg.fps < 1:
         raise UsageError(f"--fps {cfg.fps}: must be a positive integer (e.g. 12)")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed {cfg.seed}: must be ≥ 0")
     lo, hi = cfg.clip_seconds
-    if not 0 < lo <= hi or lo * cfg.fps < 2:
+    if not 0 < lo <= hi < math.inf or lo * cfg.fps < 2:
         raise UsageError(f"--clip-seconds {lo} {hi}: need 0 < MIN ≤ MAX and at least 2 frames (MIN·fps ≥ 2)")
     if min(cfg.train_per_class, cfg.val_per_class, cfg.unlabeled) < 0 or cfg.workers < 1:
         raise UsageError("counts must be ≥ 0 and --workers ≥ 1")
-    if cfg.unlabeled and cfg.unlabeled_seconds * cfg.fps < 2:
+    if cfg.unlabeled and not 2 <= cfg.unlabeled_seconds * cfg.fps < math.inf:
         raise UsageError(f"--unlabeled-seconds {cfg.unlabeled_seconds}: need at least 2 frames")
     if cfg.classes is not None:
         unknown = sorted(set(cfg.classes) - set(CLASS_KEYS))

@@ -82,6 +82,8 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-nonfinite-steps must be >= 0 (0: off), got {args.max_nonfinite_steps}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0 (0: load in the training process), got {args.num_workers}")
 
 
 def run_reporting_errors(prog: str, work: Callable[[], int]) -> int:

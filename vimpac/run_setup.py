@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import random
 import sys
@@ -230,7 +231,28 @@ def train_settings(args: argparse.Namespace, schedule: Schedule) -> TrainSetting
 
 
 def record_run(output: Path, args: argparse.Namespace, **sections: Any) -> None:
-    """<output>/run_config.json: the command line, the merged engine config and what was derived from them."""
+    """<output>/run_config.json: the command line, the merged engine config and what was derived from them. A
+    resumed run whose --lr differs from the one recorded is warned: the checkpoint's optimizer state brings its own
+    learning rate back, so the new value would not take effect."""
+    previous = output / "run_config.json"
+    if getattr(args, "resume", False) and previous.is_file() and os.environ.get("RANK", "0") == "0":
+        before, now = (_peak_lr(json.loads(previous.read_text())), _peak_lr({"args": vars(args), **sections}))
+        if before is not None and now is not None and before != now:
+            print(
+                f"warning: --lr {now:g} differs from the {before:g} this run was trained with; a resumed "
+                "run keeps the learning rate its checkpoint's optimizer holds. To train at another rate, start a new "
+                "--output from this run's export (--load)",
+                file=sys.stderr,
+                flush=True,
+            )
     output.mkdir(parents=True, exist_ok=True)
     payload = {"argv": sys.argv, "args": vars(args), **sections}
     write_json_atomic(output / "run_config.json", payload, sort_keys=True, default=str)
+
+
+def _peak_lr(run: dict[str, Any]) -> float | None:
+    """The peak learning rate of a run_config payload: --lr, else its engine config's optimizer lr."""
+    lr = (run.get("args") or {}).get("lr")
+    if lr is None:
+        lr = (((run.get("deepspeed") or {}).get("optimizer") or {}).get("params") or {}).get("lr")
+    return None if lr is None else float(lr)

@@ -88,7 +88,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
+    from vimpac.errors import UsageError
     from vimpac.original_db import import_original, verify
+
+    if args.fps is not None and not 0 < args.fps < math.inf:
+        raise UsageError(
+            f"--fps must be positive and finite (the frame rate the original extracted at); got {args.fps}"
+        )
+    if args.frame_size is not None and (args.frame_size < 8 or args.frame_size % 8):
+        raise UsageError(f"--frame-size must be a positive multiple of 8 (the tokenizer's grid); got {args.frame_size}")
+    if args.class_names is not None and not Path(args.class_names).is_file():
+        raise UsageError(f"--class-names {args.class_names} is not a file (one class name per line, in label order)")
 
     summary = import_original(
         args.directories,
