@@ -131,12 +131,16 @@ def fps_fraction(fps: float | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(_MAX_RATE_TERM)
 
 
+def round_near_inf(x: Fraction) -> int:
+    """x rounded to the nearest integer, halves away from zero: FFmpeg's AV_ROUND_NEAR_INF, exactly."""
+    rounded = math.floor(abs(x) + Fraction(1, 2))
+    return rounded if x >= 0 else -rounded
+
+
 def ffmpeg_tick(time: float | Fraction, fps: float | Fraction) -> int:
     """The fps filter's output tick of a source frame at `time` s: time·fps rounded to the nearest integer, halves
     away from zero (av_rescale_q_rnd with AV_ROUND_NEAR_INF), in exact rational arithmetic."""
-    x = Fraction(time) * fps_fraction(fps)
-    tick = math.floor(abs(x) + Fraction(1, 2))
-    return tick if x >= 0 else -tick
+    return round_near_inf(Fraction(time) * fps_fraction(fps))
 
 
 def ffmpeg_fps_indices(times: Sequence[float | Fraction], end: float | Fraction, fps: float | Fraction) -> list[int]:
@@ -562,8 +566,7 @@ def command_line_origin(container_start_us: int | None, time_base: Fraction | No
     if not container_start_us or not time_base:
         return Fraction(0)
     ticks = Fraction(container_start_us, 1_000_000) / time_base
-    rounded = math.floor(ticks + Fraction(1, 2)) if ticks >= 0 else -math.floor(-ticks + Fraction(1, 2))
-    return rounded * time_base
+    return round_near_inf(ticks) * time_base
 
 
 # AVFMT_TS_DISCONT: formats whose streams may start apart (MPEG-TS, MPEG-PS).
@@ -577,8 +580,7 @@ def _cli_origin(container: av.container.InputContainer, stream: av.video.stream.
     start_us = container.start_time
     if start_us is not None and container.format.flags & _TS_DISCONT and stream.start_time is not None:
         ticks = Fraction(stream.start_time) * Fraction(stream.time_base) * 1_000_000
-        video_us = math.floor(ticks + Fraction(1, 2)) if ticks >= 0 else -math.floor(-ticks + Fraction(1, 2))
-        start_us = max(start_us, video_us)
+        start_us = max(start_us, round_near_inf(ticks))
     return command_line_origin(start_us, Fraction(stream.time_base) if stream.time_base else None)
 
 
